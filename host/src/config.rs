@@ -1,0 +1,435 @@
+//! The gateway's configuration: the TOML file given to `wasmgate run`, and the
+//! `NAME.toml` file beside each plugin.
+//!
+//! Every table refuses unknown keys, every default is written next to its
+//! field, and [`Config::load`] validates the whole file (references between
+//! listeners, pools and plugins included) before anything is started, naming
+//! the file, the key and the reason on failure.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    /// TOML syntax or a wrong type/unknown key; the message has line and column.
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    /// The file parsed but a value is not usable.
+    #[error("{file}: `{key}`: {reason}")]
+    Invalid { file: PathBuf, key: String, reason: String },
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// Where clients connect. At least one.
+    #[serde(default)]
+    pub listener: Vec<ListenerConfig>,
+    /// Groups of backend servers.
+    #[serde(default)]
+    pub pool: Vec<PoolConfig>,
+    #[serde(default)]
+    pub websocket: WebSocketConfig,
+    /// The file this was read from (set by [`Config::load`]).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// `[plugins]`: where plugins live and the limits every call runs under.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Directory of `NAME.wasm` components (and optional `NAME.toml`), relative
+    /// to the config file.
+    #[serde(default = "default_plugin_dir")]
+    pub dir: PathBuf,
+    /// Wall-clock deadline of one plugin call, enforced preemptively.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+    /// Linear memory one plugin instance may grow to.
+    #[serde(default = "default_memory_limit_mb")]
+    pub memory_limit_mb: u64,
+    /// What a request gets when a plugin traps, overruns or is missing.
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+fn default_plugin_dir() -> PathBuf {
+    PathBuf::from("plugins")
+}
+fn default_call_timeout_ms() -> u64 {
+    10
+}
+fn default_memory_limit_mb() -> u64 {
+    32
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: default_plugin_dir(),
+            call_timeout_ms: default_call_timeout_ms(),
+            memory_limit_mb: default_memory_limit_mb(),
+            on_error: OnError::default(),
+        }
+    }
+}
+
+/// Failure policy of a plugin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Fail closed: the request gets 503 `plugin-unavailable`.
+    #[default]
+    Deny,
+    /// Fail open: a WAF is skipped; a router falls back to `default_pool`.
+    Allow,
+}
+
+/// `[[listener]]`: an address clients connect to and the rules for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique name; plugins see it as `listener` in the request head.
+    pub name: String,
+    /// `ip:port` to listen on (port 0 picks a free port).
+    pub bind: SocketAddr,
+    /// Only `"http"` today (HTTP/1.1 and WebSocket).
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// WAF plugins run in this order on every request head.
+    #[serde(default)]
+    pub waf: Vec<String>,
+    /// Router plugin choosing the pool; without one, `default_pool` is used.
+    pub router: Option<String>,
+    /// Pool used without a router, or when the router finds no route.
+    pub default_pool: Option<String>,
+    /// Concurrent upgraded WebSockets on this listener; past it, 503 `at-capacity`.
+    #[serde(default = "default_max_websockets")]
+    pub max_websockets: usize,
+}
+
+fn default_max_websockets() -> usize {
+    100_000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    #[default]
+    Http,
+}
+
+/// `[[pool]]`: backend servers that can take the same requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    /// `host:port` of each server.
+    pub servers: Vec<String>,
+    /// How a server is chosen: only `"round-robin"` today.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Only `"http"` today.
+    #[serde(default)]
+    pub protocol: PoolProtocol,
+    /// Longest wait for a server's response head (or its 101), in seconds.
+    #[serde(default = "default_request_timeout_s")]
+    pub request_timeout_s: u64,
+}
+
+fn default_request_timeout_s() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolProtocol {
+    #[default]
+    Http,
+}
+
+/// `[websocket]`: limits on upgraded connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Close a WebSocket after this long with no byte in either direction.
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// Close every WebSocket after this long, busy or not.
+    #[serde(default = "default_max_lifetime_s")]
+    pub max_lifetime_s: u64,
+}
+
+fn default_idle_timeout_s() -> u64 {
+    300
+}
+fn default_max_lifetime_s() -> u64 {
+    14_400
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig { idle_timeout_s: default_idle_timeout_s(), max_lifetime_s: default_max_lifetime_s() }
+    }
+}
+
+/// `NAME.toml` beside a plugin: its config strings and limit overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSettings {
+    /// Overrides `[plugins] call_timeout_ms`.
+    pub call_timeout_ms: Option<u64>,
+    /// Overrides `[plugins] memory_limit_mb`.
+    pub memory_limit_mb: Option<u64>,
+    /// Overrides `[plugins] on_error`.
+    pub on_error: Option<OnError>,
+    /// Strings the plugin reads with the host's `config(key)`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+impl PluginSettings {
+    /// Reads `path`; a missing file means no settings.
+    pub fn load(path: &Path) -> Result<PluginSettings, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => return Err(ConfigError::Read { file: path.to_owned(), source }),
+        };
+        let settings: PluginSettings = parse(path, &text)?;
+        let invalid = |key: &str, reason: &str| ConfigError::Invalid {
+            file: path.to_owned(),
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if settings.call_timeout_ms == Some(0) {
+            return Err(invalid("call_timeout_ms", "must be at least 1"));
+        }
+        if settings.memory_limit_mb == Some(0) {
+            return Err(invalid("memory_limit_mb", "must be at least 1"));
+        }
+        Ok(settings)
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string().trim_end().to_owned() })
+}
+
+impl Config {
+    /// Reads, parses and validates `path`. Relative paths inside the file are
+    /// resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+        let mut config: Config = parse(path, &text)?;
+        config.source = path.to_owned();
+        if config.plugins.dir.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            config.plugins.dir = base.join(&config.plugins.dir);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses `text` as if read from `source` (used by tests and `load`).
+    pub fn from_toml(source: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = parse(source, text)?;
+        config.source = source.to_owned();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked without the plugin files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid { file: self.source.clone(), key, reason };
+        if self.plugins.call_timeout_ms == 0 {
+            return Err(invalid("plugins.call_timeout_ms".into(), "must be at least 1".into()));
+        }
+        if self.plugins.memory_limit_mb == 0 {
+            return Err(invalid("plugins.memory_limit_mb".into(), "must be at least 1".into()));
+        }
+        if self.websocket.idle_timeout_s == 0 || self.websocket.max_lifetime_s == 0 {
+            return Err(invalid("websocket".into(), "timeouts must be at least 1 second".into()));
+        }
+
+        let mut pools = HashSet::new();
+        for (i, pool) in self.pool.iter().enumerate() {
+            let key = |field: &str| format!("pool[{i}].{field}");
+            if pool.name.is_empty() {
+                return Err(invalid(key("name"), "must not be empty".into()));
+            }
+            if !pools.insert(pool.name.as_str()) {
+                return Err(invalid(key("name"), format!("pool `{}` is defined twice", pool.name)));
+            }
+            if pool.servers.is_empty() {
+                return Err(invalid(key("servers"), format!("pool `{}` has no servers", pool.name)));
+            }
+            for server in &pool.servers {
+                check_server_address(server)
+                    .map_err(|reason| invalid(key("servers"), format!("`{server}`: {reason}")))?;
+            }
+            if pool.request_timeout_s == 0 {
+                return Err(invalid(key("request_timeout_s"), "must be at least 1".into()));
+            }
+        }
+
+        if self.listener.is_empty() {
+            return Err(invalid("listener".into(), "at least one [[listener]] is needed".into()));
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for (i, listener) in self.listener.iter().enumerate() {
+            let key = |field: &str| format!("listener[{i}].{field}");
+            if listener.name.is_empty() {
+                return Err(invalid(key("name"), "must not be empty".into()));
+            }
+            if !names.insert(listener.name.as_str()) {
+                return Err(invalid(key("name"), format!("listener `{}` is defined twice", listener.name)));
+            }
+            if listener.bind.port() != 0 && !binds.insert(listener.bind) {
+                return Err(invalid(key("bind"), format!("{} is used by two listeners", listener.bind)));
+            }
+            if let Some(pool) = &listener.default_pool
+                && !pools.contains(pool.as_str())
+            {
+                return Err(invalid(key("default_pool"), format!("no pool is named `{pool}`")));
+            }
+            if listener.router.is_none() && listener.default_pool.is_none() {
+                return Err(invalid(
+                    key("router"),
+                    format!("listener `{}` needs a `router` or a `default_pool`", listener.name),
+                ));
+            }
+            if listener.max_websockets == 0 {
+                return Err(invalid(key("max_websockets"), "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of every plugin some listener refers to, with the key naming it.
+    pub fn referenced_plugins(&self) -> Vec<(String, String, PluginRole)> {
+        let mut out = Vec::new();
+        for (i, listener) in self.listener.iter().enumerate() {
+            for (j, waf) in listener.waf.iter().enumerate() {
+                out.push((waf.clone(), format!("listener[{i}].waf[{j}]"), PluginRole::Waf));
+            }
+            if let Some(router) = &listener.router {
+                out.push((router.clone(), format!("listener[{i}].router"), PluginRole::Router));
+            }
+        }
+        out
+    }
+}
+
+/// The role a listener gives a plugin; it must match the plugin's exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginRole {
+    Router,
+    Waf,
+}
+
+impl std::fmt::Display for PluginRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PluginRole::Router => "router",
+            PluginRole::Waf => "waf",
+        })
+    }
+}
+
+/// A server is `host:port`: an authority with an explicit port and nothing else.
+fn check_server_address(server: &str) -> Result<(), String> {
+    let authority: http::uri::Authority = server.parse().map_err(|_| "not a valid host:port".to_string())?;
+    if authority.port_u16().is_none() {
+        return Err("a port is required (host:port)".into());
+    }
+    if authority.as_str().contains('@') {
+        return Err("user info is not allowed".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("test.toml"), text)
+    }
+
+    const MINIMAL: &str = r#"
+        [[listener]]
+        name = "web"
+        bind = "127.0.0.1:0"
+        default_pool = "app"
+        [[pool]]
+        name = "app"
+        servers = ["127.0.0.1:9001"]
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = load(MINIMAL).unwrap();
+        assert_eq!(config.plugins.call_timeout_ms, 10);
+        assert_eq!(config.plugins.memory_limit_mb, 32);
+        assert_eq!(config.plugins.on_error, OnError::Deny);
+        assert_eq!(config.websocket.idle_timeout_s, 300);
+        assert_eq!(config.websocket.max_lifetime_s, 14_400);
+        assert_eq!(config.pool[0].request_timeout_s, 30);
+        assert_eq!(config.listener[0].max_websockets, 100_000);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_line() {
+        let err = load(&format!("{MINIMAL}\nidle_timeout = 3\n")).unwrap_err().to_string();
+        assert!(err.contains("test.toml"), "{err}");
+        assert!(err.contains("line"), "{err}");
+        assert!(err.contains("idle_timeout"), "{err}");
+    }
+
+    #[test]
+    fn unknown_default_pool_names_the_key() {
+        let err = load(&MINIMAL.replace("default_pool = \"app\"", "default_pool = \"nope\"")).unwrap_err().to_string();
+        assert!(err.contains("listener[0].default_pool"), "{err}");
+        assert!(err.contains("`nope`"), "{err}");
+    }
+
+    #[test]
+    fn server_without_port_is_refused() {
+        let err = load(&MINIMAL.replace("127.0.0.1:9001", "backend.local")).unwrap_err().to_string();
+        assert!(err.contains("pool[0].servers"), "{err}");
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_balance_is_refused() {
+        let err = load(&format!("{MINIMAL}balance = \"least-connections\"\n")).unwrap_err().to_string();
+        assert!(err.contains("least-connections"), "{err}");
+    }
+
+    #[test]
+    fn listener_needs_router_or_default_pool() {
+        let err = load(&MINIMAL.replace("default_pool = \"app\"", "")).unwrap_err().to_string();
+        assert!(err.contains("needs a `router` or a `default_pool`"), "{err}");
+    }
+}

@@ -1,0 +1,113 @@
+//! Sliding-window event counters behind the host's `count` import.
+//!
+//! Each key keeps two fixed buckets (the current window and the one before)
+//! and reports `previous × (share of it still inside the trailing window) +
+//! current`: the usual sliding-window estimate, O(1) memory per key. Keys are
+//! spread over shards so concurrent requests rarely meet on one lock, and
+//! stale keys are swept from a shard when it grows.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const SHARDS: usize = 32;
+/// A shard is swept of expired keys whenever it grows past this many.
+const SWEEP_AT: usize = 4096;
+
+struct Window {
+    length: Duration,
+    start: Instant,
+    current: u64,
+    previous: u64,
+}
+
+struct Shard {
+    windows: HashMap<(String, String), Window>,
+    sweep_at: usize,
+}
+
+/// Counters for every plugin, namespaced by plugin name.
+pub struct Counters {
+    hasher: RandomState,
+    shards: Vec<Mutex<Shard>>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard { windows: HashMap::new(), sweep_at: SWEEP_AT })).collect(),
+        }
+    }
+}
+
+impl Counters {
+    /// Counts one event for (`plugin`, `key`) and returns the events in the
+    /// trailing `window_ms`, this one included.
+    pub fn count(&self, plugin: &str, key: &str, window_ms: u32) -> u64 {
+        self.count_at(plugin, key, window_ms, Instant::now())
+    }
+
+    fn count_at(&self, plugin: &str, key: &str, window_ms: u32, now: Instant) -> u64 {
+        let length = Duration::from_millis(u64::from(window_ms.max(1)));
+        let shard = &self.shards[self.hasher.hash_one((plugin, key)) as usize % SHARDS];
+        let mut shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if shard.windows.len() >= shard.sweep_at {
+            shard.windows.retain(|_, w| now.duration_since(w.start) < w.length * 2);
+            shard.sweep_at = (shard.windows.len() * 2).max(SWEEP_AT);
+        }
+        let window = shard.windows.entry((plugin.to_owned(), key.to_owned())).or_insert(Window {
+            length,
+            start: now,
+            current: 0,
+            previous: 0,
+        });
+        if window.length != length {
+            *window = Window { length, start: now, current: 0, previous: 0 };
+        }
+        let elapsed = now.duration_since(window.start);
+        if elapsed >= length * 2 {
+            window.previous = 0;
+            window.current = 0;
+            window.start = now;
+        } else if elapsed >= length {
+            window.previous = window.current;
+            window.current = 0;
+            window.start += length;
+        }
+        window.current += 1;
+        let into_current = now.duration_since(window.start).as_secs_f64() / length.as_secs_f64();
+        let carried = (window.previous as f64 * (1.0 - into_current)).floor() as u64;
+        carried + window.current
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_within_a_window_and_forgets_after_it() {
+        let counters = Counters::default();
+        let t0 = Instant::now();
+        for i in 1..=5 {
+            assert_eq!(counters.count_at("p", "ip", 1000, t0), i);
+        }
+        // Half a window later the previous bucket still weighs in.
+        let t1 = t0 + Duration::from_millis(1500);
+        let n = counters.count_at("p", "ip", 1000, t1);
+        assert!((3..=4).contains(&n), "got {n}");
+        // Two windows of silence forget everything.
+        assert_eq!(counters.count_at("p", "ip", 1000, t1 + Duration::from_secs(3)), 1);
+    }
+
+    #[test]
+    fn keys_are_private_to_each_plugin() {
+        let counters = Counters::default();
+        let now = Instant::now();
+        assert_eq!(counters.count_at("a", "k", 1000, now), 1);
+        assert_eq!(counters.count_at("b", "k", 1000, now), 1);
+        assert_eq!(counters.count_at("a", "k", 1000, now), 2);
+    }
+}

@@ -1,0 +1,165 @@
+//! Forwarding a plain HTTP request to the chosen server and streaming its
+//! response back.
+//!
+//! Upstream connections are pooled per server (hyper-util's client). Bodies
+//! stream both ways without being buffered whole. Hop-by-hop headers are
+//! removed in both directions and `X-Forwarded-For/-Proto/-Host` are added.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::error::GatewayError;
+use crate::pool::{Pool, Server};
+use crate::proxy::{ResponseBody, Route};
+
+/// How long a connection to a server may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// The pooled client every plain request is forwarded with.
+pub struct Forwarder {
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Forwarder { client }
+    }
+}
+
+impl Forwarder {
+    /// Sends `req` to `server` of `route.pool` and returns its response, or the
+    /// gateway's error when the server cannot be reached in time.
+    pub async fn forward(
+        &self,
+        req: Request<Incoming>,
+        server: &Server,
+        route: &Route,
+        client: SocketAddr,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        let (mut parts, body) = req.into_parts();
+        prepare_upstream(&mut parts, server, route, client)?;
+        parts.headers.remove(header::UPGRADE);
+        let upstream = Request::from_parts(parts, body);
+        let pool = &route.pool;
+        let response = match tokio::time::timeout(pool.request_timeout, self.client.request(upstream)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) => {
+                tracing::warn!(pool = %pool.name, server = %server.address, error = %error_chain(&err), "upstream request failed");
+                return Err(unreachable(pool, server));
+            }
+            Err(_) => return Err(timeout(pool, server)),
+        };
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+}
+
+/// Turns the client's request head into the head sent to `server`: absolute
+/// target (rewritten if the route says so), hop-by-hop headers removed,
+/// forwarding headers added, the route's headers set.
+pub fn prepare_upstream(
+    parts: &mut Parts,
+    server: &Server,
+    route: &Route,
+    client: SocketAddr,
+) -> Result<(), GatewayError> {
+    let original = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path_and_query = match &route.rewrite {
+        Some(rewrite) if rewrite.query().is_none() => match original.query() {
+            Some(query) => format!("{}?{query}", rewrite.path())
+                .parse()
+                .map_err(|_| GatewayError::BadRequest("rewritten target is invalid"))?,
+            None => rewrite.clone(),
+        },
+        Some(rewrite) => rewrite.clone(),
+        None => original,
+    };
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(server.address.as_str())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| GatewayError::BadRequest("request target cannot be forwarded"))?;
+    parts.version = http::Version::HTTP_11;
+
+    let host = parts.headers.get(header::HOST).cloned();
+    remove_hop_by_hop(&mut parts.headers);
+
+    let client_ip = client.ip().to_canonical().to_string();
+    let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        parts.headers.insert("x-forwarded-for", value);
+    }
+    parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(host) = host {
+        parts.headers.insert("x-forwarded-host", host);
+    }
+    for (name, value) in &route.set_headers {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    Ok(())
+}
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+pub fn unreachable(pool: &Pool, server: &Server) -> GatewayError {
+    GatewayError::BackendUnreachable { pool: pool.name.clone(), server: server.address.clone() }
+}
+
+pub fn timeout(pool: &Pool, server: &Server) -> GatewayError {
+    GatewayError::BackendTimeout { pool: pool.name.clone(), server: server.address.clone() }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

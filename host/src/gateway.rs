@@ -1,0 +1,107 @@
+//! Starting the gateway: load the plugins, build the pools, bind every
+//! listener, and serve until stopped. `wasmgate check` runs the same steps
+//! short of binding.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::counter::Counters;
+use crate::forward::Forwarder;
+use crate::plugin::host_api::HostServices;
+use crate::plugin::{Registry, Runtime};
+use crate::pool::Pools;
+use crate::proxy::{self, ListenerProxy, Shared};
+use crate::relay::RelayLimits;
+
+/// A running gateway. Dropping it stops its listeners.
+pub struct Gateway {
+    listeners: Vec<(String, SocketAddr)>,
+    tasks: Vec<JoinHandle<()>>,
+    registry: Arc<Registry>,
+}
+
+/// Everything a config needs before it can serve: plugins loaded and checked.
+pub struct Prepared {
+    pub config: Config,
+    pub registry: Arc<Registry>,
+    pub pools: Arc<Pools>,
+}
+
+/// Loads the config's plugins and checks that every plugin a listener names is
+/// loaded with the role it is used in.
+pub async fn prepare(config: Config) -> anyhow::Result<Prepared> {
+    let runtime = Arc::new(Runtime::new().context("starting the WebAssembly runtime")?);
+    let pools = Arc::new(Pools::new(&config.pool));
+    let services = Arc::new(HostServices { counters: Counters::default(), pools: pools.clone() });
+    let (registry, rejected) = Registry::load_dir(&runtime, &config.plugins, &services).await?;
+    if let Err(problem) = proxy::check_plugin_roles(&config, &registry) {
+        let reasons: Vec<String> =
+            rejected.iter().map(|r| format!("\n  rejected {}: {}", r.file.display(), r.reason)).collect();
+        anyhow::bail!("{problem}{}", reasons.concat());
+    }
+    Ok(Prepared { config, registry: Arc::new(registry), pools })
+}
+
+impl Gateway {
+    /// Prepares `config`, binds its listeners and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        let Prepared { config, registry, pools } = prepare(config).await?;
+        let shared = Arc::new(Shared {
+            registry: registry.clone(),
+            pools,
+            forwarder: Forwarder::default(),
+            relay_limits: RelayLimits {
+                idle_timeout: Duration::from_secs(config.websocket.idle_timeout_s),
+                max_lifetime: Duration::from_secs(config.websocket.max_lifetime_s),
+            },
+            missing_plugin_policy: config.plugins.on_error,
+        });
+        let mut listeners = Vec::new();
+        let mut tasks = Vec::new();
+        for listener_config in &config.listener {
+            let socket = TcpListener::bind(listener_config.bind).await.with_context(|| {
+                format!("listener `{}`: cannot bind {}", listener_config.name, listener_config.bind)
+            })?;
+            let addr = socket.local_addr()?;
+            tracing::info!(listener = %listener_config.name, %addr, "listening (http, websocket)");
+            let proxy = Arc::new(ListenerProxy::new(listener_config, shared.clone()));
+            tasks.push(tokio::spawn(crate::listener::serve(socket, proxy)));
+            listeners.push((listener_config.name.clone(), addr));
+        }
+        Ok(Gateway { listeners, tasks, registry })
+    }
+
+    /// The address listener `name` is bound to.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| n == name).map(|(_, addr)| *addr)
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Serves until SIGINT or SIGTERM.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+            _ = terminate.recv() => tracing::info!("terminated; stopping"),
+        }
+        drop(self);
+        Ok(())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! wasmgate: an edge gateway whose routing and WAF decisions run in
+//! WebAssembly components. See `ARCHITECTURE.md` for the codemap; read
+//! [`proxy`] for the life of a request.
+
+pub mod config;
+pub mod counter;
+pub mod error;
+pub mod forward;
+pub mod gateway;
+pub mod head;
+pub mod listener;
+pub mod plugin;
+pub mod pool;
+pub mod proxy;
+pub mod relay;
+pub mod websocket;
+
+pub use config::Config;
+pub use gateway::Gateway;

@@ -1,0 +1,85 @@
+//! The `wasmgate` command: `run` serves a config, `check` validates a config
+//! and its plugins without serving.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use wasmgate::gateway::{Gateway, prepare};
+use wasmgate::{Config, config};
+
+#[derive(Parser)]
+#[command(name = "wasmgate", version, about = "An edge gateway whose decisions run in WebAssembly")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the listeners of a config file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and load its plugins, without serving.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("WASMGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::Check { config } => check(config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let gateway = Gateway::start(config).await?;
+    gateway.run_until_stopped().await
+}
+
+async fn check(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let prepared = prepare(config).await?;
+    let config::Config { listener, pool, .. } = &prepared.config;
+    println!("{}: OK", path.display());
+    println!("  {} listener(s), {} pool(s)", listener.len(), pool.len());
+    for plugin in prepared.registry.all() {
+        println!(
+            "  plugin {} ({}), sha256 {}, timeout {} ms, memory {} MiB, on_error {:?}",
+            plugin.name,
+            plugin.kind,
+            &plugin.sha256[..16],
+            plugin.limits.call_timeout.as_millis(),
+            plugin.limits.memory_limit_bytes >> 20,
+            plugin.limits.on_error
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The `host` interface: what the gateway offers every plugin, and the
+//! per-instance state ([`HostState`]) those calls run against.
+//!
+//! Nothing here gives a plugin a socket, a file or the environment: WASI is
+//! linked with an empty context (no preopens, no env, no args, stdio
+//! discarded), so a plugin can only compute and call these four functions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wasmtime::StoreLimits;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{Level, host, types};
+use crate::counter::Counters;
+use crate::pool::Pools;
+
+/// Gateway services shared by every plugin.
+pub struct HostServices {
+    pub counters: Counters,
+    pub pools: Arc<Pools>,
+}
+
+/// What one plugin's instances know about it.
+pub struct PluginContext {
+    pub name: String,
+    pub config: BTreeMap<String, String>,
+    pub services: Arc<HostServices>,
+}
+
+/// The data of one plugin instance's store.
+pub struct HostState {
+    pub(crate) plugin: Arc<PluginContext>,
+    pub(crate) limits: StoreLimits,
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl HostState {
+    pub fn new(plugin: Arc<PluginContext>, limits: StoreLimits) -> HostState {
+        // The builder's defaults grant nothing: stdin closed, stdout/stderr
+        // discarded, no environment, no arguments, no directories, no sockets.
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();
+        HostState { plugin, limits, wasi, table: ResourceTable::new() }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        let plugin = self.plugin.name.as_str();
+        match level {
+            Level::Trace => tracing::trace!(plugin, "{message}"),
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+
+    fn config(&mut self, key: String) -> Option<String> {
+        self.plugin.config.get(&key).cloned()
+    }
+
+    fn healthy_servers(&mut self, pool: String) -> Vec<String> {
+        self.plugin.services.pools.healthy_servers(&pool)
+    }
+
+    fn count(&mut self, key: String, window_ms: u32) -> u64 {
+        self.plugin.services.counters.count(&self.plugin.name, &key, window_ms)
+    }
+}

@@ -1,0 +1,335 @@
+//! What the end-to-end tests share: compiled plugins, a recording test
+//! backend (HTTP + WebSocket echo), an in-process gateway on ephemeral ports,
+//! and small real clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use wasmgate::{Config, Gateway};
+
+// ---------------------------------------------------------------- plugins
+
+/// The compiled component of plugin crate `krate` (built by `scripts/test`).
+pub fn plugin_wasm(krate: &str) -> PathBuf {
+    // The test binary is target/<profile>/deps/<name>; plugins are in
+    // target/wasm32-wasip2/release.
+    let exe = std::env::current_exe().expect("test executable path");
+    let target = exe.ancestors().nth(3).expect("target directory");
+    let file = target.join("wasm32-wasip2/release").join(format!("{}.wasm", krate.replace('-', "_")));
+    assert!(
+        file.exists(),
+        "{} is missing: build the plugins first (scripts/test does: cargo build --release --target wasm32-wasip2 ...)",
+        file.display()
+    );
+    file
+}
+
+/// A temporary plugin directory.
+pub struct PluginDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl PluginDir {
+    pub fn new() -> PluginDir {
+        PluginDir { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    /// Installs plugin crate `krate` as `name`, with `settings` as `name.toml`.
+    pub fn add(self, name: &str, krate: &str, settings: &str) -> PluginDir {
+        std::fs::copy(plugin_wasm(krate), self.dir.path().join(format!("{name}.wasm"))).expect("copy plugin");
+        if !settings.is_empty() {
+            std::fs::write(self.dir.path().join(format!("{name}.toml")), settings).expect("write settings");
+        }
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+// ---------------------------------------------------------------- gateway
+
+/// Starts a gateway for `config` (TOML) with plugins from `plugins`.
+pub async fn start_gateway(config: &str, plugins: &PluginDir) -> Gateway {
+    let mut config = Config::from_toml(Path::new("test.toml"), config).expect("valid test config");
+    config.plugins.dir = plugins.path().to_owned();
+    Gateway::start(config).await.expect("gateway starts")
+}
+
+/// The address of listener `web`.
+pub fn web(gateway: &Gateway) -> SocketAddr {
+    gateway.listener_addr("web").expect("listener `web`")
+}
+
+// ---------------------------------------------------------------- backend
+
+/// A request as a backend received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A test backend on an ephemeral port. It answers `backend=NAME ...` to
+/// plain requests, echoes WebSocket messages on `/ws...`, and records every
+/// request it receives.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (name_c, seen_c) = (name.to_owned(), seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (name, seen) = (name_c.clone(), seen_c.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| backend_handle(name.clone(), seen.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Backend { name: name.to_owned(), addr, seen, task }
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn backend_handle(
+    name: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let headers = req.headers().clone();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let is_upgrade = headers.get("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+
+    if is_upgrade {
+        seen.lock().unwrap().push(Seen { method, target, headers: headers.clone(), body_len: 0 });
+        if path.starts_with("/reject-upgrade") {
+            return Ok(text(StatusCode::FORBIDDEN, "no websockets here"));
+        }
+        let key = headers.get("sec-websocket-key").map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+        let accept = if path.starts_with("/ws-bad-accept") {
+            "bm90IHRoZSByaWdodCBrZXk=".to_owned()
+        } else {
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key)
+        };
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("connection", "Upgrade".parse().unwrap());
+        h.insert("sec-websocket-accept", accept.parse().unwrap());
+        if let Some(first) =
+            headers.get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next())
+        {
+            h.insert("sec-websocket-protocol", first.trim().parse().unwrap());
+        }
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let name = name.clone();
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+                echo(ws, &name).await;
+            }
+        });
+        return Ok(response);
+    }
+
+    if path.contains("/slow") {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let body = req.into_body().collect().await?.to_bytes();
+    let checksum: u64 = body.iter().map(|&b| u64::from(b)).sum();
+    seen.lock().unwrap().push(Seen { method: method.clone(), target: target.clone(), headers, body_len: body.len() });
+    Ok(text(
+        StatusCode::OK,
+        &format!("backend={name} method={method} target={target} body_len={} checksum={checksum}", body.len()),
+    ))
+}
+
+/// Echoes every data message; `close-me` makes the server start the close.
+async fn echo<S>(mut ws: WebSocketStream<S>, name: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = ws.send(Message::text(format!("hello from {name}"))).await;
+    while let Some(Ok(message)) = ws.next().await {
+        let sent = match message {
+            Message::Text(t) if t.as_str() == "close-me" => {
+                let frame = CloseFrame { code: 1000.into(), reason: "bye".into() };
+                ws.close(Some(frame)).await
+            }
+            Message::Text(_) | Message::Binary(_) => ws.send(message).await,
+            _ => Ok(()),
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response
+}
+
+// ---------------------------------------------------------------- clients
+
+/// A response as a client got it.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends one request over a fresh HTTP/1.1 connection.
+pub async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Got {
+    let stream = TcpStream::connect(addr).await.expect("connect to gateway");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("http handshake");
+    tokio::spawn(connection);
+    let mut builder = Request::builder().method(method).uri(target).header("host", format!("gw.test:{}", addr.port()));
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = sender.send_request(builder.body(Full::new(Bytes::from(body))).unwrap()).await.expect("response");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    Got { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+pub async fn get(addr: SocketAddr, target: &str) -> Got {
+    request(addr, "GET", target, &[], Vec::new()).await
+}
+
+/// Writes `raw` bytes to the gateway and reads the response head and body
+/// until the server closes or `Content-Length` bytes arrived.
+pub async fn raw_exchange(addr: SocketAddr, raw: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(raw.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => break,
+        };
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .and_then(|v| v.parse::<usize>().ok());
+            if length.is_some_and(|len| body.len() >= len) || head.starts_with("HTTP/1.1 101") {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A WebSocket handshake request for `path` on the gateway.
+pub fn ws_request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}{path}").into_client_request().expect("ws request");
+    for (name, value) in headers {
+        request.headers_mut().insert(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+    }
+    request
+}
+
+pub type Ws = WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Opens a WebSocket through the gateway and reads the backend's greeting.
+pub async fn ws_connect(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (Ws, http::Response<Option<Vec<u8>>>) {
+    let (mut ws, response) =
+        tokio_tungstenite::connect_async(ws_request(addr, path, headers)).await.expect("websocket handshake");
+    let greeting = next_message(&mut ws).await;
+    assert!(matches!(&greeting, Message::Text(t) if t.as_str().starts_with("hello from")), "{greeting:?}");
+    (ws, response)
+}
+
+/// The next message, within 5 s.
+pub async fn next_message(ws: &mut Ws) -> Message {
+    tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("a message within 5 s")
+        .expect("stream open")
+        .expect("valid message")
+}
+
+/// The status a refused WebSocket handshake got, with its headers and body.
+pub async fn ws_refused(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Got {
+    match tokio_tungstenite::connect_async(ws_request(addr, path, headers)).await {
+        Ok(_) => panic!("handshake to {path} unexpectedly succeeded"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Got {
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned(),
+        },
+        Err(other) => panic!("handshake to {path} failed without an HTTP answer: {other}"),
+    }
+}

@@ -1,0 +1,64 @@
+//! A plugin that loops or traps costs one request an error, never the
+//! gateway or other requests.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+fn config(app: &Backend) -> String {
+    format!(
+        "[plugins]\ncall_timeout_ms = 50\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"looper\"]\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looping_plugin_is_cut_off_and_other_requests_are_served() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("looper", "looper", "");
+    let gateway = start_gateway(&config(&app), &plugins).await;
+    let addr = web(&gateway);
+
+    // Ten looping requests at once, with normal requests alongside.
+    let loops: Vec<_> = (0..10)
+        .map(|_| {
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (get(addr, "/loop").await, started.elapsed())
+            })
+        })
+        .collect();
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/fine").await.status, StatusCode::OK);
+    }
+    for handle in loops {
+        let (got, took) = handle.await.unwrap();
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(got.header("x-wasmgate-error"), Some("plugin-unavailable"));
+        assert!(took < Duration::from_secs(2), "cut off at its deadline, took {took:?}");
+    }
+    assert_eq!(app.requests().iter().filter(|r| r.target == "/loop").count(), 0);
+    assert_eq!(get(addr, "/after").await.status, StatusCode::OK, "the gateway keeps serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trapping_plugin_follows_its_failure_policy() {
+    let app = Backend::start("app").await;
+    let closed = PluginDir::new().add("looper", "looper", "");
+    let gateway = start_gateway(&config(&app), &closed).await;
+    let trapped = get(web(&gateway), "/trap").await;
+    assert_eq!(trapped.status, StatusCode::SERVICE_UNAVAILABLE, "fails closed by default");
+    assert_eq!(trapped.header("x-wasmgate-error"), Some("plugin-unavailable"));
+    assert_eq!(get(web(&gateway), "/fine").await.status, StatusCode::OK, "a fresh instance serves the next request");
+
+    let open = PluginDir::new().add("looper", "looper", "on_error = \"allow\"\n");
+    let gateway = start_gateway(&config(&app), &open).await;
+    let passed = get(web(&gateway), "/trap").await;
+    assert_eq!(passed.status, StatusCode::OK, "on_error = allow fails open");
+    assert!(passed.body.contains("target=/trap"));
+}

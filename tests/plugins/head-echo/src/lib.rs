@@ -1,0 +1,31 @@
+//! Test router: answers every request with the request head it was given,
+//! one `field: value` per line, so tests can check what plugins see.
+use wasmgate_sdk::*;
+
+struct HeadEcho;
+
+impl Router for HeadEcho {
+    fn route(req: RequestHead) -> RouteDecision {
+        let mut out = String::new();
+        out.push_str(&format!("method: {}\n", req.method));
+        out.push_str(&format!("scheme: {}\n", req.scheme));
+        out.push_str(&format!("authority: {}\n", req.authority));
+        out.push_str(&format!("path: {}\n", req.path));
+        out.push_str(&format!("query: {:?}\n", req.query));
+        out.push_str(&format!("client-ip: {}\n", req.client_ip));
+        out.push_str(&format!("listener: {}\n", req.listener));
+        match &req.websocket {
+            Some(ws) => out.push_str(&format!(
+                "websocket: version={} subprotocols={:?} origin={:?} extensions={:?}\n",
+                ws.version, ws.subprotocols, ws.origin, ws.extensions
+            )),
+            None => out.push_str("websocket: none\n"),
+        }
+        for h in &req.headers {
+            out.push_str(&format!("header {}: {}\n", h.name, h.value));
+        }
+        RouteDecision::Respond(Response::text(200, out))
+    }
+}
+
+export_router!(HeadEcho);
