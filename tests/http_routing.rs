@@ -181,3 +181,25 @@ async fn plugins_see_the_whole_request_head() {
     );
     assert!(app.requests().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_router_routes_as_the_readme_says() {
+    let (app, api, canary) = (Backend::start("app").await, Backend::start("api").await, Backend::start("canary").await);
+    let plugins = PluginDir::new().add("hello-router", "hello-router", "");
+    let config = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hello-router\"\ndefault_pool = \"app\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n[[pool]]\nname = \"api\"\nservers = [\"{}\"]\n\
+         [[pool]]\nname = \"canary\"\nservers = [\"{}\"]\n",
+        app.addr, api.addr, canary.addr
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    let addr = web(&gateway);
+    assert!(request(addr, "GET", "/x", &[("x-canary", "1")], vec![]).await.body.contains("backend=canary"));
+    let via_api = get(addr, "/api/items").await;
+    assert!(via_api.body.contains("backend=api method=GET target=/items "), "{}", via_api.body);
+    assert_eq!(api.requests()[0].header("x-via"), Some("hello"));
+    assert!(get(addr, "/other").await.body.contains("backend=app"), "no route falls back to default_pool");
+    let refused = ws_refused(addr, "/ws", &[]).await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND);
+    assert_eq!(refused.body, "no chat here");
+}

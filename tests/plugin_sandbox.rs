@@ -62,3 +62,17 @@ async fn trapping_plugin_follows_its_failure_policy() {
     assert_eq!(passed.status, StatusCode::OK, "on_error = allow fails open");
     assert!(passed.body.contains("target=/trap"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bomb_is_stopped_at_its_memory_cap() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("looper", "looper", "memory_limit_mb = 8\ncall_timeout_ms = 2000\n");
+    let gateway = start_gateway(&config(&app), &plugins).await;
+    let started = Instant::now();
+    let bomb = get(web(&gateway), "/grow").await;
+    assert_eq!(bomb.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(bomb.header("x-wasmgate-error"), Some("plugin-unavailable"));
+    // Refused by the cap, not by the (long) deadline.
+    assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+    assert_eq!(get(web(&gateway), "/fine").await.status, StatusCode::OK);
+}

@@ -204,7 +204,10 @@ impl LoadedPlugin {
                 timeout_ms: self.limits.call_timeout.as_millis() as u64,
             };
         }
-        PluginError::Trap { plugin: self.name.clone(), message: format!("{err:#}") }
+        // The trap itself, without the wasm backtrace (logged at debug).
+        tracing::debug!(plugin = %self.name, "plugin trap: {err:?}");
+        let message = err.downcast_ref::<Trap>().map_or_else(|| err.to_string(), Trap::to_string);
+        PluginError::Trap { plugin: self.name.clone(), message }
     }
 
     async fn take(&self, expected: PluginKind) -> Result<Instance, PluginError> {
