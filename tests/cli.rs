@@ -66,7 +66,8 @@ fn check_refuses_a_plugin_used_in_the_wrong_role() {
     let (ok, out) = wasmgate(&["check", "--config", &path]);
     assert!(!ok);
     assert!(out.contains("listener[0].router"), "{out}");
-    assert!(out.contains("is a waf plugin, not a router"), "{out}");
+    assert!(out.contains("is a waf plugin"), "{out}");
+    assert!(out.contains("uses `path-router` as a router"), "{out}");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use http::StatusCode;
 
 fn config(app: &Backend) -> String {
     format!(
-        "[plugins]\ncall_timeout_ms = 50\n\
+        "[plugins]\ncall_timeout_ms = 50\nquarantine_after_failures = 100\n\
          [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"looper\"]\n\
          [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
         app.addr
@@ -75,4 +75,33 @@ async fn memory_bomb_is_stopped_at_its_memory_cap() {
     // Refused by the cap, not by the (long) deadline.
     assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
     assert_eq!(get(web(&gateway), "/fine").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_looping_plugin_is_quarantined_then_recovers() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("looper", "looper", "");
+    let config = config(&app).replace("quarantine_after_failures = 100\n", "").replace(
+        "call_timeout_ms = 50",
+        "call_timeout_ms = 50\nquarantine_after_failures = 3\nquarantine_initial_ms = 400\nquarantine_max_ms = 1000",
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    let addr = web(&gateway);
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/trap").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let looper = gateway.registry().get("looper").unwrap();
+    assert!(looper.stats().quarantined);
+    let calls = looper.stats().calls;
+    // Quarantined: even a good request gets the on_error outcome, and the
+    // plugin is not called.
+    let refused = get(addr, "/fine").await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(looper.stats().calls, calls, "not called while quarantined");
+
+    // The backoff ends; the trial call succeeds and the breaker closes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(addr, "/fine").await.status, StatusCode::OK);
+    assert!(!looper.stats().quarantined);
+    assert_eq!(looper.stats().quarantines, 1);
 }

@@ -6,7 +6,7 @@
 //! listeners, pools and plugins included) before anything is started, naming
 //! the file, the key and the reason on failure.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -61,6 +61,38 @@ pub struct PluginsConfig {
     /// What a request gets when a plugin traps, overruns or is missing.
     #[serde(default)]
     pub on_error: OnError,
+    /// Reload plugins when files in `dir` are added, replaced or removed.
+    #[serde(default = "yes")]
+    pub watch: bool,
+    /// Keep compiled plugins on disk so unchanged files are not recompiled.
+    #[serde(default = "yes")]
+    pub cache: bool,
+    /// Where compiled plugins are kept (must be private to the gateway's
+    /// user). Default: `$XDG_CACHE_HOME/wasmgate` or `~/.cache/wasmgate`.
+    pub cache_dir: Option<PathBuf>,
+    /// Consecutive failures after which a plugin is quarantined (its
+    /// `on_error` outcome applies without calling it).
+    #[serde(default = "default_quarantine_after_failures")]
+    pub quarantine_after_failures: u32,
+    /// First quarantine length; each further one doubles it.
+    #[serde(default = "default_quarantine_initial_ms")]
+    pub quarantine_initial_ms: u64,
+    /// Longest quarantine.
+    #[serde(default = "default_quarantine_max_ms")]
+    pub quarantine_max_ms: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_quarantine_after_failures() -> u32 {
+    5
+}
+fn default_quarantine_initial_ms() -> u64 {
+    1_000
+}
+fn default_quarantine_max_ms() -> u64 {
+    60_000
 }
 
 fn default_plugin_dir() -> PathBuf {
@@ -80,6 +112,12 @@ impl Default for PluginsConfig {
             call_timeout_ms: default_call_timeout_ms(),
             memory_limit_mb: default_memory_limit_mb(),
             on_error: OnError::default(),
+            watch: true,
+            cache: true,
+            cache_dir: None,
+            quarantine_after_failures: default_quarantine_after_failures(),
+            quarantine_initial_ms: default_quarantine_initial_ms(),
+            quarantine_max_ms: default_quarantine_max_ms(),
         }
     }
 }
@@ -242,9 +280,14 @@ impl Config {
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
         let mut config: Config = parse(path, &text)?;
         config.source = path.to_owned();
+        let base = path.parent().unwrap_or(Path::new("."));
         if config.plugins.dir.is_relative() {
-            let base = path.parent().unwrap_or(Path::new("."));
             config.plugins.dir = base.join(&config.plugins.dir);
+        }
+        if let Some(cache_dir) = &config.plugins.cache_dir
+            && cache_dir.is_relative()
+        {
+            config.plugins.cache_dir = Some(base.join(cache_dir));
         }
         config.validate()?;
         Ok(config)
@@ -266,6 +309,15 @@ impl Config {
         }
         if self.plugins.memory_limit_mb == 0 {
             return Err(invalid("plugins.memory_limit_mb".into(), "must be at least 1".into()));
+        }
+        if self.plugins.quarantine_after_failures == 0 {
+            return Err(invalid("plugins.quarantine_after_failures".into(), "must be at least 1".into()));
+        }
+        if self.plugins.quarantine_initial_ms > self.plugins.quarantine_max_ms {
+            return Err(invalid(
+                "plugins.quarantine_initial_ms".into(),
+                "must not exceed plugins.quarantine_max_ms".into(),
+            ));
         }
         if self.websocket.idle_timeout_s == 0 || self.websocket.max_lifetime_s == 0 {
             return Err(invalid("websocket".into(), "timeouts must be at least 1 second".into()));
@@ -323,7 +375,32 @@ impl Config {
                 return Err(invalid(key("max_websockets"), "must be at least 1".into()));
             }
         }
+        self.plugin_roles()?;
         Ok(())
+    }
+
+    /// The role every named plugin is used in, with the first key naming it;
+    /// a plugin used as both a router and a WAF is an error.
+    pub fn plugin_roles(&self) -> Result<HashMap<String, (PluginRole, String)>, ConfigError> {
+        let mut roles: HashMap<String, (PluginRole, String)> = HashMap::new();
+        for (name, key, role) in self.referenced_plugins() {
+            match roles.get(&name) {
+                Some((first, first_key)) if *first != role => {
+                    return Err(ConfigError::Invalid {
+                        file: self.source.clone(),
+                        key,
+                        reason: format!(
+                            "plugin `{name}` is used as a {first} by `{first_key}`; it cannot also be a {role}"
+                        ),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    roles.insert(name, (role, key));
+                }
+            }
+        }
+        Ok(roles)
     }
 
     /// Names of every plugin some listener refers to, with the key naming it.

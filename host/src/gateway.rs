@@ -14,22 +14,25 @@ use crate::config::Config;
 use crate::counter::Counters;
 use crate::forward::Forwarder;
 use crate::plugin::host_api::HostServices;
-use crate::plugin::{Registry, Runtime};
+use crate::plugin::watcher::{self, Watcher};
+use crate::plugin::{Loader, Registry, Runtime};
 use crate::pool::Pools;
 use crate::proxy::{self, ListenerProxy, Shared};
 use crate::relay::RelayLimits;
 
-/// A running gateway. Dropping it stops its listeners.
+/// A running gateway. Dropping it stops its listeners and its plugin watch.
 pub struct Gateway {
     listeners: Vec<(String, SocketAddr)>,
     tasks: Vec<JoinHandle<()>>,
     registry: Arc<Registry>,
+    _watcher: Option<Watcher>,
 }
 
 /// Everything a config needs before it can serve: plugins loaded and checked.
 pub struct Prepared {
     pub config: Config,
     pub registry: Arc<Registry>,
+    pub loader: Arc<Loader>,
     pub pools: Arc<Pools>,
 }
 
@@ -39,19 +42,27 @@ pub async fn prepare(config: Config) -> anyhow::Result<Prepared> {
     let runtime = Arc::new(Runtime::new().context("starting the WebAssembly runtime")?);
     let pools = Arc::new(Pools::new(&config.pool));
     let services = Arc::new(HostServices { counters: Counters::default(), pools: pools.clone() });
-    let (registry, rejected) = Registry::load_dir(&runtime, &config.plugins, &services).await?;
+    let roles = config.plugin_roles()?;
+    let loader = Arc::new(Loader::new(runtime, config.plugins.clone(), services, roles));
+    let registry = Arc::new(Registry::new(config.plugins.on_error));
+    let report = registry.reconcile(&loader).await;
     if let Err(problem) = proxy::check_plugin_roles(&config, &registry) {
         let reasons: Vec<String> =
-            rejected.iter().map(|r| format!("\n  rejected {}: {}", r.file.display(), r.reason)).collect();
+            report.rejected.iter().map(|r| format!("\n  rejected {}: {}", r.file.display(), r.reason)).collect();
         anyhow::bail!("{problem}{}", reasons.concat());
     }
-    Ok(Prepared { config, registry: Arc::new(registry), pools })
+    Ok(Prepared { config, registry, loader, pools })
 }
 
 impl Gateway {
     /// Prepares `config`, binds its listeners and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
-        let Prepared { config, registry, pools } = prepare(config).await?;
+        let Prepared { config, registry, loader, pools } = prepare(config).await?;
+        let watcher = if config.plugins.watch && config.plugins.dir.is_dir() {
+            Some(watcher::watch(registry.clone(), loader).context("watching the plugin directory")?)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             registry: registry.clone(),
             pools,
@@ -60,7 +71,6 @@ impl Gateway {
                 idle_timeout: Duration::from_secs(config.websocket.idle_timeout_s),
                 max_lifetime: Duration::from_secs(config.websocket.max_lifetime_s),
             },
-            missing_plugin_policy: config.plugins.on_error,
         });
         let mut listeners = Vec::new();
         let mut tasks = Vec::new();
@@ -74,7 +84,7 @@ impl Gateway {
             tasks.push(tokio::spawn(crate::listener::serve(socket, proxy)));
             listeners.push((listener_config.name.clone(), addr));
         }
-        Ok(Gateway { listeners, tasks, registry })
+        Ok(Gateway { listeners, tasks, registry, _watcher: watcher })
     }
 
     /// The address listener `name` is bound to.

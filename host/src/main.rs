@@ -28,6 +28,18 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Work with plugin files.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Print a component's world, imports and exports, and whether the
+    /// gateway would accept it.
+    Inspect { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -47,6 +59,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
+            Command::Plugin { command: PluginCommand::Inspect { file } } => inspect(file).await,
         }
     });
     match result {
@@ -75,11 +88,17 @@ async fn check(path: PathBuf) -> anyhow::Result<()> {
             "  plugin {} ({}), sha256 {}, timeout {} ms, memory {} MiB, on_error {:?}",
             plugin.name,
             plugin.kind,
-            &plugin.sha256[..16],
+            &plugin.identity.sha256[..16],
             plugin.limits.call_timeout.as_millis(),
             plugin.limits.memory_limit_bytes >> 20,
             plugin.limits.on_error
         );
     }
     Ok(())
+}
+
+async fn inspect(file: PathBuf) -> anyhow::Result<()> {
+    let report = wasmgate::plugin::inspect::inspect(&file).await?;
+    print!("{report}");
+    if report.accepted() { Ok(()) } else { anyhow::bail!("{}: the gateway would reject this plugin", file.display()) }
 }

@@ -66,8 +66,6 @@ pub struct Shared {
     pub pools: Arc<Pools>,
     pub forwarder: Forwarder,
     pub relay_limits: RelayLimits,
-    /// Failure policy for a plugin a listener names but that is not loaded.
-    pub missing_plugin_policy: OnError,
 }
 
 /// One listener's rules, applied to each of its requests.
@@ -145,21 +143,30 @@ impl ListenerProxy {
     /// Runs the WAF plugins in order; the first deny ends the request.
     async fn run_waf(&self, head: &RequestHead) -> Step<()> {
         for name in &self.waf {
-            let verdict = match self.shared.registry.get(name) {
-                Some(plugin) => plugin.inspect(head).await.map_err(|e| (e, plugin.limits.on_error)),
-                None => Err((PluginError::Missing { plugin: name.clone() }, self.shared.missing_plugin_policy)),
+            let registry = &self.shared.registry;
+            let Some(plugin) = registry.get(name) else {
+                let error = PluginError::Missing { plugin: name.clone() };
+                self.plugin_failed(error, registry.missing_policy(name))?;
+                continue;
             };
-            match verdict {
-                Ok(Verdict::Allow) => {}
-                Ok(Verdict::Deny(denial)) => {
-                    let mut response = validate::response(name, denial).map_err(|e| self.plugin_failed(e))?;
+            let policy = plugin.limits.on_error;
+            let denial = match plugin.inspect(head).await {
+                Ok(Verdict::Allow) => continue,
+                Ok(Verdict::Deny(denial)) => denial,
+                Err(error) => {
+                    self.plugin_failed(error, policy)?;
+                    continue;
+                }
+            };
+            match validate::response(name, denial) {
+                Ok(mut response) => {
                     response.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static("waf-deny"));
                     return Err(response);
                 }
-                Err((error, OnError::Allow)) => {
-                    tracing::warn!(listener = %self.name, %error, "WAF plugin failed; failing open");
+                Err(error) => {
+                    plugin.record_failure(&error);
+                    self.plugin_failed(error, policy)?;
                 }
-                Err((error, OnError::Deny)) => return Err(self.plugin_failed(error)),
             }
         }
         Ok(())
@@ -170,28 +177,51 @@ impl ListenerProxy {
         let Some(name) = &self.router else {
             return self.default_route();
         };
-        let decision = match self.shared.registry.get(name) {
-            Some(plugin) => plugin.route(head).await.map_err(|e| (e, plugin.limits.on_error)),
-            None => Err((PluginError::Missing { plugin: name.clone() }, self.shared.missing_plugin_policy)),
+        let registry = &self.shared.registry;
+        let Some(plugin) = registry.get(name) else {
+            let error = PluginError::Missing { plugin: name.clone() };
+            return self.router_failed(error, registry.missing_policy(name));
         };
-        let decision = decision.and_then(|decision| match decision {
-            RouteDecision::Forward(upstream) => validate::upstream(name, upstream, &self.shared.pools)
-                .map(Decided::Forward)
-                .map_err(|e| (e, OnError::Deny)),
-            RouteDecision::Respond(response) => {
-                validate::response(name, response).map(Decided::Respond).map_err(|e| (e, OnError::Deny))
+        let policy = plugin.limits.on_error;
+        let decided = match plugin.route(head).await {
+            Ok(RouteDecision::Forward(upstream)) => {
+                validate::upstream(name, upstream, &self.shared.pools).map(Decided::Forward)
             }
-            RouteDecision::NoRoute => Ok(Decided::NoRoute),
-        });
-        match decision {
+            Ok(RouteDecision::Respond(response)) => validate::response(name, response).map(Decided::Respond),
+            Ok(RouteDecision::NoRoute) => Ok(Decided::NoRoute),
+            Err(error) => return self.router_failed(error, policy),
+        };
+        match decided {
             Ok(Decided::Forward(route)) => Ok(route),
             Ok(Decided::Respond(response)) => Err(response),
             Ok(Decided::NoRoute) => self.default_route(),
-            Err((error, OnError::Allow)) if self.default_pool.is_some() => {
-                tracing::warn!(listener = %self.name, %error, "router plugin failed; failing open to the default pool");
-                self.default_route()
+            Err(error) => {
+                plugin.record_failure(&error);
+                self.router_failed(error, policy)
             }
-            Err((error, _)) => Err(self.plugin_failed(error)),
+        }
+    }
+
+    /// A failed router fails open only if there is a default pool to open to.
+    fn router_failed(&self, error: PluginError, policy: OnError) -> Step<Route> {
+        let policy = if self.default_pool.is_some() { policy } else { OnError::Deny };
+        self.plugin_failed(error, policy)?;
+        self.default_route()
+    }
+
+    /// Applies a failed plugin's policy: `deny` ends the request with 503
+    /// `plugin-unavailable`; `allow` lets it go on (a WAF is skipped, a router
+    /// falls back to the default pool).
+    fn plugin_failed(&self, error: PluginError, policy: OnError) -> Step<()> {
+        match policy {
+            OnError::Allow => {
+                tracing::warn!(listener = %self.name, %error, "plugin failed; failing open");
+                Ok(())
+            }
+            OnError::Deny => {
+                tracing::warn!(listener = %self.name, %error, "plugin failed; failing closed");
+                Err(GatewayError::PluginUnavailable { plugin: error.plugin().to_owned() }.into_response())
+            }
         }
     }
 
@@ -200,12 +230,6 @@ impl ListenerProxy {
             Some(pool) => Ok(Route::to_pool(pool.clone())),
             None => Err(GatewayError::NoRoute.into_response()),
         }
-    }
-
-    /// The answer when a plugin fails closed.
-    fn plugin_failed(&self, error: PluginError) -> Response<ResponseBody> {
-        tracing::warn!(listener = %self.name, %error, "plugin failed; failing closed");
-        GatewayError::PluginUnavailable { plugin: error.plugin().to_owned() }.into_response()
     }
 }
 

@@ -39,14 +39,15 @@ pub fn plugin_wasm(krate: &str) -> PathBuf {
     file
 }
 
-/// A temporary plugin directory.
+/// A temporary plugin directory, with its own compiled-artifact cache.
 pub struct PluginDir {
     pub dir: tempfile::TempDir,
+    pub cache: tempfile::TempDir,
 }
 
 impl PluginDir {
     pub fn new() -> PluginDir {
-        PluginDir { dir: tempfile::tempdir().expect("temp dir") }
+        PluginDir { dir: tempfile::tempdir().expect("temp dir"), cache: tempfile::tempdir().expect("temp dir") }
     }
 
     /// Installs plugin crate `krate` as `name`, with `settings` as `name.toml`.
@@ -69,6 +70,9 @@ impl PluginDir {
 pub async fn start_gateway(config: &str, plugins: &PluginDir) -> Gateway {
     let mut config = Config::from_toml(Path::new("test.toml"), config).expect("valid test config");
     config.plugins.dir = plugins.path().to_owned();
+    if config.plugins.cache_dir.is_none() {
+        config.plugins.cache_dir = Some(plugins.cache.path().to_owned());
+    }
     Gateway::start(config).await.expect("gateway starts")
 }
 

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
@@ -33,6 +34,8 @@ pub struct PluginContext {
 pub struct HostState {
     pub(crate) plugin: Arc<PluginContext>,
     pub(crate) limits: StoreLimits,
+    /// When the call under way must end (set before every call).
+    pub(crate) call_deadline: Instant,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -42,7 +45,7 @@ impl HostState {
         // The builder's defaults grant nothing: stdin closed, stdout/stderr
         // discarded, no environment, no arguments, no directories, no sockets.
         let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();
-        HostState { plugin, limits, wasi, table: ResourceTable::new() }
+        HostState { plugin, limits, call_deadline: Instant::now(), wasi, table: ResourceTable::new() }
     }
 }
 

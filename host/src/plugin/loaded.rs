@@ -5,16 +5,27 @@
 //! deadline, and runs the export. An instance that returns normally goes back
 //! to the pool; one that trapped, overran its deadline or hit its memory cap
 //! is dropped, so no later request ever runs on a broken instance.
+//!
+//! A call that runs longer than one epoch tick yields to the async runtime at
+//! every tick, so a slow or looping plugin never holds a worker thread for its
+//! whole deadline; at the deadline it is interrupted.
+//!
+//! The crash-loop breaker: after `quarantine_after_failures` consecutive
+//! failures the plugin is quarantined (its `on_error` outcome applies without
+//! calling it) for a backoff that doubles with each quarantine up to a cap. The
+//! first call after a quarantine is a trial: a failure quarantines it again,
+//! a success closes the breaker.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use wasmtime::component::Component;
-use wasmtime::{Store, StoreLimitsBuilder, Trap};
+use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
 
 use super::bindings::{RequestHead, RouteDecision, RouterPlugin, RouterPluginPre, Verdict, WafPlugin, WafPluginPre};
 use super::host_api::{HostState, PluginContext};
-use super::runtime::{EPOCH_TICK, Runtime};
+use super::runtime::Runtime;
 use crate::config::OnError;
 
 /// Idle instances kept per plugin; more are created under load and dropped
@@ -58,6 +69,8 @@ pub enum PluginError {
     Missing { plugin: String },
     #[error("plugin `{plugin}` is a {actual} plugin, used here as a {expected}")]
     WrongKind { plugin: String, actual: PluginKind, expected: PluginKind },
+    #[error("plugin `{plugin}` is quarantined after repeated failures")]
+    Quarantined { plugin: String },
 }
 
 impl PluginError {
@@ -69,7 +82,8 @@ impl PluginError {
             | PluginError::Instantiate { plugin, .. }
             | PluginError::InvalidOutput { plugin, .. }
             | PluginError::Missing { plugin }
-            | PluginError::WrongKind { plugin, .. } => plugin,
+            | PluginError::WrongKind { plugin, .. }
+            | PluginError::Quarantined { plugin } => plugin,
         }
     }
 }
@@ -81,6 +95,34 @@ pub struct PluginLimits {
     pub call_timeout: Duration,
     pub memory_limit_bytes: usize,
     pub on_error: OnError,
+    pub quarantine_after_failures: u32,
+    pub quarantine_initial: Duration,
+    pub quarantine_max: Duration,
+}
+
+/// Who a loaded plugin is.
+#[derive(Debug, Clone)]
+pub struct PluginIdentity {
+    pub name: String,
+    pub kind: PluginKind,
+    /// Hex SHA-256 of the component file.
+    pub sha256: String,
+    /// 1 for the first load of this name, +1 for every later load.
+    pub version: u64,
+    pub loaded_at: SystemTime,
+    /// Whether the compiled artifact came from the cache.
+    pub from_cache: bool,
+}
+
+/// Counters of one plugin version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PluginStats {
+    pub calls: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    pub quarantines: u64,
+    /// Whether calls are currently refused by the crash-loop breaker.
+    pub quarantined: bool,
 }
 
 enum Pre {
@@ -98,17 +140,41 @@ struct Instance {
     bindings: Bindings,
 }
 
+#[derive(Default)]
+struct Counters {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    timeouts: AtomicU64,
+    quarantines: AtomicU64,
+    consecutive_failures: AtomicU32,
+    /// Quarantines since the last success: the backoff doubles with each.
+    backoff_level: AtomicU32,
+    /// Milliseconds after `born` until which calls are refused (0: none).
+    quarantined_until_ms: AtomicU64,
+}
+
 /// A compiled, validated plugin ready to be called.
 pub struct LoadedPlugin {
     pub name: String,
     pub kind: PluginKind,
-    /// Hex SHA-256 of the component file.
-    pub sha256: String,
+    pub identity: PluginIdentity,
     pub limits: PluginLimits,
+    /// Hash of the component and its settings file: what a reload compares.
+    pub(crate) source_hash: String,
     runtime: Arc<Runtime>,
     context: Arc<PluginContext>,
     pre: Pre,
     idle: Mutex<Vec<Instance>>,
+    counters: Counters,
+    born: Instant,
+}
+
+/// What [`LoadedPlugin::new`] needs besides the component.
+pub struct PluginSource {
+    pub sha256: String,
+    pub source_hash: String,
+    pub version: u64,
+    pub from_cache: bool,
 }
 
 impl LoadedPlugin {
@@ -117,33 +183,36 @@ impl LoadedPlugin {
     pub async fn new(
         runtime: Arc<Runtime>,
         component: Component,
-        sha256: String,
+        source: PluginSource,
         context: Arc<PluginContext>,
         limits: PluginLimits,
     ) -> anyhow::Result<LoadedPlugin> {
+        let kind = kind_of(&runtime, &component)?;
         let instance_pre = runtime.linker.instantiate_pre(&component)?;
-        let pre = match RouterPluginPre::new(instance_pre.clone()) {
-            Ok(router) => Pre::Router(router),
-            Err(router_err) => match WafPluginPre::new(instance_pre) {
-                Ok(waf) => Pre::Waf(waf),
-                Err(waf_err) => anyhow::bail!(
-                    "exports neither `wasmgate:plugin/router` ({router_err}) nor `wasmgate:plugin/waf` ({waf_err})"
-                ),
-            },
+        let pre = match kind {
+            PluginKind::Router => Pre::Router(RouterPluginPre::new(instance_pre)?),
+            PluginKind::Waf => Pre::Waf(WafPluginPre::new(instance_pre)?),
         };
-        let kind = match pre {
-            Pre::Router(_) => PluginKind::Router,
-            Pre::Waf(_) => PluginKind::Waf,
+        let identity = PluginIdentity {
+            name: context.name.clone(),
+            kind,
+            sha256: source.sha256,
+            version: source.version,
+            loaded_at: SystemTime::now(),
+            from_cache: source.from_cache,
         };
         let plugin = LoadedPlugin {
             name: context.name.clone(),
             kind,
-            sha256,
+            identity,
             limits,
+            source_hash: source.source_hash,
             runtime,
             context,
             pre,
             idle: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            born: Instant::now(),
         };
         let first = plugin.instantiate().await.map_err(anyhow::Error::from)?;
         plugin.put_back(first);
@@ -174,11 +243,29 @@ impl LoadedPlugin {
         self.finish(instance, result)
     }
 
-    /// Sets the deadline for the call about to start.
+    /// A snapshot of this version's counters.
+    pub fn stats(&self) -> PluginStats {
+        let c = &self.counters;
+        PluginStats {
+            calls: c.calls.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            timeouts: c.timeouts.load(Ordering::Relaxed),
+            quarantines: c.quarantines.load(Ordering::Relaxed),
+            quarantined: self.now_ms() < c.quarantined_until_ms.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a failure found after the call returned (an invalid decision).
+    pub fn record_failure(&self, error: &PluginError) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.failed(error);
+    }
+
+    /// Starts the deadline for the call about to begin: the epoch callback
+    /// yields at every tick and interrupts once the call has run its time.
     fn arm(&self, store: &mut Store<HostState>) {
-        let ticks = self.limits.call_timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64;
-        // One extra tick: the current tick may be about to end.
-        store.set_epoch_deadline(ticks + 1);
+        store.data_mut().call_deadline = Instant::now() + self.limits.call_timeout;
+        store.set_epoch_deadline(1);
     }
 
     /// Returns a healthy instance to the pool; turns a failure into an error.
@@ -186,13 +273,20 @@ impl LoadedPlugin {
         match result {
             Ok(value) => {
                 self.put_back(instance);
+                self.succeeded();
                 Ok(value)
             }
             Err(err) => {
                 // The instance is dropped here: after a trap its state is
                 // unknown, so it never serves another request.
                 drop(instance);
-                Err(self.classify(err))
+                let error = self.classify(err);
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                if matches!(error, PluginError::Timeout { .. }) {
+                    self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                self.failed(&error);
+                Err(error)
             }
         }
     }
@@ -210,10 +304,47 @@ impl LoadedPlugin {
         PluginError::Trap { plugin: self.name.clone(), message }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    fn succeeded(&self) {
+        let c = &self.counters;
+        if c.consecutive_failures.swap(0, Ordering::Relaxed) != 0 && c.backoff_level.swap(0, Ordering::Relaxed) != 0 {
+            tracing::info!(plugin = %self.name, version = self.identity.version, "plugin recovered; quarantine over");
+        }
+    }
+
+    fn failed(&self, error: &PluginError) {
+        let c = &self.counters;
+        let failures = c.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < self.limits.quarantine_after_failures {
+            return;
+        }
+        let level = c.backoff_level.fetch_add(1, Ordering::Relaxed).min(20);
+        let backoff = self.limits.quarantine_initial.saturating_mul(1 << level).min(self.limits.quarantine_max);
+        c.quarantined_until_ms.store(self.now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+        // After the quarantine one more failure is enough to re-trip.
+        c.consecutive_failures.store(self.limits.quarantine_after_failures.saturating_sub(1), Ordering::Relaxed);
+        c.quarantines.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            plugin = %self.name,
+            version = self.identity.version,
+            consecutive_failures = failures,
+            backoff_ms = backoff.as_millis() as u64,
+            last_error = %error,
+            "plugin quarantined; its on_error policy applies until the backoff ends"
+        );
+    }
+
     async fn take(&self, expected: PluginKind) -> Result<Instance, PluginError> {
         if self.kind != expected {
             return Err(PluginError::WrongKind { plugin: self.name.clone(), actual: self.kind, expected });
         }
+        if self.now_ms() < self.counters.quarantined_until_ms.load(Ordering::Relaxed) {
+            return Err(PluginError::Quarantined { plugin: self.name.clone() });
+        }
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
         let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         match idle {
             Some(instance) => Ok(instance),
@@ -229,9 +360,16 @@ impl LoadedPlugin {
     }
 
     async fn instantiate(&self) -> Result<Instance, PluginError> {
-        let limits = StoreLimitsBuilder::new().memory_size(self.limits.memory_limit_bytes).build();
+        let limits = StoreLimitsBuilder::new().memory_size(self.limits.memory_limit_bytes).instances(64).build();
         let mut store = Store::new(&self.runtime.engine, HostState::new(self.context.clone(), limits));
         store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_callback(|store| {
+            if Instant::now() >= store.data().call_deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
+            }
+        });
         // Start-up code (constructors, static initialisers) is bounded too.
         self.arm(&mut store);
         let bindings = match &self.pre {
@@ -242,5 +380,24 @@ impl LoadedPlugin {
             Ok(bindings) => Ok(Instance { store, bindings }),
             Err(err) => Err(PluginError::Instantiate { plugin: self.name.clone(), message: format!("{err:#}") }),
         }
+    }
+}
+
+/// The kind of a component, read from its exports.
+pub fn kind_of(runtime: &Runtime, component: &Component) -> anyhow::Result<PluginKind> {
+    let ty = component.component_type();
+    let exports: Vec<String> = ty.exports(runtime.engine()).map(|(name, _)| name.to_owned()).collect();
+    let router = exports.iter().any(|e| e.starts_with("wasmgate:plugin/router@"));
+    let waf = exports.iter().any(|e| e.starts_with("wasmgate:plugin/waf@"));
+    match (router, waf) {
+        (true, false) => Ok(PluginKind::Router),
+        (false, true) => Ok(PluginKind::Waf),
+        (true, true) => anyhow::bail!(
+            "exports both `wasmgate:plugin/router` and `wasmgate:plugin/waf`; a plugin is one or the other"
+        ),
+        (false, false) => anyhow::bail!(
+            "exports neither `wasmgate:plugin/router` nor `wasmgate:plugin/waf` (its exports: {})",
+            if exports.is_empty() { "none".to_owned() } else { exports.join(", ") }
+        ),
     }
 }

@@ -1,13 +1,22 @@
-//! The plugin registry: every loaded plugin by name.
+//! The plugin registry: every loaded plugin by name, and the loader that
+//! turns the plugin directory into it.
 //!
 //! The whole name→plugin map sits behind one `ArcSwap`, so a lookup on the
-//! request path is a lock-free load, and replacing a plugin (or all of them)
-//! is one pointer swap. A request holds the `Arc<LoadedPlugin>` it started
-//! with, so a swap never changes a call under way.
+//! request path is a lock-free load, and replacing a plugin is one pointer
+//! swap. A request holds the `Arc<LoadedPlugin>` it started with, so a swap
+//! never changes a call under way, and upgraded WebSockets hold no plugin at
+//! all.
+//!
+//! [`Registry::reconcile`] makes the map match the directory: new and changed
+//! files (component or `NAME.toml`) are compiled off the async workers,
+//! instantiated once and swapped in; a file that fails any step is rejected
+//! with its reason while the previous version keeps serving; a removed file
+//! unloads its plugin.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,72 +24,139 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
+use super::cache::ArtifactCache;
 use super::host_api::{HostServices, PluginContext};
-use super::loaded::{LoadedPlugin, PluginLimits};
+use super::loaded::{LoadedPlugin, PluginLimits, PluginSource};
 use super::runtime::Runtime;
-use crate::config::{PluginSettings, PluginsConfig};
-
-/// Loaded plugins by name.
-pub struct Registry {
-    plugins: ArcSwap<HashMap<String, Arc<LoadedPlugin>>>,
-}
+use crate::config::{OnError, PluginRole, PluginSettings, PluginsConfig};
 
 /// A plugin file that could not be loaded, and why.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Rejected {
     pub file: PathBuf,
     pub reason: String,
 }
 
-impl Registry {
-    /// Loads every `NAME.wasm` in `config.dir`. Files that fail are returned
-    /// as rejected (with the reason) rather than failing the whole load, so
-    /// the caller decides whether that plugin matters.
-    pub async fn load_dir(
-        runtime: &Arc<Runtime>,
-        config: &PluginsConfig,
-        services: &Arc<HostServices>,
-    ) -> anyhow::Result<(Registry, Vec<Rejected>)> {
-        let mut plugins = HashMap::new();
-        let mut rejected = Vec::new();
-        let entries = match std::fs::read_dir(&config.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tracing::warn!(dir = %config.dir.display(), "plugin directory does not exist; no plugins loaded");
-                return Ok((Registry::from_map(plugins), rejected));
+/// What one [`Registry::reconcile`] changed.
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    pub loaded: Vec<String>,
+    pub unloaded: Vec<String>,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Compiles plugin files into [`LoadedPlugin`]s.
+pub struct Loader {
+    runtime: Arc<Runtime>,
+    defaults: PluginsConfig,
+    services: Arc<HostServices>,
+    cache: Option<ArtifactCache>,
+    /// The role each plugin is used in by the config, and the key saying so.
+    roles: HashMap<String, (PluginRole, String)>,
+}
+
+impl Loader {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        defaults: PluginsConfig,
+        services: Arc<HostServices>,
+        roles: HashMap<String, (PluginRole, String)>,
+    ) -> Loader {
+        let cache_dir = defaults.cache_dir.clone().unwrap_or_else(ArtifactCache::default_dir);
+        let cache = if defaults.cache {
+            match ArtifactCache::open(&cache_dir, runtime.engine()) {
+                Ok(cache) => Some(cache),
+                Err(error) => {
+                    tracing::warn!(dir = %cache_dir.display(), %error, "compiled-artifact cache unavailable; compiling every load");
+                    None
+                }
             }
-            Err(e) => return Err(e).with_context(|| format!("reading plugin directory {}", config.dir.display())),
+        } else {
+            None
         };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
-            .collect();
-        files.sort();
-        for file in files {
-            match load_plugin(runtime, &file, config, services).await {
-                Ok(plugin) => {
-                    tracing::info!(
-                        plugin = %plugin.name,
-                        kind = %plugin.kind,
-                        sha256 = %&plugin.sha256[..16],
-                        timeout_ms = plugin.limits.call_timeout.as_millis() as u64,
-                        memory_limit_mb = plugin.limits.memory_limit_bytes >> 20,
-                        "plugin loaded"
-                    );
-                    plugins.insert(plugin.name.clone(), Arc::new(plugin));
-                }
-                Err(err) => {
-                    let reason = format!("{err:#}");
-                    tracing::error!(file = %file.display(), %reason, "plugin rejected");
-                    rejected.push(Rejected { file, reason });
-                }
-            }
-        }
-        Ok((Registry::from_map(plugins), rejected))
+        Loader { runtime, defaults, services, cache, roles }
     }
 
-    fn from_map(plugins: HashMap<String, Arc<LoadedPlugin>>) -> Registry {
-        Registry { plugins: ArcSwap::from_pointee(plugins) }
+    pub fn dir(&self) -> &Path {
+        &self.defaults.dir
+    }
+
+    /// Compiles (or takes from the cache) and validates one plugin file with
+    /// its `NAME.toml` beside it.
+    pub async fn load(&self, file: &Path, version: u64) -> anyhow::Result<LoadedPlugin> {
+        let name = plugin_name(file)?;
+        let settings_path = file.with_extension("toml");
+        let settings = PluginSettings::load(&settings_path)?;
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let source_hash = source_hash(&bytes, &settings_path);
+
+        let (component, from_cache) = match self.cache.as_ref().and_then(|c| c.get(self.runtime.engine(), &sha256)) {
+            Some(component) => (component, true),
+            None => {
+                // Compiling takes milliseconds to seconds: keep it off the async workers.
+                let engine = self.runtime.engine().clone();
+                let component = tokio::task::spawn_blocking(move || Component::from_binary(&engine, &bytes))
+                    .await
+                    .context("compiler task failed")?
+                    .map_err(anyhow::Error::from)
+                    .context("not a valid WebAssembly component")?;
+                if let Some(cache) = &self.cache {
+                    cache.put(&sha256, &component);
+                }
+                (component, false)
+            }
+        };
+
+        let d = &self.defaults;
+        let limits = PluginLimits {
+            call_timeout: Duration::from_millis(settings.call_timeout_ms.unwrap_or(d.call_timeout_ms)),
+            memory_limit_bytes: (settings.memory_limit_mb.unwrap_or(d.memory_limit_mb) as usize) << 20,
+            on_error: settings.on_error.unwrap_or(d.on_error),
+            quarantine_after_failures: d.quarantine_after_failures,
+            quarantine_initial: Duration::from_millis(d.quarantine_initial_ms),
+            quarantine_max: Duration::from_millis(d.quarantine_max_ms),
+        };
+        let context =
+            Arc::new(PluginContext { name: name.clone(), config: settings.config, services: self.services.clone() });
+        let source = PluginSource { sha256, source_hash, version, from_cache };
+        let plugin = LoadedPlugin::new(self.runtime.clone(), component, source, context, limits).await?;
+        if let Some((role, key)) = self.roles.get(&name)
+            && plugin.kind.role() != *role
+        {
+            anyhow::bail!("this component is a {} plugin, but `{key}` uses `{name}` as a {role}", plugin.kind);
+        }
+        Ok(plugin)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct History {
+    version: u64,
+    on_error: OnError,
+}
+
+/// Loaded plugins by name.
+pub struct Registry {
+    plugins: ArcSwap<HashMap<String, Arc<LoadedPlugin>>>,
+    /// Last version number and failure policy of every name ever loaded.
+    history: Mutex<HashMap<String, History>>,
+    /// Only one reconcile at a time.
+    reconciling: tokio::sync::Mutex<()>,
+    /// Reconciles completed so far.
+    reconciles: AtomicU64,
+    default_on_error: OnError,
+}
+
+impl Registry {
+    pub fn new(default_on_error: OnError) -> Registry {
+        Registry {
+            plugins: ArcSwap::from_pointee(HashMap::new()),
+            history: Mutex::new(HashMap::new()),
+            reconciling: tokio::sync::Mutex::new(()),
+            reconciles: AtomicU64::new(0),
+            default_on_error,
+        }
     }
 
     /// The current version of plugin `name`.
@@ -94,44 +170,133 @@ impl Registry {
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
+
+    /// How many times the directory has been reconciled.
+    pub fn reconciles(&self) -> u64 {
+        self.reconciles.load(Ordering::Acquire)
+    }
+
+    /// The failure policy for a plugin that is named but not loaded: its last
+    /// loaded version's, or the `[plugins]` default.
+    pub fn missing_policy(&self, name: &str) -> OnError {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.get(name).map_or(self.default_on_error, |h| h.on_error)
+    }
+
+    /// Makes the registry match the plugin directory.
+    pub async fn reconcile(&self, loader: &Loader) -> ReconcileReport {
+        let _one_at_a_time = self.reconciling.lock().await;
+        let mut report = ReconcileReport::default();
+        let dir = loader.dir();
+        let files = match wasm_files(dir) {
+            Ok(files) => files,
+            Err(error) => {
+                tracing::error!(dir = %dir.display(), %error, "cannot read the plugin directory; plugins unchanged");
+                self.reconciles.fetch_add(1, Ordering::Release);
+                return report;
+            }
+        };
+        let current = self.plugins.load_full();
+        let mut next: HashMap<String, Arc<LoadedPlugin>> = HashMap::new();
+        for file in &files {
+            let Ok(name) = plugin_name(file) else { continue };
+            let old = current.get(&name);
+            if let Some(old) = old
+                && std::fs::read(file)
+                    .is_ok_and(|bytes| source_hash(&bytes, &file.with_extension("toml")) == old.source_hash)
+            {
+                next.insert(name, old.clone());
+                continue;
+            }
+            let version =
+                self.history.lock().unwrap_or_else(|p| p.into_inner()).get(&name).map_or(1, |h| h.version + 1);
+            match loader.load(file, version).await {
+                Ok(plugin) => {
+                    let id = &plugin.identity;
+                    tracing::info!(
+                        plugin = %id.name,
+                        kind = %id.kind,
+                        version = id.version,
+                        sha256 = %id.sha256,
+                        from_cache = id.from_cache,
+                        timeout_ms = plugin.limits.call_timeout.as_millis() as u64,
+                        memory_limit_mb = plugin.limits.memory_limit_bytes >> 20,
+                        on_error = ?plugin.limits.on_error,
+                        "plugin loaded"
+                    );
+                    self.history
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.clone(), History { version, on_error: plugin.limits.on_error });
+                    report.loaded.push(name.clone());
+                    next.insert(name, Arc::new(plugin));
+                }
+                Err(err) => {
+                    let reason = format!("{err:#}");
+                    match old {
+                        Some(old) => {
+                            tracing::error!(file = %file.display(), %reason, serving_version = old.identity.version, "plugin rejected; the previous version keeps serving");
+                            next.insert(name, old.clone());
+                        }
+                        None => tracing::error!(file = %file.display(), %reason, "plugin rejected"),
+                    }
+                    report.rejected.push(Rejected { file: file.clone(), reason });
+                }
+            }
+        }
+        for (name, old) in current.iter() {
+            if !next.contains_key(name) {
+                tracing::warn!(
+                    plugin = %name,
+                    version = old.identity.version,
+                    sha256 = %old.identity.sha256,
+                    on_error = ?old.limits.on_error,
+                    "plugin unloaded (its file is gone); listeners naming it follow its on_error policy"
+                );
+                report.unloaded.push(name.clone());
+            }
+        }
+        if !report.loaded.is_empty() || !report.unloaded.is_empty() {
+            self.plugins.store(Arc::new(next));
+        }
+        self.reconciles.fetch_add(1, Ordering::Release);
+        report
+    }
 }
 
-/// Compiles and validates one plugin file with its `NAME.toml` beside it.
-pub async fn load_plugin(
-    runtime: &Arc<Runtime>,
-    file: &Path,
-    defaults: &PluginsConfig,
-    services: &Arc<HostServices>,
-) -> anyhow::Result<LoadedPlugin> {
-    let name = file
-        .file_stem()
+/// `NAME.wasm` files of `dir`, sorted; hidden files (editors' and tools'
+/// temporaries) are skipped. A missing directory has none.
+fn wasm_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
+        .filter(|path| path.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.starts_with('.')))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn plugin_name(file: &Path) -> anyhow::Result<String> {
+    file.file_stem()
         .and_then(|stem| stem.to_str())
         .filter(|stem| !stem.is_empty())
-        .with_context(|| format!("{}: a plugin file needs a UTF-8 name", file.display()))?
-        .to_owned();
-    let settings = PluginSettings::load(&file.with_extension("toml"))?;
-    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let sha256 = hex(&Sha256::digest(&bytes));
-
-    // Compiling takes milliseconds to seconds: keep it off the async workers.
-    let engine = runtime.engine().clone();
-    let component = tokio::task::spawn_blocking(move || Component::from_binary(&engine, &bytes))
-        .await
-        .context("compiler task failed")?
-        .map_err(anyhow::Error::from)
-        .with_context(|| format!("{}: not a valid WebAssembly component", file.display()))?;
-
-    let limits = PluginLimits {
-        call_timeout: Duration::from_millis(settings.call_timeout_ms.unwrap_or(defaults.call_timeout_ms)),
-        memory_limit_bytes: (settings.memory_limit_mb.unwrap_or(defaults.memory_limit_mb) as usize) << 20,
-        on_error: settings.on_error.unwrap_or(defaults.on_error),
-    };
-    let context = Arc::new(PluginContext { name, config: settings.config, services: services.clone() });
-    LoadedPlugin::new(runtime.clone(), component, sha256, context, limits)
-        .await
-        .with_context(|| format!("{}", file.display()))
+        .map(str::to_owned)
+        .with_context(|| format!("{}: a plugin file needs a UTF-8 name", file.display()))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// What decides whether a plugin changed: its component and its settings.
+fn source_hash(component: &[u8], settings: &Path) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(component);
+    hasher.update(std::fs::read(settings).unwrap_or_default());
+    hex(&hasher.finalize())
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,0 +1,111 @@
+//! `wasmgate plugin inspect FILE.wasm`: what a component is, what it imports
+//! and exports, and whether the gateway would accept it (and why not).
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use wasmtime::component::Component;
+
+use super::host_api::{HostServices, PluginContext};
+use super::loaded::{LoadedPlugin, PluginLimits, PluginSource, kind_of};
+use super::registry::hex;
+use super::runtime::Runtime;
+use crate::config::PluginsConfig;
+use crate::counter::Counters;
+use crate::pool::Pools;
+
+/// The findings about one file.
+pub struct Inspection {
+    pub file: String,
+    pub size: usize,
+    pub sha256: String,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+    /// The world it implements, when its exports say.
+    pub world: Option<&'static str>,
+    /// `None` if accepted, else the reason.
+    pub rejection: Option<String>,
+}
+
+impl Inspection {
+    pub fn accepted(&self) -> bool {
+        self.rejection.is_none()
+    }
+}
+
+impl fmt::Display for Inspection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "file:    {} ({} bytes)", self.file, self.size)?;
+        writeln!(f, "sha256:  {}", self.sha256)?;
+        writeln!(f, "world:   {}", self.world.unwrap_or("none (no wasmgate:plugin export)"))?;
+        writeln!(f, "imports:")?;
+        for import in &self.imports {
+            writeln!(f, "  {import}")?;
+        }
+        writeln!(f, "exports:")?;
+        for export in &self.exports {
+            writeln!(f, "  {export}")?;
+        }
+        match &self.rejection {
+            None => writeln!(f, "verdict: accepted (compiled, linked and instantiated with the default limits)"),
+            Some(reason) => writeln!(f, "verdict: rejected: {reason}"),
+        }
+    }
+}
+
+/// Compiles, links and instantiates `file` as the gateway would.
+pub async fn inspect(file: &Path) -> anyhow::Result<Inspection> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let runtime = Arc::new(Runtime::new()?);
+    let mut inspection = Inspection {
+        file: file.display().to_string(),
+        size: bytes.len(),
+        sha256: hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+        imports: Vec::new(),
+        exports: Vec::new(),
+        world: None,
+        rejection: None,
+    };
+    let component = match Component::from_binary(runtime.engine(), &bytes) {
+        Ok(component) => component,
+        Err(error) => {
+            inspection.rejection = Some(format!("not a valid WebAssembly component: {error:#}"));
+            return Ok(inspection);
+        }
+    };
+    let ty = component.component_type();
+    inspection.imports = ty.imports(runtime.engine()).map(|(name, _)| name.to_owned()).collect();
+    inspection.exports = ty.exports(runtime.engine()).map(|(name, _)| name.to_owned()).collect();
+    match kind_of(&runtime, &component) {
+        Ok(kind) => {
+            inspection.world = Some(match kind {
+                super::PluginKind::Router => "wasmgate:plugin/router-plugin",
+                super::PluginKind::Waf => "wasmgate:plugin/waf-plugin",
+            })
+        }
+        Err(error) => {
+            inspection.rejection = Some(error.to_string());
+            return Ok(inspection);
+        }
+    }
+    let defaults = PluginsConfig::default();
+    let limits = PluginLimits {
+        call_timeout: std::time::Duration::from_millis(defaults.call_timeout_ms),
+        memory_limit_bytes: (defaults.memory_limit_mb as usize) << 20,
+        on_error: defaults.on_error,
+        quarantine_after_failures: defaults.quarantine_after_failures,
+        quarantine_initial: std::time::Duration::from_millis(defaults.quarantine_initial_ms),
+        quarantine_max: std::time::Duration::from_millis(defaults.quarantine_max_ms),
+    };
+    let services = Arc::new(HostServices { counters: Counters::default(), pools: Arc::new(Pools::default()) });
+    let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned();
+    let context = Arc::new(PluginContext { name, config: Default::default(), services });
+    let source =
+        PluginSource { sha256: inspection.sha256.clone(), source_hash: String::new(), version: 0, from_cache: false };
+    if let Err(error) = LoadedPlugin::new(runtime, component, source, context, limits).await {
+        inspection.rejection = Some(format!("{error:#}"));
+    }
+    Ok(inspection)
+}

@@ -1,0 +1,55 @@
+//! Test router that misbehaves on demand, one way per path, so the tests can
+//! prove each misbehaviour is contained. Any other path is forwarded to the
+//! `app` pool.
+use wasmgate_sdk::*;
+
+struct Hostile;
+
+#[allow(unconditional_recursion)] // the point: it never returns
+fn recurse(depth: u64) -> u64 {
+    // Not a tail call: every level keeps a frame.
+    std::hint::black_box(recurse(std::hint::black_box(depth + 1))) + 1
+}
+
+/// Tries every way out of the sandbox and reports what happened.
+fn escape(req: &RequestHead) -> String {
+    let mut report = String::new();
+    report.push_str(&format!("file: {:?}\n", std::fs::read_to_string("/etc/passwd").map(|s| s.len())));
+    report.push_str(&format!("dir: {:?}\n", std::fs::read_dir("/").map(|d| d.count())));
+    report.push_str(&format!("env: {}\n", std::env::vars().count()));
+    report.push_str(&format!("args: {}\n", std::env::args().count()));
+    let target = req.query_param("connect").unwrap_or("127.0.0.1:9");
+    report.push_str(&format!("socket: {:?}\n", std::net::TcpStream::connect(target).map(|_| "connected")));
+    report
+}
+
+impl Router for Hostile {
+    fn route(req: RequestHead) -> RouteDecision {
+        match req.path.as_str() {
+            "/loop" => loop {
+                std::hint::black_box(());
+            },
+            "/grow" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "/recurse" => RouteDecision::Respond(Response::text(200, recurse(0).to_string())),
+            "/panic" => panic!("hostile plugin panics"),
+            "/big-body" => {
+                RouteDecision::Respond(Response { status: 200, headers: vec![], body: vec![b'x'; 100 << 20] })
+            }
+            "/crlf" => RouteDecision::Respond(Response::text(200, "hi").with_header("x-evil", "a\r\nx-injected: 1")),
+            "/bad-header-name" => RouteDecision::Respond(Response::text(200, "hi").with_header("bad name", "x")),
+            "/status-101" => RouteDecision::Respond(Response::text(101, "")),
+            "/unknown-pool" => RouteDecision::Forward(Upstream::pool("no-such-pool")),
+            "/bad-rewrite" => RouteDecision::Forward(Upstream::pool("app").rewrite("http://elsewhere/")),
+            "/escape" => RouteDecision::Respond(Response::text(200, escape(&req))),
+            _ => RouteDecision::Forward(Upstream::pool("app")),
+        }
+    }
+}
+
+export_router!(Hostile);
