@@ -91,7 +91,7 @@ async fn malformed_handshakes_get_400_and_other_versions_426() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_refusing_connections_is_502() {
+async fn backend_refusing_connections_is_502_then_leaves_the_pool() {
     // A port that was free a moment ago: nothing listens there.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let config = format!(
@@ -103,8 +103,13 @@ async fn backend_refusing_connections_is_502() {
     assert_eq!(got.status, StatusCode::BAD_GATEWAY);
     assert_eq!(got.header("x-wasmgate-error"), Some("backend-unreachable"));
     assert!(!got.body.contains(&closed.to_string()), "backend addresses are not shown to clients");
-
+    // The refused server is out of the pool until probes bring it back.
     let refused = ws_refused(web(&gateway), "/ws", &[]).await;
-    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.header("x-wasmgate-error"), Some("no-healthy-server"));
+
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let refused = ws_refused(web(&gateway), "/ws", &[]).await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY, "a handshake to a refusing server");
     assert_eq!(refused.header("x-wasmgate-error"), Some("backend-unreachable"));
 }

@@ -174,7 +174,7 @@ pub struct PoolConfig {
     pub name: String,
     /// `host:port` of each server.
     pub servers: Vec<String>,
-    /// How a server is chosen: only `"round-robin"` today.
+    /// How a server is chosen among the healthy ones.
     #[serde(default)]
     pub balance: Balance,
     /// Only `"http"` today.
@@ -183,17 +183,38 @@ pub struct PoolConfig {
     /// Longest wait for a server's response head (or its 101), in seconds.
     #[serde(default = "default_request_timeout_s")]
     pub request_timeout_s: u64,
+    /// Other servers tried when connecting to one fails (for requests
+    /// without a body and WebSocket handshakes: nothing has reached a server).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Close the WebSockets of a server when it turns unhealthy. By default a
+    /// failed probe only stops new traffic; established connections stay.
+    #[serde(default)]
+    pub close_on_unhealthy: bool,
+    /// The active health probe. A pool without one is probed with `GET /`.
+    #[serde(default)]
+    pub probe: ProbeConfig,
 }
 
 fn default_request_timeout_s() -> u64 {
     30
 }
+fn default_retries() -> u32 {
+    1
+}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Balance {
+    /// Each healthy server in turn.
     #[default]
     RoundRobin,
+    /// The healthy server with the fewest in-flight requests and live
+    /// WebSockets: what matters when connections last hours.
+    LeastConnections,
+    /// Rendezvous hashing of the router's `affinity-key`: a key stays on its
+    /// server, and adding a server moves only that server's share of keys.
+    Hash,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -201,6 +222,125 @@ pub enum Balance {
 pub enum PoolProtocol {
     #[default]
     Http,
+}
+
+/// `[pool.probe]`: how servers are checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    /// `"http"`: a request whose status (and body) must match; `"websocket"`:
+    /// a real upgrade handshake that must get its 101 and accept key.
+    #[serde(default)]
+    pub kind: ProbeKind,
+    /// Request method of an HTTP probe.
+    #[serde(default = "default_probe_method")]
+    pub method: String,
+    #[serde(default = "default_probe_path")]
+    pub path: String,
+    /// `Host` header of the probe; default: the server's `host:port`.
+    pub host: Option<String>,
+    /// Time between two probes of one server (fractions allowed).
+    #[serde(default = "default_probe_interval_s")]
+    pub interval_s: f64,
+    /// A probe that takes longer fails.
+    #[serde(default = "default_probe_timeout_s")]
+    pub timeout_s: f64,
+    /// Consecutive failures that turn a healthy server unhealthy.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes that bring an unhealthy server back.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Statuses that pass: ranges and single codes, e.g. `"200-399"`, `"200,204"`.
+    #[serde(default = "default_match_status")]
+    pub match_status: String,
+    /// If set, an HTTP probe's body (its first 64 KiB) must contain this.
+    pub match_body: Option<String>,
+    /// Servers start healthy (so start-up is not a 503 storm) until probes
+    /// say otherwise; `false` keeps them out until `healthy_threshold` passes.
+    #[serde(default = "yes")]
+    pub start_healthy: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    #[default]
+    Http,
+    Websocket,
+}
+
+fn default_probe_method() -> String {
+    "GET".into()
+}
+fn default_probe_path() -> String {
+    "/".into()
+}
+fn default_probe_interval_s() -> f64 {
+    5.0
+}
+fn default_probe_timeout_s() -> f64 {
+    2.0
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_match_status() -> String {
+    "200-399".into()
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            kind: ProbeKind::default(),
+            method: default_probe_method(),
+            path: default_probe_path(),
+            host: None,
+            interval_s: default_probe_interval_s(),
+            timeout_s: default_probe_timeout_s(),
+            unhealthy_threshold: default_unhealthy_threshold(),
+            healthy_threshold: default_healthy_threshold(),
+            match_status: default_match_status(),
+            match_body: None,
+            start_healthy: true,
+        }
+    }
+}
+
+/// Parsed `match_status`: inclusive ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusMatch(Vec<(u16, u16)>);
+
+impl StatusMatch {
+    pub fn parse(text: &str) -> Result<StatusMatch, String> {
+        let mut ranges = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (low, high) = item.split_once('-').unwrap_or((item, item));
+            let code = |s: &str| {
+                s.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|c| (100..=599).contains(c))
+                    .ok_or(format!("`{s}` is not a status 100-599"))
+            };
+            let (low, high) = (code(low)?, code(high)?);
+            if low > high {
+                return Err(format!("`{item}` is an empty range"));
+            }
+            ranges.push((low, high));
+        }
+        if ranges.is_empty() {
+            return Err("no status given".into());
+        }
+        Ok(StatusMatch(ranges))
+    }
+
+    pub fn matches(&self, status: u16) -> bool {
+        self.0.iter().any(|&(low, high)| (low..=high).contains(&status))
+    }
 }
 
 /// `[websocket]`: limits on upgraded connections.
@@ -341,6 +481,28 @@ impl Config {
             }
             if pool.request_timeout_s == 0 {
                 return Err(invalid(key("request_timeout_s"), "must be at least 1".into()));
+            }
+            let probe = &pool.probe;
+            StatusMatch::parse(&probe.match_status).map_err(|reason| invalid(key("probe.match_status"), reason))?;
+            if !(probe.interval_s >= 0.05 && probe.interval_s <= 86_400.0) {
+                return Err(invalid(key("probe.interval_s"), "must be between 0.05 and 86400".into()));
+            }
+            if !(probe.timeout_s > 0.0 && probe.timeout_s <= probe.interval_s) {
+                return Err(invalid(key("probe.timeout_s"), "must be more than 0 and at most interval_s".into()));
+            }
+            if probe.unhealthy_threshold == 0 || probe.healthy_threshold == 0 {
+                return Err(invalid(key("probe"), "thresholds must be at least 1".into()));
+            }
+            if !probe.path.starts_with('/') || probe.path.parse::<http::uri::PathAndQuery>().is_err() {
+                return Err(invalid(key("probe.path"), format!("`{}` is not an origin-form path", probe.path)));
+            }
+            if http::Method::from_bytes(probe.method.as_bytes()).is_err() {
+                return Err(invalid(key("probe.method"), format!("`{}` is not an HTTP method", probe.method)));
+            }
+            if let Some(host) = &probe.host
+                && http::HeaderValue::from_str(host).is_err()
+            {
+                return Err(invalid(key("probe.host"), "not a valid Host header value".into()));
             }
         }
 
@@ -499,9 +661,33 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_balance_is_refused() {
-        let err = load(&format!("{MINIMAL}balance = \"least-connections\"\n")).unwrap_err().to_string();
-        assert!(err.contains("least-connections"), "{err}");
+    fn unknown_balance_is_refused() {
+        let err = load(&format!("{MINIMAL}balance = \"random\"\n")).unwrap_err().to_string();
+        assert!(err.contains("random"), "{err}");
+        assert!(load(&format!("{MINIMAL}balance = \"least-connections\"\n")).is_ok());
+    }
+
+    #[test]
+    fn probe_settings_are_checked() {
+        let probe = |body: &str| load(&format!("{MINIMAL}[pool.probe]\n{body}\n"));
+        let config = probe("path = \"/health\"\ninterval_s = 0.5\ntimeout_s = 0.2").unwrap();
+        assert_eq!(config.pool[0].probe.path, "/health");
+        assert_eq!(config.pool[0].probe.unhealthy_threshold, 3);
+        let err = probe("match_status = \"200-99\"").unwrap_err().to_string();
+        assert!(err.contains("pool[0].probe.match_status"), "{err}");
+        let err = probe("timeout_s = 10").unwrap_err().to_string();
+        assert!(err.contains("pool[0].probe.timeout_s"), "{err}");
+        let err = probe("path = \"health\"").unwrap_err().to_string();
+        assert!(err.contains("pool[0].probe.path"), "{err}");
+    }
+
+    #[test]
+    fn status_match_takes_ranges_and_codes() {
+        let m = StatusMatch::parse("200-299, 304,418").unwrap();
+        assert!(m.matches(200) && m.matches(299) && m.matches(304) && m.matches(418));
+        assert!(!m.matches(300) && !m.matches(500));
+        assert!(StatusMatch::parse("").is_err());
+        assert!(StatusMatch::parse("600").is_err());
     }
 
     #[test]

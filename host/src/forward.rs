@@ -1,5 +1,5 @@
-//! Forwarding a plain HTTP request to the chosen server and streaming its
-//! response back.
+//! Forwarding a plain HTTP request to a server and streaming its response
+//! back.
 //!
 //! Upstream connections are pooled per server (hyper-util's client). Bodies
 //! stream both ways without being buffered whole. Hop-by-hop headers are
@@ -8,18 +8,19 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
-use http_body_util::Either;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::GatewayError;
-use crate::pool::{Pool, Server};
+use crate::pool::Server;
 use crate::proxy::{ResponseBody, Route};
 
 /// How long a connection to a server may take to open.
@@ -37,9 +38,24 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// The body of a forwarded request: the client's, or none (for requests
+/// without one, so they can be sent again to another server).
+pub type ForwardBody = Either<Incoming, Empty<Bytes>>;
+
+/// Why one attempt to send to a server failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection: nothing reached the server.
+    Connect(String),
+    /// The server did not answer within the pool's `request_timeout_s`.
+    Timeout,
+    /// The connection broke after the request may have reached the server.
+    Failed(String),
+}
+
 /// The pooled client every plain request is forwarded with.
 pub struct Forwarder {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, ForwardBody>,
 }
 
 impl Default for Forwarder {
@@ -53,27 +69,22 @@ impl Default for Forwarder {
 }
 
 impl Forwarder {
-    /// Sends `req` to `server` of `route.pool` and returns its response, or the
-    /// gateway's error when the server cannot be reached in time.
-    pub async fn forward(
+    /// Sends a prepared request (see [`prepare_upstream`]) to `server` and
+    /// returns its response head, the body still streaming.
+    pub async fn send(
         &self,
-        req: Request<Incoming>,
+        mut parts: Parts,
+        body: ForwardBody,
         server: &Server,
-        route: &Route,
-        client: SocketAddr,
-    ) -> Result<Response<ResponseBody>, GatewayError> {
-        let (mut parts, body) = req.into_parts();
-        prepare_upstream(&mut parts, server, route, client)?;
-        parts.headers.remove(header::UPGRADE);
-        let upstream = Request::from_parts(parts, body);
-        let pool = &route.pool;
-        let response = match tokio::time::timeout(pool.request_timeout, self.client.request(upstream)).await {
+        timeout: Duration,
+    ) -> Result<Response<ResponseBody>, SendError> {
+        parts.uri = absolute(&parts.uri, server).map_err(|e| SendError::Failed(e.to_string()))?;
+        let request = Request::from_parts(parts, body);
+        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
             Ok(Ok(response)) => response,
-            Ok(Err(err)) => {
-                tracing::warn!(pool = %pool.name, server = %server.address, error = %error_chain(&err), "upstream request failed");
-                return Err(unreachable(pool, server));
-            }
-            Err(_) => return Err(timeout(pool, server)),
+            Ok(Err(err)) if err.is_connect() => return Err(SendError::Connect(error_chain(&err))),
+            Ok(Err(err)) => return Err(SendError::Failed(error_chain(&err))),
+            Err(_) => return Err(SendError::Timeout),
         };
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
@@ -81,15 +92,10 @@ impl Forwarder {
     }
 }
 
-/// Turns the client's request head into the head sent to `server`: absolute
-/// target (rewritten if the route says so), hop-by-hop headers removed,
-/// forwarding headers added, the route's headers set.
-pub fn prepare_upstream(
-    parts: &mut Parts,
-    server: &Server,
-    route: &Route,
-    client: SocketAddr,
-) -> Result<(), GatewayError> {
+/// Turns the client's request head into the head sent upstream (to whichever
+/// server): origin-form target (rewritten if the route says so), hop-by-hop
+/// headers removed, forwarding headers added, the route's headers set.
+pub fn prepare_upstream(parts: &mut Parts, route: &Route, client: SocketAddr) -> Result<(), GatewayError> {
     let original = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let path_and_query = match &route.rewrite {
         Some(rewrite) if rewrite.query().is_none() => match original.query() {
@@ -101,16 +107,12 @@ pub fn prepare_upstream(
         Some(rewrite) => rewrite.clone(),
         None => original,
     };
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(server.address.as_str())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| GatewayError::BadRequest("request target cannot be forwarded"))?;
+    parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
 
     let host = parts.headers.get(header::HOST).cloned();
     remove_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::UPGRADE);
 
     let client_ip = client.ip().to_canonical().to_string();
     let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -130,6 +132,22 @@ pub fn prepare_upstream(
     Ok(())
 }
 
+/// A copy of a request head, for sending it again to another server.
+pub fn copy_head(parts: &Parts) -> Parts {
+    let mut copy = Request::new(()).into_parts().0;
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
+/// `uri` (origin-form) made absolute for `server`.
+fn absolute(uri: &Uri, server: &Server) -> Result<Uri, http::Error> {
+    let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder().scheme("http").authority(server.address.as_str()).path_and_query(path).build()
+}
+
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -142,14 +160,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-}
-
-pub fn unreachable(pool: &Pool, server: &Server) -> GatewayError {
-    GatewayError::BackendUnreachable { pool: pool.name.clone(), server: server.address.clone() }
-}
-
-pub fn timeout(pool: &Pool, server: &Server) -> GatewayError {
-    GatewayError::BackendTimeout { pool: pool.name.clone(), server: server.address.clone() }
 }
 
 /// An error and its sources on one line.

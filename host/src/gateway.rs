@@ -25,6 +25,7 @@ pub struct Gateway {
     listeners: Vec<(String, SocketAddr)>,
     tasks: Vec<JoinHandle<()>>,
     registry: Arc<Registry>,
+    pools: Arc<Pools>,
     _watcher: Option<Watcher>,
 }
 
@@ -73,7 +74,7 @@ impl Gateway {
             },
         });
         let mut listeners = Vec::new();
-        let mut tasks = Vec::new();
+        let mut tasks = crate::probe::spawn_probers(shared.pools.all());
         for listener_config in &config.listener {
             let socket = TcpListener::bind(listener_config.bind).await.with_context(|| {
                 format!("listener `{}`: cannot bind {}", listener_config.name, listener_config.bind)
@@ -84,7 +85,7 @@ impl Gateway {
             tasks.push(tokio::spawn(crate::listener::serve(socket, proxy)));
             listeners.push((listener_config.name.clone(), addr));
         }
-        Ok(Gateway { listeners, tasks, registry, _watcher: watcher })
+        Ok(Gateway { listeners, tasks, registry, pools: shared.pools.clone(), _watcher: watcher })
     }
 
     /// The address listener `name` is bound to.
@@ -94,6 +95,11 @@ impl Gateway {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The pools, with their servers' live health.
+    pub fn pools(&self) -> &Pools {
+        &self.pools
     }
 
     /// Serves until SIGINT or SIGTERM.

@@ -3,27 +3,27 @@
 
 use std::net::SocketAddr;
 
-use http::request::Parts;
+use http::Request;
 
 use crate::plugin::bindings::{Header, RequestHead};
 use crate::websocket::ClientHandshake;
 
 /// Builds the head plugins see for a request on `listener` from `client`.
-pub fn request_head(
-    parts: &Parts,
+pub fn request_head<B>(
+    req: &Request<B>,
     client: SocketAddr,
     listener: &str,
     websocket: Option<&ClientHandshake>,
 ) -> RequestHead {
-    let authority = parts
-        .headers
+    let authority = req
+        .headers()
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
-    let headers = parts
-        .headers
+    let headers = req
+        .headers()
         .iter()
         .map(|(name, value)| Header {
             name: name.as_str().to_owned(),
@@ -31,11 +31,11 @@ pub fn request_head(
         })
         .collect();
     RequestHead {
-        method: parts.method.as_str().to_owned(),
+        method: req.method().as_str().to_owned(),
         scheme: "http".to_owned(),
         authority,
-        path: parts.uri.path().to_owned(),
-        query: parts.uri.query().map(str::to_owned),
+        path: req.uri().path().to_owned(),
+        query: req.uri().query().map(str::to_owned),
         headers,
         client_ip: client.ip().to_canonical().to_string(),
         listener: listener.to_owned(),

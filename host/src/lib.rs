@@ -11,6 +11,7 @@ pub mod head;
 pub mod listener;
 pub mod plugin;
 pub mod pool;
+pub mod probe;
 pub mod proxy;
 pub mod relay;
 pub mod websocket;

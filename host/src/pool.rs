@@ -1,21 +1,116 @@
-//! Backend pools: the servers that can take a request, and the choice of one.
+//! Backend pools: the servers that can take a request, their health, and the
+//! choice of one.
 //!
-//! Today every configured server is eligible and servers are taken in
-//! round-robin order; health probes and other balancing methods extend
-//! [`Pool::pick`].
+//! A server is healthy or unhealthy. Probes ([`crate::probe`]) move it between
+//! the two after their thresholds; a refused connection ([`Server::connect_failed`])
+//! marks it unhealthy at once. Only healthy servers are picked, by the pool's
+//! balancing method. Every transition is logged once, with its reason.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::hash::Hasher;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::PoolConfig;
+use tokio::sync::watch;
+
+use crate::config::{Balance, PoolConfig, ProbeConfig};
 
 /// One backend server of a pool.
 #[derive(Debug)]
 pub struct Server {
     /// `host:port`, as configured.
     pub address: String,
+    /// The pool it belongs to (for logs).
+    pub pool: String,
+    healthy: AtomicBool,
+    /// In-flight requests plus live WebSockets.
+    active: AtomicUsize,
+    /// Why the server last changed state (for status and logs).
+    last_reason: Mutex<String>,
+    /// Flips to `true` when the server turns unhealthy in a pool that closes
+    /// WebSockets of unhealthy servers; relays watch it.
+    eject: watch::Sender<bool>,
+    close_on_unhealthy: bool,
+}
+
+/// Holds a server's connection count up while a request or WebSocket lives.
+pub struct ActiveGuard {
+    server: Arc<Server>,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.server.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Server {
+    fn new(address: &str, pool: &PoolConfig) -> Server {
+        Server {
+            address: address.to_owned(),
+            pool: pool.name.clone(),
+            healthy: AtomicBool::new(pool.probe.start_healthy),
+            active: AtomicUsize::new(0),
+            last_reason: Mutex::new(if pool.probe.start_healthy { "starting" } else { "not probed yet" }.into()),
+            eject: watch::channel(false).0,
+            close_on_unhealthy: pool.close_on_unhealthy,
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// In-flight requests plus live WebSockets.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Counts a request or WebSocket on this server until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard { server: self.clone() }
+    }
+
+    /// Why the server last changed state.
+    pub fn last_reason(&self) -> String {
+        self.last_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Resolves when this server's WebSockets must be closed (it turned
+    /// unhealthy in a pool with `close_on_unhealthy`); never otherwise.
+    pub fn ejected(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.eject.subscribe();
+        async move {
+            if rx.wait_for(|ejected| *ejected).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Sets the server's health; logs and returns `true` if it changed.
+    pub fn set_healthy(&self, healthy: bool, reason: &str) -> bool {
+        let changed = self.healthy.swap(healthy, Ordering::AcqRel) != healthy;
+        *self.last_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_owned();
+        if changed {
+            if healthy {
+                tracing::info!(pool = %self.pool, server = %self.address, %reason, "server healthy");
+            } else {
+                tracing::warn!(pool = %self.pool, server = %self.address, %reason, "server unhealthy");
+            }
+        }
+        if self.close_on_unhealthy {
+            self.eject.send_replace(!healthy);
+        }
+        changed
+    }
+
+    /// A connection to the server failed: it takes no new traffic until
+    /// probes bring it back.
+    pub fn connect_failed(&self, error: &str) {
+        self.set_healthy(false, &format!("connection failed: {error}"));
+    }
 }
 
 /// A configured pool.
@@ -23,7 +118,10 @@ pub struct Server {
 pub struct Pool {
     pub name: String,
     pub servers: Vec<Arc<Server>>,
+    pub balance: Balance,
     pub request_timeout: Duration,
+    pub retries: u32,
+    pub probe: ProbeConfig,
     next: AtomicUsize,
 }
 
@@ -31,20 +129,54 @@ impl Pool {
     pub fn new(config: &PoolConfig) -> Pool {
         Pool {
             name: config.name.clone(),
-            servers: config.servers.iter().map(|address| Arc::new(Server { address: address.clone() })).collect(),
+            servers: config.servers.iter().map(|address| Arc::new(Server::new(address, config))).collect(),
+            balance: config.balance,
             request_timeout: Duration::from_secs(config.request_timeout_s),
+            retries: config.retries,
+            probe: config.probe.clone(),
             next: AtomicUsize::new(0),
         }
     }
 
-    /// The next server in round-robin order, or `None` if none can take traffic.
-    pub fn pick(&self) -> Option<Arc<Server>> {
-        if self.servers.is_empty() {
+    /// A healthy server not in `exclude`, by the pool's balancing method, or
+    /// `None` if there is none.
+    pub fn pick(&self, affinity_key: Option<&str>, exclude: &[Arc<Server>]) -> Option<Arc<Server>> {
+        let eligible = |s: &Arc<Server>| s.is_healthy() && !exclude.iter().any(|e| Arc::ptr_eq(e, s));
+        let n = self.servers.len();
+        if n == 0 {
             return None;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.servers.len();
-        Some(self.servers[i].clone())
+        match (self.balance, affinity_key) {
+            (Balance::Hash, Some(key)) => {
+                self.servers.iter().filter(|s| eligible(s)).max_by_key(|s| rendezvous_weight(key, &s.address)).cloned()
+            }
+            (Balance::LeastConnections, _) => {
+                // Start at a rotating offset so ties spread instead of piling
+                // onto the first server.
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &self.servers[(start + i) % n])
+                    .filter(|s| eligible(s))
+                    .min_by_key(|s| s.active())
+                    .cloned()
+            }
+            (Balance::RoundRobin | Balance::Hash, _) => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|i| &self.servers[(start + i) % n]).find(|s| eligible(s)).cloned()
+            }
+        }
     }
+}
+
+/// The weight of `server` for `key`: the highest-weight server takes the key.
+fn rendezvous_weight(key: &str, server: &str) -> u64 {
+    // A fixed hash (not randomly seeded) so every gateway instance and every
+    // restart maps a key to the same server.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    hasher.write(key.as_bytes());
+    hasher.write_u8(0xff);
+    hasher.write(server.as_bytes());
+    hasher.finish()
 }
 
 /// Every pool by name.
@@ -62,10 +194,16 @@ impl Pools {
         self.by_name.get(name)
     }
 
-    /// The servers of `pool` that may take traffic (all of them until health
-    /// probes exist); empty for an unknown pool.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.by_name.values()
+    }
+
+    /// The healthy servers of `pool`; empty for an unknown pool.
     pub fn healthy_servers(&self, pool: &str) -> Vec<String> {
-        self.by_name.get(pool).map(|p| p.servers.iter().map(|s| s.address.clone()).collect()).unwrap_or_default()
+        self.by_name
+            .get(pool)
+            .map(|p| p.servers.iter().filter(|s| s.is_healthy()).map(|s| s.address.clone()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -73,16 +211,66 @@ impl Pools {
 mod tests {
     use super::*;
 
+    fn pool(balance: &str, servers: &[&str]) -> Pool {
+        let text = format!(
+            "name = \"app\"\nservers = [{}]\nbalance = \"{balance}\"\n",
+            servers.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
+        );
+        Pool::new(&toml::from_str::<PoolConfig>(&text).unwrap())
+    }
+
+    fn addr(server: Option<Arc<Server>>) -> String {
+        server.map(|s| s.address.clone()).unwrap_or_default()
+    }
+
     #[test]
-    fn round_robin_takes_each_server_in_turn() {
-        let pool = Pool::new(&PoolConfig {
-            name: "app".into(),
-            servers: vec!["a:1".into(), "b:2".into(), "c:3".into()],
-            balance: Default::default(),
-            protocol: Default::default(),
-            request_timeout_s: 1,
-        });
-        let picked: Vec<String> = (0..6).map(|_| pool.pick().unwrap().address.clone()).collect();
+    fn round_robin_takes_each_healthy_server_in_turn() {
+        let pool = pool("round-robin", &["a:1", "b:2", "c:3"]);
+        let picked: Vec<String> = (0..6).map(|_| addr(pool.pick(None, &[]))).collect();
         assert_eq!(picked, ["a:1", "b:2", "c:3", "a:1", "b:2", "c:3"]);
+        pool.servers[1].set_healthy(false, "test");
+        let picked: Vec<String> = (0..4).map(|_| addr(pool.pick(None, &[]))).collect();
+        assert!(picked.iter().all(|a| a != "b:2"), "{picked:?}");
+        pool.servers[0].set_healthy(false, "test");
+        pool.servers[2].set_healthy(false, "test");
+        assert!(pool.pick(None, &[]).is_none());
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idlest_server() {
+        let pool = pool("least-connections", &["a:1", "b:2"]);
+        let _busy = [pool.servers[0].begin(), pool.servers[0].begin()];
+        let _one = pool.servers[1].begin();
+        for _ in 0..4 {
+            assert_eq!(addr(pool.pick(None, &[])), "b:2");
+        }
+    }
+
+    #[test]
+    fn hash_keeps_keys_and_moves_only_the_new_servers_share() {
+        let two = pool("hash", &["a:1", "b:2"]);
+        let three = pool("hash", &["a:1", "b:2", "c:3"]);
+        let keys: Vec<String> = (0..3000).map(|i| format!("user-{i}")).collect();
+        let mut moved = 0;
+        for key in &keys {
+            let before = addr(two.pick(Some(key), &[]));
+            assert_eq!(before, addr(two.pick(Some(key), &[])), "stable");
+            let after = addr(three.pick(Some(key), &[]));
+            if after != before {
+                assert_eq!(after, "c:3", "a key only ever moves to the new server");
+                moved += 1;
+            }
+        }
+        // About a third of the keys move to the third server.
+        assert!((800..1200).contains(&moved), "{moved} of 3000 keys moved");
+    }
+
+    #[test]
+    fn excluded_servers_are_skipped() {
+        let pool = pool("round-robin", &["a:1", "b:2"]);
+        let a = pool.servers[0].clone();
+        for _ in 0..4 {
+            assert_eq!(addr(pool.pick(None, std::slice::from_ref(&a))), "b:2");
+        }
     }
 }

@@ -7,9 +7,11 @@
 //!    answers the client.
 //! 4. [`ListenerProxy::route`]: the router plugin (or the default pool) picks
 //!    a pool, or answers the client itself.
-//! 5. [`Pool::pick`]: a server of that pool.
-//! 6. [`Forwarder::forward`] for a plain request, [`websocket::upgrade`] for a
-//!    handshake (which then relays the stream).
+//! 5. [`Pool::pick`]: a healthy server of that pool (another one if it
+//!    cannot be reached and the request can be sent again).
+//! 6. [`Forwarder::send`] for a plain request; for a handshake,
+//!    [`websocket::send_handshake`] then [`websocket::answer`], which starts
+//!    the relay.
 //!
 //! Each step is a call; the detail lives in the file named for it.
 
@@ -25,19 +27,20 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response};
-use http_body_util::{Either, Full};
+use http::{Method, Request, Response};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 
 use crate::config::{ListenerConfig, OnError};
 use crate::error::{ERROR_HEADER, GatewayError};
-use crate::forward::Forwarder;
+use crate::forward::{self, Forwarder, SendError};
 use crate::head;
 use crate::plugin::bindings::{RequestHead, RouteDecision, Verdict};
 use crate::plugin::{PluginError, Registry, validate};
-use crate::pool::{Pool, Pools};
+use crate::pool::{Pool, Pools, Server};
 use crate::relay::RelayLimits;
-use crate::websocket::{self, ClientHandshake, WebSocketSlot};
+use crate::websocket::{self, ClientHandshake, Relaying, WebSocketSlot};
 
 /// The body of every response the gateway sends: a backend's streamed body,
 /// or one the gateway or a plugin made.
@@ -50,7 +53,7 @@ pub struct Route {
     /// A new origin-form target; without a query the request's own is kept.
     pub rewrite: Option<PathAndQuery>,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
-    /// For hash balancing (used once pools balance by hash).
+    /// For pools that balance by hash.
     pub affinity_key: Option<String>,
 }
 
@@ -115,29 +118,117 @@ impl ListenerProxy {
         response
     }
 
-    async fn pass(&self, req: Request<Incoming>, client: SocketAddr) -> Step<Response<ResponseBody>> {
-        let (parts, body) = req.into_parts();
-        let handshake = ClientHandshake::from_request(&parts).map_err(GatewayError::into_response)?;
-        let head = head::request_head(&parts, client, &self.name, handshake.as_ref());
-        let req = Request::from_parts(parts, body);
-
+    async fn pass(&self, mut req: Request<Incoming>, client: SocketAddr) -> Step<Response<ResponseBody>> {
+        let handshake = ClientHandshake::from_request(&req).map_err(GatewayError::into_response)?;
+        let head = head::request_head(&req, client, &self.name, handshake.as_ref());
         self.run_waf(&head).await?;
         let route = self.route(&head).await?;
-        let server = route
-            .pool
-            .pick()
-            .ok_or_else(|| GatewayError::NoHealthyServer { pool: route.pool.name.clone() }.into_response())?;
-
         let result = match handshake {
-            None => self.shared.forwarder.forward(req, &server, &route, client).await,
+            None => self.forward(req, &route, client).await,
             Some(handshake) => {
                 let slot = WebSocketSlot::try_take(&self.live_websockets, self.max_websockets)
                     .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() }.into_response())?;
-                let limits = self.shared.relay_limits;
-                websocket::upgrade(req, handshake, server, &route, client, limits, slot).await
+                let client_upgrade = hyper::upgrade::on(&mut req);
+                let (mut parts, _body) = req.into_parts();
+                forward::prepare_upstream(&mut parts, &route, client).map_err(GatewayError::into_response)?;
+                let timeout = route.pool.request_timeout;
+                let attempt = |server: Arc<Server>| {
+                    let head = forward::copy_head(&parts);
+                    async move { websocket::send_handshake(head, &server, timeout).await }
+                };
+                match self.try_servers(&route, true, attempt).await {
+                    Ok((response, server)) => {
+                        let limits = self.shared.relay_limits;
+                        let relaying = Relaying { client_upgrade, handshake, server, limits, slot };
+                        websocket::answer(response, relaying)
+                    }
+                    Err(error) => Err(error),
+                }
             }
         };
         result.map_err(GatewayError::into_response)
+    }
+
+    /// Forwards a plain request. Without a body it can be sent again to
+    /// another server if the first cannot be reached.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        route: &Route,
+        client: SocketAddr,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        let (mut parts, body) = req.into_parts();
+        forward::prepare_upstream(&mut parts, route, client)?;
+        let replayable = body.is_end_stream();
+        let idempotent = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        );
+        let mut body = (!replayable).then_some(body);
+        let timeout = route.pool.request_timeout;
+        let forwarder = &self.shared.forwarder;
+        let attempt = |server: Arc<Server>| {
+            let body = match body.take() {
+                Some(body) => Either::Left(body),
+                None => Either::Right(Empty::new()),
+            };
+            let head = forward::copy_head(&parts);
+            async move {
+                let _active = server.begin();
+                forwarder.send(head, body, &server, timeout).await
+            }
+        };
+        let (response, _server) = self.try_servers(route, replayable && idempotent, attempt).await?;
+        Ok(response)
+    }
+
+    /// Steps 5 and 6: picks a healthy server and sends to it. A server that
+    /// cannot be connected to is marked unhealthy and, if `retryable` (nothing
+    /// reached any server and the request can be sent again), another is
+    /// tried, up to the pool's `retries`.
+    async fn try_servers<T, F, Fut>(
+        &self,
+        route: &Route,
+        retryable: bool,
+        mut attempt: F,
+    ) -> Result<(T, Arc<Server>), GatewayError>
+    where
+        F: FnMut(Arc<Server>) -> Fut,
+        Fut: Future<Output = Result<T, SendError>>,
+    {
+        let pool = &route.pool;
+        let mut tried: Vec<Arc<Server>> = Vec::new();
+        let mut last_error = None;
+        loop {
+            let Some(server) = pool.pick(route.affinity_key.as_deref(), &tried) else {
+                // Nothing (else) to try: the last failure, or no server at all.
+                return Err(last_error.unwrap_or_else(|| GatewayError::NoHealthyServer { pool: pool.name.clone() }));
+            };
+            let may_retry = retryable && tried.len() < pool.retries as usize;
+            let unreachable =
+                GatewayError::BackendUnreachable { pool: pool.name.clone(), server: server.address.clone() };
+            match attempt(server.clone()).await {
+                Ok(value) => return Ok((value, server)),
+                Err(SendError::Timeout) => {
+                    return Err(GatewayError::BackendTimeout {
+                        pool: pool.name.clone(),
+                        server: server.address.clone(),
+                    });
+                }
+                Err(SendError::Connect(error)) => {
+                    tracing::warn!(pool = %pool.name, server = %server.address, %error, retry = may_retry, "connect failed");
+                    server.connect_failed(&error);
+                }
+                Err(SendError::Failed(error)) => {
+                    tracing::warn!(pool = %pool.name, server = %server.address, %error, retry = may_retry, "upstream request failed");
+                }
+            }
+            if !may_retry {
+                return Err(unreachable);
+            }
+            last_error = Some(unreachable);
+            tried.push(server);
+        }
     }
 
     /// Runs the WAF plugins in order; the first deny ends the request.

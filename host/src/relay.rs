@@ -32,12 +32,15 @@ pub enum RelayEnd {
     IdleTimeout,
     /// The connection reached `max_lifetime`.
     MaxLifetime,
+    /// The gateway stopped it (its server turned unhealthy).
+    Stopped,
     /// A socket failed.
     Error(io::Error),
 }
 
-/// Relays between `client` and `server` until one of the [`RelayEnd`]s.
-pub async fn relay<C, S>(client: C, server: S, limits: RelayLimits) -> RelayEnd
+/// Relays between `client` and `server` until one of the [`RelayEnd`]s;
+/// `stop` resolving ends it too.
+pub async fn relay<C, S>(client: C, server: S, limits: RelayLimits, stop: impl Future<Output = ()>) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
@@ -50,6 +53,7 @@ where
     tokio::pin!(copy);
     let lifetime = tokio::time::sleep(limits.max_lifetime);
     tokio::pin!(lifetime);
+    tokio::pin!(stop);
     loop {
         let seen = last_read.load(Ordering::Relaxed);
         let idle_deadline = start + Duration::from_millis(seen) + limits.idle_timeout;
@@ -61,6 +65,7 @@ where
                 };
             }
             _ = &mut lifetime => return RelayEnd::MaxLifetime,
+            _ = &mut stop => return RelayEnd::Stopped,
             _ = tokio::time::sleep_until(idle_deadline) => {
                 if last_read.load(Ordering::Relaxed) == seen {
                     return RelayEnd::IdleTimeout;

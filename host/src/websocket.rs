@@ -2,24 +2,26 @@
 //! §4.2.1), sending it to the chosen server, checking the server's answer,
 //! and handing both upgraded connections to the [relay](crate::relay).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::error::GatewayError;
-use crate::forward::{self, error_chain};
+use crate::forward::{self, SendError, error_chain};
 use crate::plugin::bindings::WebsocketHandshake;
 use crate::pool::Server;
-use crate::proxy::{ResponseBody, Route};
+use crate::proxy::ResponseBody;
 use crate::relay::{self, RelayEnd, RelayLimits};
 
 /// A client's valid opening handshake.
@@ -34,15 +36,15 @@ pub struct ClientHandshake {
 impl ClientHandshake {
     /// Reads the handshake from a request: `Ok(None)` when the request does
     /// not ask for a WebSocket, an error when it asks wrongly.
-    pub fn from_request(parts: &http::request::Parts) -> Result<Option<ClientHandshake>, GatewayError> {
-        let headers = &parts.headers;
+    pub fn from_request<B>(req: &Request<B>) -> Result<Option<ClientHandshake>, GatewayError> {
+        let headers = req.headers();
         if !has_token(headers, header::UPGRADE, "websocket") {
             return Ok(None);
         }
-        if parts.method != Method::GET {
+        if req.method() != Method::GET {
             return Err(GatewayError::BadHandshake("the method must be GET"));
         }
-        if parts.version < Version::HTTP_11 {
+        if req.version() < Version::HTTP_11 {
             return Err(GatewayError::BadHandshake("HTTP/1.1 or later is required"));
         }
         if !headers.contains_key(header::HOST) {
@@ -104,52 +106,46 @@ impl Drop for WebSocketSlot {
     }
 }
 
-/// Sends the handshake to `server`; on its 101 answers the client 101 and
-/// relays both connections in the background. A server that answers anything
-/// else has its response passed to the client.
-pub async fn upgrade(
-    mut req: Request<Incoming>,
-    handshake: ClientHandshake,
-    server: Arc<Server>,
-    route: &Route,
-    client: SocketAddr,
-    limits: RelayLimits,
-    slot: WebSocketSlot,
-) -> Result<Response<ResponseBody>, GatewayError> {
-    let client_upgrade = hyper::upgrade::on(&mut req);
-    let (mut parts, _body) = req.into_parts();
-    forward::prepare_upstream(&mut parts, &server, route, client)?;
-    // Upstream the target is origin-form; the headers name the upgrade.
-    parts.uri = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).parse().unwrap_or_default();
-    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    let upstream = Request::from_parts(parts, Empty::<Bytes>::new());
-
-    let pool = &route.pool;
+/// Sends the handshake (a head prepared by [`forward::prepare_upstream`]) to
+/// `server` over a new connection and returns its answer.
+pub async fn send_handshake(parts: Parts, server: &Server, timeout: Duration) -> Result<Response<Incoming>, SendError> {
+    let mut request = Request::from_parts(parts, Empty::<Bytes>::new());
+    request.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    request.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     let exchange = async {
-        let stream = TcpStream::connect(server.address.as_str()).await.map_err(|e| {
-            tracing::warn!(pool = %pool.name, server = %server.address, error = %e, "upstream connect failed");
-            forward::unreachable(pool, &server)
-        })?;
+        let stream =
+            TcpStream::connect(server.address.as_str()).await.map_err(|e| SendError::Connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|_| forward::unreachable(pool, &server))?;
+            .map_err(|e| SendError::Failed(error_chain(&e)))?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream handshake connection ended with an error");
             }
         });
-        sender.send_request(upstream).await.map_err(|e| {
-            tracing::warn!(pool = %pool.name, server = %server.address, error = %error_chain(&e), "upstream handshake failed");
-            forward::unreachable(pool, &server)
-        })
+        sender.send_request(request).await.map_err(|e| SendError::Failed(error_chain(&e)))
     };
-    let mut response = match tokio::time::timeout(pool.request_timeout, exchange).await {
-        Ok(result) => result?,
-        Err(_) => return Err(forward::timeout(pool, &server)),
-    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(SendError::Timeout),
+    }
+}
 
+/// What a successful upgrade needs to keep while it relays.
+pub struct Relaying {
+    pub client_upgrade: OnUpgrade,
+    pub handshake: ClientHandshake,
+    pub server: Arc<Server>,
+    pub limits: RelayLimits,
+    pub slot: WebSocketSlot,
+}
+
+/// Turns the server's answer into the client's: a 101 (after checking the
+/// accept key) with the relay started in the background, or the server's
+/// own refusal passed through.
+pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Response<ResponseBody>, GatewayError> {
+    let Relaying { client_upgrade, handshake, server, limits, slot } = relaying;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server declined the upgrade: its answer is the client's answer.
         let (mut parts, body) = response.into_parts();
@@ -161,7 +157,7 @@ pub async fn upgrade(
     let accept = response.headers().get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
         return Err(GatewayError::BadBackendHandshake {
-            pool: pool.name.clone(),
+            pool: server.pool.clone(),
             server: server.address.clone(),
             reason: "Sec-WebSocket-Accept does not match the key",
         });
@@ -172,30 +168,31 @@ pub async fn upgrade(
     *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *answer.headers_mut() = response.headers().clone();
 
-    let pool_name = pool.name.clone();
     tokio::spawn(async move {
         let _slot = slot;
+        // Counted for least-connections for as long as it lives.
+        let _active = server.begin();
         let (client_io, server_io) = match tokio::try_join!(client_upgrade, server_upgrade) {
             Ok(both) => both,
             Err(e) => {
-                tracing::debug!(pool = %pool_name, error = %e, "upgrade did not complete");
+                tracing::debug!(pool = %server.pool, error = %e, "upgrade did not complete");
                 return;
             }
         };
-        let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits).await;
+        let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, server.ejected()).await;
+        let (pool, address) = (&server.pool, &server.address);
         match end {
             RelayEnd::Closed { client_to_server, server_to_client } => {
-                tracing::debug!(pool = %pool_name, server = %server.address, client_to_server, server_to_client, "websocket closed");
+                tracing::debug!(%pool, server = %address, client_to_server, server_to_client, "websocket closed");
             }
-            RelayEnd::IdleTimeout => {
-                tracing::debug!(pool = %pool_name, server = %server.address, "websocket idle timeout")
-            }
+            RelayEnd::IdleTimeout => tracing::debug!(%pool, server = %address, "websocket idle timeout"),
             RelayEnd::MaxLifetime => {
-                tracing::debug!(pool = %pool_name, server = %server.address, "websocket reached its maximum lifetime")
+                tracing::debug!(%pool, server = %address, "websocket reached its maximum lifetime")
             }
-            RelayEnd::Error(e) => {
-                tracing::debug!(pool = %pool_name, server = %server.address, error = %e, "websocket relay error")
+            RelayEnd::Stopped => {
+                tracing::info!(%pool, server = %address, "websocket closed: its server turned unhealthy")
             }
+            RelayEnd::Error(e) => tracing::debug!(%pool, server = %address, error = %e, "websocket relay error"),
         }
     });
     Ok(answer)

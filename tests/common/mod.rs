@@ -5,8 +5,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -99,51 +100,99 @@ impl Seen {
 }
 
 /// A test backend on an ephemeral port. It answers `backend=NAME ...` to
-/// plain requests, echoes WebSocket messages on `/ws...`, and records every
-/// request it receives.
+/// plain requests, `/health` with its settable health status, echoes
+/// WebSocket messages on `/ws...`, and records every request it receives. It
+/// can be stopped (every connection cut, like a dead process) and restarted
+/// on the same port.
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
-    task: tokio::task::JoinHandle<()>,
+    /// The status `/health` answers (200 unless a test changes it).
+    pub health: Arc<AtomicU16>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop.send_replace(true);
     }
+}
+
+/// Resolves once `stop` turns true.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (name_c, seen_c) = (name.to_owned(), seen.clone());
-        let task = tokio::spawn(async move {
+        let backend = Backend {
+            name: name.to_owned(),
+            addr: listener.local_addr().unwrap(),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            health: Arc::new(AtomicU16::new(200)),
+            stop: tokio::sync::watch::channel(false).0,
+        };
+        backend.serve(listener);
+        backend
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (name, seen, health) = (self.name.clone(), self.seen.clone(), self.health.clone());
+        let stop = self.stop.subscribe();
+        tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (name, seen) = (name_c.clone(), seen_c.clone());
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stopped(stop.clone()) => return,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let (name, seen, health, stop) = (name.clone(), seen.clone(), health.clone(), stop.clone());
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| backend_handle(name.clone(), seen.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    let stop_ws = stop.clone();
+                    let service = service_fn(move |req| {
+                        backend_handle(name.clone(), seen.clone(), health.clone(), stop_ws.clone(), req)
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = stopped(stop) => {}
+                    }
                 });
             }
         });
-        Backend { name: name.to_owned(), addr, seen, task }
+    }
+
+    /// Cuts every connection and stops listening.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Listens again on the same address.
+    pub async fn restart(&self) {
+        self.stop.send_replace(false);
+        let listener = TcpListener::bind(self.addr).await.expect("rebind backend");
+        self.serve(listener);
     }
 
     pub fn requests(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Upgrade requests this backend received.
+    pub fn handshakes(&self) -> usize {
+        self.requests().iter().filter(|r| r.header("upgrade").is_some()).count()
     }
 }
 
 async fn backend_handle(
     name: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    health: Arc<AtomicU16>,
+    stop: tokio::sync::watch::Receiver<bool>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
@@ -179,12 +228,19 @@ async fn backend_handle(
         tokio::spawn(async move {
             if let Ok(upgraded) = on_upgrade.await {
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-                echo(ws, &name).await;
+                tokio::select! {
+                    _ = echo(ws, &name) => {}
+                    _ = stopped(stop) => {}
+                }
             }
         });
         return Ok(response);
     }
 
+    if path == "/health" {
+        let status = StatusCode::from_u16(health.load(Ordering::Relaxed)).unwrap_or(StatusCode::OK);
+        return Ok(text(status, &format!("backend={name} health")));
+    }
     if path.contains("/slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
@@ -336,4 +392,14 @@ pub async fn ws_refused(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) 
         },
         Err(other) => panic!("handshake to {path} failed without an HTTP answer: {other}"),
     }
+}
+
+/// Waits until `condition` holds; panics with `what` after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
 }
