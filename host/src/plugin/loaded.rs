@@ -367,7 +367,7 @@ impl LoadedPlugin {
             if Instant::now() >= store.data().call_deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
-                Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())))
+                Ok(UpdateDeadline::Yield(1))
             }
         });
         // Start-up code (constructors, static initialisers) is bounded too.
