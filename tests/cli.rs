@@ -80,3 +80,28 @@ fn check_refuses_a_missing_or_broken_plugin_with_the_reason() {
     assert!(out.contains("plugin `path-router` is not loaded"), "{out}");
     assert!(out.contains("not a valid WebAssembly component"), "{out}");
 }
+
+#[test]
+fn the_https_example_config_loads_with_its_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/https.toml");
+    std::fs::copy(&example, dir.path().join("https.toml")).unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let pki = Pki::new();
+    for (name, hosts) in [("app", &["app.example.test", "localhost"][..]), ("api", &["*.api.example.test"][..])] {
+        let (cert, key) = pki.issue(name, hosts);
+        std::fs::copy(cert, certs.join(format!("{name}.pem"))).unwrap();
+        std::fs::copy(key, certs.join(format!("{name}.key"))).unwrap();
+    }
+    std::fs::copy(&pki.ca_pem, certs.join("ca.pem")).unwrap();
+    let plugins = PluginDir::new().add("path-router", "path-router", "[config]\nroutes = \"* / pool=app\"\n").add(
+        "handshake-guard",
+        "handshake-guard",
+        "",
+    );
+    std::fs::rename(plugins.dir.path(), dir.path().join("plugins")).unwrap();
+    let (ok, out) = wasmgate(&["check", "--config", &dir.path().join("https.toml").to_string_lossy()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("2 listener(s), 2 pool(s)"), "{out}");
+}

@@ -124,7 +124,9 @@ async fn failing_probes_mark_servers_unhealthy_with_their_reason() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(server_healthy(&gateway, "good-ws", &good_ws.addr.to_string()), "a real WebSocket server passes");
-    assert!(good_ws.handshakes() >= 2, "the WebSocket probe made real handshakes");
+    let probes = good_ws.probes();
+    assert!(probes.len() >= 2, "the WebSocket probe made real handshakes");
+    assert!(probes.iter().all(|p| p.header("upgrade") == Some("websocket")));
 
     let refused = get(web(&gateway), "/").await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);

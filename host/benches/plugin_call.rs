@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use wasmgate::config::PluginsConfig;
 use wasmgate::counter::Counters;
-use wasmgate::plugin::bindings::{Header, RequestHead, WebsocketHandshake};
+use wasmgate::plugin::bindings::{Header, RequestHead, TlsInfo, WebsocketHandshake};
 use wasmgate::plugin::host_api::HostServices;
 use wasmgate::plugin::{LoadedPlugin, Loader, Runtime};
 use wasmgate::pool::Pools;
@@ -38,7 +38,9 @@ fn head(headers: usize, websocket: bool) -> RequestHead {
     list.truncate(headers);
     RequestHead {
         method: "GET".into(),
-        scheme: "http".into(),
+        scheme: "https".into(),
+        version: "HTTP/1.1".into(),
+        tls: Some(TlsInfo { sni: Some("app.example.test".into()), alpn: Some("http/1.1".into()) }),
         authority: "app.example.test".into(),
         path: "/api/users/42".into(),
         query: Some("expand=true".into()),

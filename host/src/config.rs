@@ -141,9 +141,23 @@ pub struct ListenerConfig {
     pub name: String,
     /// `ip:port` to listen on (port 0 picks a free port).
     pub bind: SocketAddr,
-    /// Only `"http"` today (HTTP/1.1 and WebSocket).
+    /// `"http"` (HTTP/1.1, and HTTP/2 with prior knowledge) or `"https"`
+    /// (TLS 1.2/1.3, ALPN `h2` and `http/1.1`). WebSocket works on both.
     #[serde(default)]
     pub protocol: ListenerProtocol,
+    /// Certificates of an `https` listener, chosen by SNI. The first is the
+    /// default for clients without SNI or with an unknown name.
+    #[serde(default)]
+    pub certificate: Vec<CertificateConfig>,
+    /// What an `https` listener does with an SNI name no certificate lists:
+    /// `"default"` (serve the first certificate) or `"refuse"`.
+    #[serde(default)]
+    pub unknown_sni: UnknownSni,
+    /// On an `http` listener: answer requests without a body with a 308 to
+    /// the same URL on the first `https` listener (WebSocket handshakes and
+    /// requests with a body are served as they are).
+    #[serde(default)]
+    pub redirect_to_https: bool,
     /// WAF plugins run in this order on every request head.
     #[serde(default)]
     pub waf: Vec<String>,
@@ -165,6 +179,27 @@ fn default_max_websockets() -> usize {
 pub enum ListenerProtocol {
     #[default]
     Http,
+    Https,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownSni {
+    #[default]
+    Default,
+    Refuse,
+}
+
+/// `[[listener.certificate]]`: a certificate chain and its key (PEM files,
+/// relative to the config file), for the SNI names in `hosts`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// Names this certificate serves: exact (`app.example.test`) or one
+    /// leading wildcard label (`*.example.test`).
+    pub hosts: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `[[pool]]`: backend servers that can take the same requests.
@@ -177,9 +212,19 @@ pub struct PoolConfig {
     /// How a server is chosen among the healthy ones.
     #[serde(default)]
     pub balance: Balance,
-    /// Only `"http"` today.
+    /// `"http"` or `"https"` (TLS to the servers; probes use it too).
     #[serde(default)]
     pub protocol: PoolProtocol,
+    /// For `https`: a PEM file of CA certificates to verify servers with
+    /// (relative to the config file); default: the system's roots.
+    pub ca: Option<PathBuf>,
+    /// For `https`: the name to send as SNI and verify the certificate
+    /// against; default: each server's host.
+    pub tls_server_name: Option<String>,
+    /// For `https`: accept any server certificate. For labs only: logged
+    /// loudly at start-up.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
     /// Longest wait for a server's response head (or its 101), in seconds.
     #[serde(default = "default_request_timeout_s")]
     pub request_timeout_s: u64,
@@ -222,6 +267,7 @@ pub enum Balance {
 pub enum PoolProtocol {
     #[default]
     Http,
+    Https,
 }
 
 /// `[pool.probe]`: how servers are checked.
@@ -429,6 +475,17 @@ impl Config {
         {
             config.plugins.cache_dir = Some(base.join(cache_dir));
         }
+        for listener in &mut config.listener {
+            for certificate in &mut listener.certificate {
+                certificate.cert = base.join(&certificate.cert);
+                certificate.key = base.join(&certificate.key);
+            }
+        }
+        for pool in &mut config.pool {
+            if let Some(ca) = &pool.ca {
+                pool.ca = Some(base.join(ca));
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -481,6 +538,19 @@ impl Config {
             }
             if pool.request_timeout_s == 0 {
                 return Err(invalid(key("request_timeout_s"), "must be at least 1".into()));
+            }
+            if pool.protocol == PoolProtocol::Http
+                && (pool.ca.is_some() || pool.tls_server_name.is_some() || pool.insecure_skip_verify)
+            {
+                return Err(invalid(
+                    key("protocol"),
+                    "ca, tls_server_name and insecure_skip_verify need protocol = \"https\"".into(),
+                ));
+            }
+            if let Some(name) = &pool.tls_server_name
+                && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                return Err(invalid(key("tls_server_name"), format!("`{name}` is not a DNS name or IP address")));
             }
             let probe = &pool.probe;
             StatusMatch::parse(&probe.match_status).map_err(|reason| invalid(key("probe.match_status"), reason))?;
@@ -535,6 +605,32 @@ impl Config {
             }
             if listener.max_websockets == 0 {
                 return Err(invalid(key("max_websockets"), "must be at least 1".into()));
+            }
+            match listener.protocol {
+                ListenerProtocol::Https if listener.certificate.is_empty() => {
+                    return Err(invalid(
+                        key("certificate"),
+                        "an https listener needs a [[listener.certificate]]".into(),
+                    ));
+                }
+                ListenerProtocol::Https if listener.redirect_to_https => {
+                    return Err(invalid(key("redirect_to_https"), "only an http listener redirects".into()));
+                }
+                ListenerProtocol::Http if !listener.certificate.is_empty() => {
+                    return Err(invalid(key("certificate"), "certificates need protocol = \"https\"".into()));
+                }
+                ListenerProtocol::Http
+                    if listener.redirect_to_https
+                        && !self.listener.iter().any(|l| l.protocol == ListenerProtocol::Https) =>
+                {
+                    return Err(invalid(key("redirect_to_https"), "no https listener to redirect to".into()));
+                }
+                _ => {}
+            }
+            for (j, certificate) in listener.certificate.iter().enumerate() {
+                if certificate.hosts.is_empty() {
+                    return Err(invalid(key(&format!("certificate[{j}].hosts")), "list at least one name".into()));
+                }
             }
         }
         self.plugin_roles()?;

@@ -14,6 +14,9 @@ pub const ERROR_HEADER: &str = "x-wasmgate-error";
 /// Why the gateway answered a request itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
+    /// 308: this listener sends plain-HTTP clients to HTTPS.
+    #[error("moved to {location}")]
+    RedirectToHttps { location: String },
     /// 400: the request could not be understood.
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
@@ -32,6 +35,9 @@ pub enum GatewayError {
     /// 502: the server answered the WebSocket handshake wrongly.
     #[error("backend {server} of pool `{pool}` answered the WebSocket handshake wrongly: {reason}")]
     BadBackendHandshake { pool: String, server: String, reason: &'static str },
+    /// 502: the TLS handshake with the server failed.
+    #[error("TLS to backend {server} of pool `{pool}` failed: {reason}")]
+    BackendTls { pool: String, server: String, reason: String },
     /// 503: the pool has no server to take the request.
     #[error("no healthy server in pool `{pool}`")]
     NoHealthyServer { pool: String },
@@ -49,12 +55,13 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
+            GatewayError::RedirectToHttps { .. } => StatusCode::PERMANENT_REDIRECT,
             GatewayError::BadRequest(_) | GatewayError::BadHandshake(_) => StatusCode::BAD_REQUEST,
             GatewayError::UnsupportedWebSocketVersion => StatusCode::UPGRADE_REQUIRED,
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
-            GatewayError::BackendUnreachable { .. } | GatewayError::BadBackendHandshake { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            GatewayError::BackendUnreachable { .. }
+            | GatewayError::BadBackendHandshake { .. }
+            | GatewayError::BackendTls { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::NoHealthyServer { .. }
             | GatewayError::AtCapacity { .. }
             | GatewayError::PluginUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -65,12 +72,14 @@ impl GatewayError {
     /// The value of `x-wasmgate-error`.
     pub fn code(&self) -> &'static str {
         match self {
+            GatewayError::RedirectToHttps { .. } => "redirect-to-https",
             GatewayError::BadRequest(_) => "bad-request",
             GatewayError::BadHandshake(_) => "bad-handshake",
             GatewayError::UnsupportedWebSocketVersion => "unsupported-websocket-version",
             GatewayError::NoRoute => "no-route",
             GatewayError::BackendUnreachable { .. } => "backend-unreachable",
             GatewayError::BadBackendHandshake { .. } => "bad-backend-handshake",
+            GatewayError::BackendTls { .. } => "backend-tls",
             GatewayError::NoHealthyServer { .. } => "no-healthy-server",
             GatewayError::AtCapacity { .. } => "at-capacity",
             GatewayError::PluginUnavailable { .. } => "plugin-unavailable",
@@ -86,6 +95,7 @@ impl GatewayError {
                 format!("backend of pool `{pool}` answered the WebSocket handshake wrongly")
             }
             GatewayError::BackendTimeout { pool, .. } => format!("backend of pool `{pool}` did not answer in time"),
+            GatewayError::BackendTls { pool, .. } => format!("TLS to the backend of pool `{pool}` failed"),
             other => other.to_string(),
         };
         let mut response = Response::new(Either::Right(Full::new(Bytes::from(body + "\n"))));
@@ -99,6 +109,11 @@ impl GatewayError {
             }
             GatewayError::AtCapacity { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            GatewayError::RedirectToHttps { location } => {
+                if let Ok(location) = HeaderValue::from_str(&location) {
+                    headers.insert(header::LOCATION, location);
+                }
             }
             _ => {}
         }

@@ -5,7 +5,6 @@
 //! stream both ways without being buffered whole. Hop-by-hop headers are
 //! removed in both directions and `X-Forwarded-For/-Proto/-Host` are added.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,13 +14,16 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::GatewayError;
+use crate::listener::ConnInfo;
 use crate::pool::Server;
 use crate::proxy::{ResponseBody, Route};
+use crate::upstream::PoolTls;
 
 /// How long a connection to a server may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,24 +53,44 @@ pub enum SendError {
     Timeout,
     /// The connection broke after the request may have reached the server.
     Failed(String),
+    /// The TLS handshake with the server failed (certificate, name, protocol).
+    Tls(String),
 }
 
-/// The pooled client every plain request is forwarded with.
-pub struct Forwarder {
-    client: Client<HttpConnector, ForwardBody>,
-}
-
-impl Default for Forwarder {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        Forwarder { client }
-    }
+/// The pooled client a pool's plain requests are forwarded with.
+#[derive(Debug)]
+pub enum Forwarder {
+    Plain(Client<HttpConnector, ForwardBody>),
+    /// HTTP/1.1 or HTTP/2 (by ALPN) over TLS.
+    Tls(Client<HttpsConnector<HttpConnector>, ForwardBody>),
 }
 
 impl Forwarder {
+    /// A client for a pool with these TLS settings (`None`: plain HTTP/1.1).
+    pub fn new(tls: Option<&PoolTls>) -> Forwarder {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let builder = Client::builder(TokioExecutor::new());
+        let Some(tls) = tls else {
+            return Forwarder::Plain(builder.build(connector));
+        };
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((*tls.config).clone()).https_only();
+        let https = match &tls.server_name {
+            Some(name) => https.with_server_name_resolver(FixedServerNameResolver::new(name.clone())),
+            None => https,
+        };
+        Forwarder::Tls(builder.build(https.enable_all_versions().wrap_connector(connector)))
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self {
+            Forwarder::Plain(_) => "http",
+            Forwarder::Tls(_) => "https",
+        }
+    }
+
     /// Sends a prepared request (see [`prepare_upstream`]) to `server` and
     /// returns its response head, the body still streaming.
     pub async fn send(
@@ -78,10 +100,17 @@ impl Forwarder {
         server: &Server,
         timeout: Duration,
     ) -> Result<Response<ResponseBody>, SendError> {
-        parts.uri = absolute(&parts.uri, server).map_err(|e| SendError::Failed(e.to_string()))?;
+        parts.uri = absolute(&parts.uri, self.scheme(), server).map_err(|e| SendError::Failed(e.to_string()))?;
         let request = Request::from_parts(parts, body);
-        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+        let sent = async {
+            match self {
+                Forwarder::Plain(client) => client.request(request).await,
+                Forwarder::Tls(client) => client.request(request).await,
+            }
+        };
+        let response = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(response)) => response,
+            Ok(Err(err)) if crate::upstream::is_tls_error(&err) => return Err(SendError::Tls(error_chain(&err))),
             Ok(Err(err)) if err.is_connect() => return Err(SendError::Connect(error_chain(&err))),
             Ok(Err(err)) => return Err(SendError::Failed(error_chain(&err))),
             Err(_) => return Err(SendError::Timeout),
@@ -95,7 +124,7 @@ impl Forwarder {
 /// Turns the client's request head into the head sent upstream (to whichever
 /// server): origin-form target (rewritten if the route says so), hop-by-hop
 /// headers removed, forwarding headers added, the route's headers set.
-pub fn prepare_upstream(parts: &mut Parts, route: &Route, client: SocketAddr) -> Result<(), GatewayError> {
+pub fn prepare_upstream(parts: &mut Parts, route: &Route, client: &ConnInfo) -> Result<(), GatewayError> {
     let original = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let path_and_query = match &route.rewrite {
         Some(rewrite) if rewrite.query().is_none() => match original.query() {
@@ -107,14 +136,21 @@ pub fn prepare_upstream(parts: &mut Parts, route: &Route, client: SocketAddr) ->
         Some(rewrite) => rewrite.clone(),
         None => original,
     };
+    // HTTP/2 carries the host in `:authority`; HTTP/1.1 backends need `Host`.
+    let host = match parts.headers.get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    if let Some(host) = &host {
+        parts.headers.insert(header::HOST, host.clone());
+    }
     parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
 
-    let host = parts.headers.get(header::HOST).cloned();
     remove_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::UPGRADE);
 
-    let client_ip = client.ip().to_canonical().to_string();
+    let client_ip = client.addr.ip().to_canonical().to_string();
     let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {client_ip}"),
         None => client_ip,
@@ -122,7 +158,7 @@ pub fn prepare_upstream(parts: &mut Parts, route: &Route, client: SocketAddr) ->
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         parts.headers.insert("x-forwarded-for", value);
     }
-    parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    parts.headers.insert("x-forwarded-proto", HeaderValue::from_static(client.scheme()));
     if let Some(host) = host {
         parts.headers.insert("x-forwarded-host", host);
     }
@@ -143,9 +179,9 @@ pub fn copy_head(parts: &Parts) -> Parts {
 }
 
 /// `uri` (origin-form) made absolute for `server`.
-fn absolute(uri: &Uri, server: &Server) -> Result<Uri, http::Error> {
+fn absolute(uri: &Uri, scheme: &str, server: &Server) -> Result<Uri, http::Error> {
     let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::builder().scheme("http").authority(server.address.as_str()).path_and_query(path).build()
+    Uri::builder().scheme(scheme).authority(server.address.as_str()).path_and_query(path).build()
 }
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.

@@ -10,15 +10,16 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, ListenerProtocol};
 use crate::counter::Counters;
-use crate::forward::Forwarder;
 use crate::plugin::host_api::HostServices;
 use crate::plugin::watcher::{self, Watcher};
 use crate::plugin::{Loader, Registry, Runtime};
 use crate::pool::Pools;
 use crate::proxy::{self, ListenerProxy, Shared};
 use crate::relay::RelayLimits;
+use crate::tls::{self, CertStore};
+use tokio_rustls::TlsAcceptor;
 
 /// A running gateway. Dropping it stops its listeners and its plugin watch.
 pub struct Gateway {
@@ -27,6 +28,7 @@ pub struct Gateway {
     registry: Arc<Registry>,
     pools: Arc<Pools>,
     _watcher: Option<Watcher>,
+    _cert_watchers: Vec<notify::RecommendedWatcher>,
 }
 
 /// Everything a config needs before it can serve: plugins loaded and checked.
@@ -41,7 +43,10 @@ pub struct Prepared {
 /// loaded with the role it is used in.
 pub async fn prepare(config: Config) -> anyhow::Result<Prepared> {
     let runtime = Arc::new(Runtime::new().context("starting the WebAssembly runtime")?);
-    let pools = Arc::new(Pools::new(&config.pool));
+    let pools = Arc::new(Pools::new(&config.pool).map_err(anyhow::Error::msg)?);
+    for listener in config.listener.iter().filter(|l| l.protocol == ListenerProtocol::Https) {
+        CertStore::load(listener).map_err(anyhow::Error::msg)?;
+    }
     let services = Arc::new(HostServices { counters: Counters::default(), pools: pools.clone() });
     let roles = config.plugin_roles()?;
     let loader = Arc::new(Loader::new(runtime, config.plugins.clone(), services, roles));
@@ -67,25 +72,50 @@ impl Gateway {
         let shared = Arc::new(Shared {
             registry: registry.clone(),
             pools,
-            forwarder: Forwarder::default(),
             relay_limits: RelayLimits {
                 idle_timeout: Duration::from_secs(config.websocket.idle_timeout_s),
                 max_lifetime: Duration::from_secs(config.websocket.max_lifetime_s),
             },
         });
-        let mut listeners = Vec::new();
-        let mut tasks = crate::probe::spawn_probers(shared.pools.all());
+        // Bind everything first: a redirect needs the HTTPS listener's port.
+        let mut sockets = Vec::new();
         for listener_config in &config.listener {
             let socket = TcpListener::bind(listener_config.bind).await.with_context(|| {
                 format!("listener `{}`: cannot bind {}", listener_config.name, listener_config.bind)
             })?;
-            let addr = socket.local_addr()?;
-            tracing::info!(listener = %listener_config.name, %addr, "listening (http, websocket)");
-            let proxy = Arc::new(ListenerProxy::new(listener_config, shared.clone()));
-            tasks.push(tokio::spawn(crate::listener::serve(socket, proxy)));
+            sockets.push((listener_config, socket.local_addr()?, socket));
+        }
+        let https_port =
+            sockets.iter().find(|(l, _, _)| l.protocol == ListenerProtocol::Https).map(|(_, a, _)| a.port());
+
+        let mut listeners = Vec::new();
+        let mut tasks = crate::probe::spawn_probers(shared.pools.all());
+        let mut cert_watchers = Vec::new();
+        for (listener_config, addr, socket) in sockets {
+            let tls = match listener_config.protocol {
+                ListenerProtocol::Http => None,
+                ListenerProtocol::Https => {
+                    let store = Arc::new(CertStore::load(listener_config).map_err(anyhow::Error::msg)?);
+                    cert_watchers.push(tls::watch(store.clone()).context("watching certificate files")?);
+                    Some(TlsAcceptor::from(tls::server_config(store)))
+                }
+            };
+            let kind =
+                if tls.is_some() { "https: HTTP/1.1, HTTP/2, WebSocket" } else { "http: HTTP/1.1, h2c, WebSocket" };
+            tracing::info!(listener = %listener_config.name, %addr, "listening ({kind})");
+            let redirect = if listener_config.redirect_to_https { https_port } else { None };
+            let proxy = Arc::new(ListenerProxy::new(listener_config, shared.clone(), redirect));
+            tasks.push(tokio::spawn(crate::listener::serve(socket, proxy, tls)));
             listeners.push((listener_config.name.clone(), addr));
         }
-        Ok(Gateway { listeners, tasks, registry, pools: shared.pools.clone(), _watcher: watcher })
+        Ok(Gateway {
+            listeners,
+            tasks,
+            registry,
+            pools: shared.pools.clone(),
+            _watcher: watcher,
+            _cert_watchers: cert_watchers,
+        })
     }
 
     /// The address listener `name` is bound to.

@@ -1,17 +1,16 @@
 //! The request head view: the [`RequestHead`] record plugins inspect, built
 //! from what hyper parsed and what the socket knows.
 
-use std::net::SocketAddr;
+use http::{Request, Version};
 
-use http::Request;
-
-use crate::plugin::bindings::{Header, RequestHead};
+use crate::listener::ConnInfo;
+use crate::plugin::bindings::{Header, RequestHead, TlsInfo};
 use crate::websocket::ClientHandshake;
 
 /// Builds the head plugins see for a request on `listener` from `client`.
 pub fn request_head<B>(
     req: &Request<B>,
-    client: SocketAddr,
+    client: &ConnInfo,
     listener: &str,
     websocket: Option<&ClientHandshake>,
 ) -> RequestHead {
@@ -32,12 +31,19 @@ pub fn request_head<B>(
         .collect();
     RequestHead {
         method: req.method().as_str().to_owned(),
-        scheme: "http".to_owned(),
+        scheme: client.scheme().to_owned(),
+        version: match req.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        }
+        .to_owned(),
+        tls: client.tls.as_ref().map(|tls| TlsInfo { sni: tls.sni.clone(), alpn: tls.alpn.clone() }),
         authority,
         path: req.uri().path().to_owned(),
         query: req.uri().query().map(str::to_owned),
         headers,
-        client_ip: client.ip().to_canonical().to_string(),
+        client_ip: client.addr.ip().to_canonical().to_string(),
         listener: listener.to_owned(),
         websocket: websocket.map(ClientHandshake::plugin_view),
     }

@@ -14,6 +14,8 @@ pub mod pool;
 pub mod probe;
 pub mod proxy;
 pub mod relay;
+pub mod tls;
+pub mod upstream;
 pub mod websocket;
 
 pub use config::Config;

@@ -1,25 +1,56 @@
-//! Listeners: accept TCP connections and serve HTTP/1.1 on them, handing each
-//! request to the listener's [`ListenerProxy`]. Upgrades are enabled on every
-//! connection, so WebSocket works on every listener with no switch.
+//! Listeners: accept TCP connections (and the TLS handshake on `https`
+//! listeners), serve HTTP/1.1 and HTTP/2 on them, and hand each request to
+//! the listener's [`ListenerProxy`]. Upgrades (HTTP/1.1) and extended CONNECT
+//! (HTTP/2, RFC 8441) are enabled on every connection, so WebSocket works on
+//! every listener with no switch.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::ListenerProxy;
 
-/// How long a client may take to send a complete request head.
+/// How long a client may take to send a complete request head (and, on
+/// HTTPS, to finish the TLS handshake).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Accepts connections on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, proxy: Arc<ListenerProxy>) {
+/// What the gateway knows about a client connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub addr: SocketAddr,
+    /// Set on TLS connections.
+    pub tls: Option<TlsDetails>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsDetails {
+    pub sni: Option<String>,
+    pub alpn: Option<String>,
+}
+
+impl ConnInfo {
+    /// `https` on TLS connections, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+}
+
+/// Accepts connections on `listener` until the task is dropped; with `tls`,
+/// each connection starts with a TLS handshake.
+pub async fn serve(listener: TcpListener, proxy: Arc<ListenerProxy>, tls: Option<TlsAcceptor>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new()).enable_connect_protocol();
+    let builder = Arc::new(builder);
     loop {
-        let (stream, client) = match listener.accept().await {
+        let (stream, addr) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors or similar: back off instead of spinning.
@@ -29,20 +60,54 @@ pub async fn serve(listener: TcpListener, proxy: Arc<ListenerProxy>) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            let service = service_fn(|req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(error) = connection.await {
-                tracing::debug!(listener = %proxy.name, %client, %error, "client connection ended with an error");
-            }
-        });
+        tokio::spawn(connection(stream, addr, proxy.clone(), tls.clone(), builder.clone()));
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    proxy: Arc<ListenerProxy>,
+    tls: Option<TlsAcceptor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) {
+    let Some(acceptor) = tls else {
+        let conn = Arc::new(ConnInfo { addr, tls: None });
+        return serve_http(TokioIo::new(stream), conn, proxy, &builder).await;
+    };
+    let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(listener = %proxy.name, client = %addr, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(listener = %proxy.name, client = %addr, "TLS handshake timed out");
+            return;
+        }
+    };
+    let session = stream.get_ref().1;
+    let details = TlsDetails {
+        sni: session.server_name().map(str::to_owned),
+        alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+    };
+    let conn = Arc::new(ConnInfo { addr, tls: Some(details) });
+    serve_http(TokioIo::new(stream), conn, proxy, &builder).await;
+}
+
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    conn: Arc<ConnInfo>,
+    proxy: Arc<ListenerProxy>,
+    builder: &auto::Builder<TokioExecutor>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let service = service_fn(|req| {
+        let (proxy, conn) = (proxy.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
+    });
+    if let Err(error) = builder.serve_connection_with_upgrades(io, service).await {
+        tracing::debug!(listener = %proxy.name, client = %conn.addr, %error, "client connection ended with an error");
     }
 }

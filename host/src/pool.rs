@@ -15,6 +15,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{Balance, PoolConfig, ProbeConfig};
+use crate::forward::Forwarder;
+use crate::upstream::PoolTls;
 
 /// One backend server of a pool.
 #[derive(Debug)]
@@ -122,20 +124,28 @@ pub struct Pool {
     pub request_timeout: Duration,
     pub retries: u32,
     pub probe: ProbeConfig,
+    /// TLS to the servers, for `https` pools.
+    pub tls: Option<PoolTls>,
+    /// The pooled client plain requests to this pool's servers go through.
+    pub forwarder: Forwarder,
     next: AtomicUsize,
 }
 
 impl Pool {
-    pub fn new(config: &PoolConfig) -> Pool {
-        Pool {
+    /// Builds a pool; fails if its TLS settings cannot be loaded (`ca`).
+    pub fn new(config: &PoolConfig) -> Result<Pool, String> {
+        let tls = PoolTls::for_pool(config).map_err(|e| format!("pool `{}`: {e}", config.name))?;
+        Ok(Pool {
             name: config.name.clone(),
             servers: config.servers.iter().map(|address| Arc::new(Server::new(address, config))).collect(),
             balance: config.balance,
             request_timeout: Duration::from_secs(config.request_timeout_s),
             retries: config.retries,
             probe: config.probe.clone(),
+            forwarder: Forwarder::new(tls.as_ref()),
+            tls,
             next: AtomicUsize::new(0),
-        }
+        })
     }
 
     /// A healthy server not in `exclude`, by the pool's balancing method, or
@@ -186,8 +196,12 @@ pub struct Pools {
 }
 
 impl Pools {
-    pub fn new(configs: &[PoolConfig]) -> Pools {
-        Pools { by_name: configs.iter().map(|c| (c.name.clone(), Arc::new(Pool::new(c)))).collect() }
+    pub fn new(configs: &[PoolConfig]) -> Result<Pools, String> {
+        let mut by_name = HashMap::new();
+        for config in configs {
+            by_name.insert(config.name.clone(), Arc::new(Pool::new(config)?));
+        }
+        Ok(Pools { by_name })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
@@ -216,7 +230,7 @@ mod tests {
             "name = \"app\"\nservers = [{}]\nbalance = \"{balance}\"\n",
             servers.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
         );
-        Pool::new(&toml::from_str::<PoolConfig>(&text).unwrap())
+        Pool::new(&toml::from_str::<PoolConfig>(&text).unwrap()).unwrap()
     }
 
     fn addr(server: Option<Arc<Server>>) -> String {

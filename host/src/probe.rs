@@ -2,7 +2,7 @@
 //! `interval_s`, spread over the interval with jitter so servers are not all
 //! hit at once, never two probes in flight for one server.
 //!
-//! An HTTP probe sends `method path` with the configured `Host` and passes
+//! Probes use the pool's TLS settings. An HTTP probe sends `method path` with the configured `Host` and passes
 //! when the status is in `match_status` (and the body contains `match_body`).
 //! A WebSocket probe performs a real upgrade handshake, checks the 101 and the
 //! accept key, then sends a Close frame: it catches a server that answers
@@ -21,12 +21,13 @@ use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::config::{ProbeConfig, ProbeKind, StatusMatch};
+use crate::forward::SendError;
 use crate::pool::{Pool, Server};
+use crate::upstream::{self, PoolTls};
 
 /// Body bytes an HTTP probe reads for `match_body`.
 const MAX_PROBE_BODY: usize = 64 * 1024;
@@ -73,8 +74,8 @@ async fn probe_pool(pool: Arc<Pool>) {
                 if due[i] < Instant::now() {
                     due[i] = Instant::now() + jitter(round);
                 }
-                let (server, config, statuses) = (pool.servers[i].clone(), config.clone(), statuses.clone());
-                in_flight.spawn(async move { (i, probe_once(&server, &config, &statuses).await) });
+                let (server, config, statuses, pool) = (pool.servers[i].clone(), config.clone(), statuses.clone(), pool.clone());
+                in_flight.spawn(async move { (i, probe_once(&server, pool.tls.as_ref(), &config, &statuses).await) });
             }
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 let Ok((i, outcome)) = done else { continue };
@@ -122,19 +123,33 @@ impl Streak {
 }
 
 /// One probe of `server`: `Ok` if it passed, else why not.
-pub async fn probe_once(server: &Server, config: &ProbeConfig, statuses: &StatusMatch) -> Result<(), String> {
+pub async fn probe_once(
+    server: &Server,
+    tls: Option<&PoolTls>,
+    config: &ProbeConfig,
+    statuses: &StatusMatch,
+) -> Result<(), String> {
     let timeout = Duration::from_secs_f64(config.timeout_s);
-    match tokio::time::timeout(timeout, probe_inner(server, config, statuses)).await {
+    match tokio::time::timeout(timeout, probe_inner(server, tls, config, statuses)).await {
         Ok(result) => result,
         Err(_) => Err(format!("timed out after {timeout:?}")),
     }
 }
 
-async fn probe_inner(server: &Server, config: &ProbeConfig, statuses: &StatusMatch) -> Result<(), String> {
-    let stream = TcpStream::connect(server.address.as_str()).await.map_err(|e| format!("connect: {e}"))?;
-    let _ = stream.set_nodelay(true);
+async fn probe_inner(
+    server: &Server,
+    tls: Option<&PoolTls>,
+    config: &ProbeConfig,
+    statuses: &StatusMatch,
+) -> Result<(), String> {
+    let io = upstream::connect(server, tls).await.map_err(|e| match e {
+        SendError::Connect(e) => format!("connect: {e}"),
+        SendError::Tls(e) => format!("tls: {e}"),
+        SendError::Failed(e) => e,
+        SendError::Timeout => "timed out".into(),
+    })?;
     let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("http: {e}"))?;
+        hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| format!("http: {e}"))?;
     let connection = tokio::spawn(connection.with_upgrades());
 
     let host = config.host.as_deref().unwrap_or(&server.address);

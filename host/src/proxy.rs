@@ -19,7 +19,6 @@
 // error; it is moved once per request, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
@@ -34,8 +33,9 @@ use hyper::body::Incoming;
 
 use crate::config::{ListenerConfig, OnError};
 use crate::error::{ERROR_HEADER, GatewayError};
-use crate::forward::{self, Forwarder, SendError};
+use crate::forward::{self, SendError};
 use crate::head;
+use crate::listener::ConnInfo;
 use crate::plugin::bindings::{RequestHead, RouteDecision, Verdict};
 use crate::plugin::{PluginError, Registry, validate};
 use crate::pool::{Pool, Pools, Server};
@@ -67,7 +67,6 @@ impl Route {
 pub struct Shared {
     pub registry: Arc<Registry>,
     pub pools: Arc<Pools>,
-    pub forwarder: Forwarder,
     pub relay_limits: RelayLimits,
 }
 
@@ -79,6 +78,8 @@ pub struct ListenerProxy {
     default_pool: Option<Arc<Pool>>,
     max_websockets: usize,
     live_websockets: Arc<AtomicUsize>,
+    /// Port of the HTTPS listener plain requests are redirected to.
+    redirect_to_https: Option<u16>,
     shared: Arc<Shared>,
 }
 
@@ -86,7 +87,7 @@ pub struct ListenerProxy {
 type Step<T> = Result<T, Response<ResponseBody>>;
 
 impl ListenerProxy {
-    pub fn new(config: &ListenerConfig, shared: Arc<Shared>) -> ListenerProxy {
+    pub fn new(config: &ListenerConfig, shared: Arc<Shared>, redirect_to_https: Option<u16>) -> ListenerProxy {
         ListenerProxy {
             name: config.name.clone(),
             waf: config.waf.clone(),
@@ -94,12 +95,13 @@ impl ListenerProxy {
             default_pool: config.default_pool.as_deref().and_then(|p| shared.pools.get(p).cloned()),
             max_websockets: config.max_websockets,
             live_websockets: Arc::new(AtomicUsize::new(0)),
+            redirect_to_https,
             shared,
         }
     }
 
     /// Handles one request from `client` and returns the client's response.
-    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: Request<Incoming>, client: &ConnInfo) -> Response<ResponseBody> {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -118,8 +120,14 @@ impl ListenerProxy {
         response
     }
 
-    async fn pass(&self, mut req: Request<Incoming>, client: SocketAddr) -> Step<Response<ResponseBody>> {
+    async fn pass(&self, mut req: Request<Incoming>, client: &ConnInfo) -> Step<Response<ResponseBody>> {
         let handshake = ClientHandshake::from_request(&req).map_err(GatewayError::into_response)?;
+        if let Some(port) = self.redirect_to_https
+            && handshake.is_none()
+            && req.body().is_end_stream()
+        {
+            return Err(redirect_to_https(&req, port).into_response());
+        }
         let head = head::request_head(&req, client, &self.name, handshake.as_ref());
         self.run_waf(&head).await?;
         let route = self.route(&head).await?;
@@ -131,10 +139,10 @@ impl ListenerProxy {
                 let client_upgrade = hyper::upgrade::on(&mut req);
                 let (mut parts, _body) = req.into_parts();
                 forward::prepare_upstream(&mut parts, &route, client).map_err(GatewayError::into_response)?;
-                let timeout = route.pool.request_timeout;
+                let (timeout, tls) = (route.pool.request_timeout, route.pool.tls.as_ref());
                 let attempt = |server: Arc<Server>| {
-                    let head = forward::copy_head(&parts);
-                    async move { websocket::send_handshake(head, &server, timeout).await }
+                    let (head, handshake) = (forward::copy_head(&parts), &handshake);
+                    async move { websocket::send_handshake(head, handshake, &server, tls, timeout).await }
                 };
                 match self.try_servers(&route, true, attempt).await {
                     Ok((response, server)) => {
@@ -155,7 +163,7 @@ impl ListenerProxy {
         &self,
         req: Request<Incoming>,
         route: &Route,
-        client: SocketAddr,
+        client: &ConnInfo,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let (mut parts, body) = req.into_parts();
         forward::prepare_upstream(&mut parts, route, client)?;
@@ -166,7 +174,7 @@ impl ListenerProxy {
         );
         let mut body = (!replayable).then_some(body);
         let timeout = route.pool.request_timeout;
-        let forwarder = &self.shared.forwarder;
+        let forwarder = &route.pool.forwarder;
         let attempt = |server: Arc<Server>| {
             let body = match body.take() {
                 Some(body) => Either::Left(body),
@@ -213,6 +221,14 @@ impl ListenerProxy {
                     return Err(GatewayError::BackendTimeout {
                         pool: pool.name.clone(),
                         server: server.address.clone(),
+                    });
+                }
+                Err(SendError::Tls(reason)) => {
+                    tracing::warn!(pool = %pool.name, server = %server.address, %reason, "TLS to the server failed");
+                    return Err(GatewayError::BackendTls {
+                        pool: pool.name.clone(),
+                        server: server.address.clone(),
+                        reason,
                     });
                 }
                 Err(SendError::Connect(error)) => {
@@ -353,4 +369,22 @@ pub fn check_plugin_roles(config: &crate::config::Config, registry: &Registry) -
         }
     }
     Ok(())
+}
+
+/// The 308 to the same URL on the HTTPS listener's port.
+fn redirect_to_https<B>(req: &Request<B>, port: u16) -> GatewayError {
+    let authority = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location =
+        if port == 443 { format!("https://{host}{target}") } else { format!("https://{host}:{port}{target}") };
+    GatewayError::RedirectToHttps { location }
 }

@@ -15,7 +15,6 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::error::GatewayError;
 use crate::forward::{self, SendError, error_chain};
@@ -23,11 +22,16 @@ use crate::plugin::bindings::WebsocketHandshake;
 use crate::pool::Server;
 use crate::proxy::ResponseBody;
 use crate::relay::{self, RelayEnd, RelayLimits};
+use crate::upstream::{self, PoolTls};
 
 /// A client's valid opening handshake.
 #[derive(Debug, Clone)]
 pub struct ClientHandshake {
-    key: HeaderValue,
+    /// The key sent to the server: the client's own over HTTP/1.1, a fresh
+    /// one when bridging an HTTP/2 extended CONNECT (which has no key).
+    upstream_key: HeaderValue,
+    /// An HTTP/2 extended CONNECT (RFC 8441): answered 200, not 101.
+    over_h2: bool,
     subprotocols: Vec<String>,
     origin: Option<String>,
     extensions: Vec<String>,
@@ -38,6 +42,11 @@ impl ClientHandshake {
     /// not ask for a WebSocket, an error when it asks wrongly.
     pub fn from_request<B>(req: &Request<B>) -> Result<Option<ClientHandshake>, GatewayError> {
         let headers = req.headers();
+        if req.method() == Method::CONNECT
+            && let Some(protocol) = req.extensions().get::<hyper::ext::Protocol>()
+        {
+            return Self::extended_connect(req, protocol);
+        }
         if !has_token(headers, header::UPGRADE, "websocket") {
             return Ok(None);
         }
@@ -69,7 +78,34 @@ impl ClientHandshake {
             Some(_) => return Err(GatewayError::UnsupportedWebSocketVersion),
         }
         Ok(Some(ClientHandshake {
-            key,
+            upstream_key: key,
+            over_h2: false,
+            subprotocols: list(headers, header::SEC_WEBSOCKET_PROTOCOL),
+            origin: headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned),
+            extensions: list(headers, header::SEC_WEBSOCKET_EXTENSIONS),
+        }))
+    }
+
+    /// An HTTP/2 extended CONNECT (RFC 8441 §4-5): `:protocol` must be
+    /// `websocket` and the version 13; the key for the server is made here.
+    fn extended_connect<B>(
+        req: &Request<B>,
+        protocol: &hyper::ext::Protocol,
+    ) -> Result<Option<ClientHandshake>, GatewayError> {
+        if !protocol.as_str().eq_ignore_ascii_case("websocket") {
+            return Err(GatewayError::BadRequest("only the websocket protocol can be CONNECTed"));
+        }
+        let headers = req.headers();
+        match headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes().trim_ascii()) {
+            None => return Err(GatewayError::BadHandshake("Sec-WebSocket-Version is missing")),
+            Some(b"13") => {}
+            Some(_) => return Err(GatewayError::UnsupportedWebSocketVersion),
+        }
+        let random = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0u8).to_le_bytes();
+        let key = base64::engine::general_purpose::STANDARD.encode([random, random.map(|b| !b)].concat());
+        Ok(Some(ClientHandshake {
+            upstream_key: HeaderValue::from_str(&key).map_err(|_| GatewayError::BadHandshake("key"))?,
+            over_h2: true,
             subprotocols: list(headers, header::SEC_WEBSOCKET_PROTOCOL),
             origin: headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned),
             extensions: list(headers, header::SEC_WEBSOCKET_EXTENSIONS),
@@ -107,16 +143,23 @@ impl Drop for WebSocketSlot {
 }
 
 /// Sends the handshake (a head prepared by [`forward::prepare_upstream`]) to
-/// `server` over a new connection and returns its answer.
-pub async fn send_handshake(parts: Parts, server: &Server, timeout: Duration) -> Result<Response<Incoming>, SendError> {
-    let mut request = Request::from_parts(parts, Empty::<Bytes>::new());
-    request.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    request.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+/// `server` as an HTTP/1.1 upgrade over a new connection (TLS for `https`
+/// pools) and returns its answer.
+pub async fn send_handshake(
+    mut parts: Parts,
+    handshake: &ClientHandshake,
+    server: &Server,
+    tls: Option<&PoolTls>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, SendError> {
+    parts.method = Method::GET;
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    parts.headers.insert(header::SEC_WEBSOCKET_KEY, handshake.upstream_key.clone());
+    let request = Request::from_parts(parts, Empty::<Bytes>::new());
     let exchange = async {
-        let stream =
-            TcpStream::connect(server.address.as_str()).await.map_err(|e| SendError::Connect(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let io = upstream::connect(server, tls).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Failed(error_chain(&e)))?;
         tokio::spawn(async move {
@@ -153,7 +196,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
         parts.headers.remove(header::UPGRADE);
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
-    let expected = tungstenite::handshake::derive_accept_key(handshake.key.as_bytes());
+    let expected = tungstenite::handshake::derive_accept_key(handshake.upstream_key.as_bytes());
     let accept = response.headers().get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
         return Err(GatewayError::BadBackendHandshake {
@@ -165,8 +208,18 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
 
     let server_upgrade = hyper::upgrade::on(&mut response);
     let mut answer = Response::new(Either::Right(Default::default()));
-    *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *answer.headers_mut() = response.headers().clone();
+    if handshake.over_h2 {
+        // RFC 8441: a 200 opens the stream; HTTP/2 has no connection-level
+        // headers and no accept key.
+        *answer.status_mut() = StatusCode::OK;
+        let headers = answer.headers_mut();
+        forward::remove_hop_by_hop(headers);
+        headers.remove(header::UPGRADE);
+        headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+    } else {
+        *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    }
 
     tokio::spawn(async move {
         let _slot = slot;

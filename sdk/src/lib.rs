@@ -47,8 +47,8 @@ pub mod bindings {
             export_macro_name: "__export_waf_world",
             default_bindings_module: "::wasmgate_sdk::bindings::waf_world",
             with: {
-                "wasmgate:plugin/types@0.1.0": crate::bindings::wasmgate::plugin::types,
-                "wasmgate:plugin/host@0.1.0": crate::bindings::wasmgate::plugin::host,
+                "wasmgate:plugin/types@0.2.0": crate::bindings::wasmgate::plugin::types,
+                "wasmgate:plugin/host@0.2.0": crate::bindings::wasmgate::plugin::host,
             },
         });
     }
@@ -60,7 +60,7 @@ pub use bindings::exports::wasmgate::plugin::router::Guest as Router;
 pub use bindings::waf_world::exports::wasmgate::plugin::waf::Guest as Waf;
 pub use bindings::wasmgate::plugin::host;
 pub use bindings::wasmgate::plugin::types::{
-    Header, Level, RequestHead, Response, RouteDecision, Upstream, Verdict, WebsocketHandshake,
+    Header, Level, RequestHead, Response, RouteDecision, TlsInfo, Upstream, Verdict, WebsocketHandshake,
 };
 pub use helpers::*;
 

@@ -84,6 +84,10 @@ pub fn web(gateway: &Gateway) -> SocketAddr {
 
 // ---------------------------------------------------------------- backend
 
+/// A plain or TLS stream.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
 /// A request as a backend received it.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -111,6 +115,7 @@ pub struct Backend {
     /// The status `/health` answers (200 unless a test changes it).
     pub health: Arc<AtomicU16>,
     stop: tokio::sync::watch::Sender<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Drop for Backend {
@@ -126,6 +131,15 @@ async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
+        Self::start_with(name, None).await
+    }
+
+    /// A backend that speaks TLS with `tls`.
+    pub async fn start_tls(name: &str, tls: Arc<rustls::ServerConfig>) -> Backend {
+        Self::start_with(name, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
         let backend = Backend {
             name: name.to_owned(),
@@ -133,6 +147,7 @@ impl Backend {
             seen: Arc::new(Mutex::new(Vec::new())),
             health: Arc::new(AtomicU16::new(200)),
             stop: tokio::sync::watch::channel(false).0,
+            tls,
         };
         backend.serve(listener);
         backend
@@ -141,6 +156,7 @@ impl Backend {
     fn serve(&self, listener: TcpListener) {
         let (name, seen, health) = (self.name.clone(), self.seen.clone(), self.health.clone());
         let stop = self.stop.subscribe();
+        let tls = self.tls.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -148,14 +164,22 @@ impl Backend {
                     _ = stopped(stop.clone()) => return,
                 };
                 let Ok((stream, _)) = accepted else { continue };
-                let (name, seen, health, stop) = (name.clone(), seen.clone(), health.clone(), stop.clone());
+                let (name, seen, health, stop, tls) =
+                    (name.clone(), seen.clone(), health.clone(), stop.clone(), tls.clone());
                 tokio::spawn(async move {
                     let stop_ws = stop.clone();
                     let service = service_fn(move |req| {
                         backend_handle(name.clone(), seen.clone(), health.clone(), stop_ws.clone(), req)
                     });
+                    let io: Box<dyn Io> = match tls {
+                        None => Box::new(stream),
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(stream) => Box::new(stream),
+                            Err(_) => return,
+                        },
+                    };
                     let connection = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection(TokioIo::new(io), service)
                         .with_upgrades();
                     tokio::select! {
                         _ = connection => {}
@@ -178,11 +202,18 @@ impl Backend {
         self.serve(listener);
     }
 
+    /// Requests this backend received from clients (the gateway's own health
+    /// probes left out).
     pub fn requests(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        self.seen.lock().unwrap().iter().filter(|r| r.header("user-agent") != Some("wasmgate-probe")).cloned().collect()
     }
 
-    /// Upgrade requests this backend received.
+    /// The gateway's health probes this backend received.
+    pub fn probes(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().iter().filter(|r| r.header("user-agent") == Some("wasmgate-probe")).cloned().collect()
+    }
+
+    /// Upgrade requests this backend received from clients.
     pub fn handshakes(&self) -> usize {
         self.requests().iter().filter(|r| r.header("upgrade").is_some()).count()
     }
@@ -402,4 +433,98 @@ pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     started.elapsed()
+}
+
+// ---------------------------------------------------------------- TLS
+
+/// A private CA for tests, writing PEM files into a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pub ca_pem: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "wasmgate test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, ca.pem()).unwrap();
+        Pki { dir, ca, ca_pem }
+    }
+
+    /// Issues a certificate for `hosts`, written as `NAME.pem` and `NAME.key`.
+    pub fn issue(&self, name: &str, hosts: &[&str]) -> (PathBuf, PathBuf) {
+        let params = rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (cert_path, key_path) =
+            (self.dir.path().join(format!("{name}.pem")), self.dir.path().join(format!("{name}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    /// A rustls client trusting only this CA, offering `alpn`.
+    pub fn client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// A rustls server config for `cert`/`key` (for TLS test backends).
+    pub fn server(&self, cert: &Path, key: &Path) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert).unwrap().map(|c| c.unwrap()).collect();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// Connects to the gateway with TLS, presenting `sni`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// One HTTP/1.1 request over a fresh TLS connection.
+pub async fn https_request(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+    method: &str,
+    target: &str,
+) -> Got {
+    let stream = tls_connect(addr, sni, config).await.expect("TLS handshake");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let request =
+        Request::builder().method(method).uri(target).header("host", sni).body(Full::new(Bytes::new())).unwrap();
+    let response = sender.send_request(request).await.expect("response");
+    let (status, headers) = (response.status(), response.headers().clone());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Got { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
 }

@@ -27,5 +27,5 @@ mod waf_world {
 
 pub use router_world::wasmgate::plugin::{host, types};
 pub use router_world::{RouterPlugin, RouterPluginPre};
-pub use types::{Header, Level, RequestHead, Response, RouteDecision, Upstream, Verdict, WebsocketHandshake};
+pub use types::{Header, Level, RequestHead, Response, RouteDecision, TlsInfo, Upstream, Verdict, WebsocketHandshake};
 pub use waf_world::{WafPlugin, WafPluginPre};

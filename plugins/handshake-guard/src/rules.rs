@@ -169,6 +169,8 @@ mod tests {
         RequestHead {
             method: "GET".into(),
             scheme: "http".into(),
+            version: "HTTP/1.1".into(),
+            tls: None,
             authority: "gw.test".into(),
             path: path.into(),
             query: Some("room=1&token=s3cret".into()),

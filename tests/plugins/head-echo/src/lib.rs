@@ -9,6 +9,11 @@ impl Router for HeadEcho {
         let mut out = String::new();
         out.push_str(&format!("method: {}\n", req.method));
         out.push_str(&format!("scheme: {}\n", req.scheme));
+        out.push_str(&format!("version: {}\n", req.version));
+        match &req.tls {
+            Some(tls) => out.push_str(&format!("tls: sni={:?} alpn={:?}\n", tls.sni, tls.alpn)),
+            None => out.push_str("tls: none\n"),
+        }
         out.push_str(&format!("authority: {}\n", req.authority));
         out.push_str(&format!("path: {}\n", req.path));
         out.push_str(&format!("query: {:?}\n", req.query));

@@ -1,0 +1,190 @@
+//! TLS at the edge: an HTTPS listener's certificates, picked by SNI, and
+//! reloaded when their files change.
+//!
+//! Each `[[listener.certificate]]` is loaded into a [`CertifiedKey`] (the key
+//! must match the certificate). The store behind the rustls resolver is one
+//! `ArcSwap`, so a reload changes what new handshakes get without touching
+//! established connections; a pair that fails to load keeps its previous
+//! version and the reason is logged. Private keys are never logged.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use rustls::crypto::ring::sign::any_supported_type;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::sync::mpsc;
+
+use crate::config::{CertificateConfig, ListenerConfig, UnknownSni};
+
+/// One certificate and the names it serves.
+#[derive(Debug)]
+struct Entry {
+    hosts: Vec<String>,
+    key: Arc<CertifiedKey>,
+}
+
+/// The certificates of one HTTPS listener.
+#[derive(Debug)]
+pub struct CertStore {
+    listener: String,
+    sources: Vec<CertificateConfig>,
+    entries: ArcSwap<Vec<Entry>>,
+    refuse_unknown: bool,
+}
+
+impl CertStore {
+    /// Loads every certificate of `listener`; any failure is an error.
+    pub fn load(listener: &ListenerConfig) -> Result<CertStore, String> {
+        let mut entries = Vec::new();
+        for (i, source) in listener.certificate.iter().enumerate() {
+            let key = load_certified_key(&source.cert, &source.key)
+                .map_err(|e| format!("listener `{}`: certificate[{i}]: {e}", listener.name))?;
+            entries.push(Entry { hosts: lowercase(&source.hosts), key: Arc::new(key) });
+        }
+        Ok(CertStore {
+            listener: listener.name.clone(),
+            sources: listener.certificate.clone(),
+            entries: ArcSwap::from_pointee(entries),
+            refuse_unknown: listener.unknown_sni == UnknownSni::Refuse,
+        })
+    }
+
+    /// Reloads every pair from its files; a pair that fails keeps serving
+    /// its previous version.
+    pub fn reload(&self) {
+        let current = self.entries.load();
+        let mut next = Vec::with_capacity(self.sources.len());
+        for (i, source) in self.sources.iter().enumerate() {
+            match load_certified_key(&source.cert, &source.key) {
+                Ok(key) => {
+                    let changed = current.get(i).is_none_or(|old| old.key.cert != key.cert);
+                    if changed {
+                        tracing::info!(listener = %self.listener, cert = %source.cert.display(), "certificate reloaded");
+                    }
+                    next.push(Entry { hosts: lowercase(&source.hosts), key: Arc::new(key) });
+                }
+                Err(reason) => {
+                    tracing::error!(listener = %self.listener, cert = %source.cert.display(), %reason, "certificate rejected; the previous one keeps serving");
+                    if let Some(old) = current.get(i) {
+                        next.push(Entry { hosts: old.hosts.clone(), key: old.key.clone() });
+                    }
+                }
+            }
+        }
+        self.entries.store(Arc::new(next));
+    }
+
+    /// The certificate for `sni`: exact name first, then a wildcard, then
+    /// (unless the listener refuses unknown names) the first certificate.
+    fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let entries = self.entries.load();
+        if let Some(name) = sni.map(str::to_ascii_lowercase) {
+            if let Some(entry) = entries.iter().find(|e| e.hosts.contains(&name)) {
+                return Some(entry.key.clone());
+            }
+            let wildcard = entries.iter().find(|e| {
+                e.hosts.iter().any(|h| {
+                    h.strip_prefix("*.").is_some_and(|suffix| {
+                        name.strip_suffix(suffix)
+                            .is_some_and(|label| label.ends_with('.') && !label[..label.len() - 1].contains('.'))
+                    })
+                })
+            });
+            if let Some(entry) = wildcard {
+                return Some(entry.key.clone());
+            }
+            if self.refuse_unknown {
+                return None;
+            }
+        }
+        entries.first().map(|e| e.key.clone())
+    }
+
+    /// The files to watch for changes.
+    fn files(&self) -> Vec<PathBuf> {
+        self.sources.iter().flat_map(|s| [s.cert.clone(), s.key.clone()]).collect()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let key = self.pick(hello.server_name());
+        if key.is_none() {
+            tracing::debug!(listener = %self.listener, sni = ?hello.server_name(), "no certificate for this name; refused");
+        }
+        key
+    }
+}
+
+fn lowercase(hosts: &[String]) -> Vec<String> {
+    hosts.iter().map(|h| h.to_ascii_lowercase()).collect()
+}
+
+/// Reads a PEM certificate chain and its private key, checking they match.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in the file", cert.display()));
+    }
+    // The key's error never includes key material.
+    let private =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: not a usable private key: {e}", key.display()))?;
+    let signing = any_supported_type(&private).map_err(|e| format!("{}: unsupported key: {e}", key.display()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|e| format!("{} and {} do not match: {e}", cert.display(), key.display()))?;
+    Ok(certified)
+}
+
+/// The rustls configuration of an HTTPS listener: TLS 1.2 and 1.3, ALPN
+/// `h2` then `http/1.1`, certificates from `store`.
+pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
+    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .unwrap_or_else(|_| unreachable!("ring supports TLS 1.2 and 1.3"))
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// Reloads `store` whenever one of its files changes. Dropping the returned
+/// watcher stops it.
+pub fn watch(store: Arc<CertStore>) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let files = store.files();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let watched = files.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        use notify::EventKind::Access;
+        use notify::event::{AccessKind, AccessMode};
+        // Our own reads are not changes; a write (or create, rename, remove) is.
+        if let Ok(event) = event
+            && (!matches!(event.kind, Access(_)) || matches!(event.kind, Access(AccessKind::Close(AccessMode::Write))))
+            && event.paths.iter().any(|p| watched.iter().any(|w| p.file_name() == w.file_name()))
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    let mut dirs: Vec<PathBuf> = files.iter().map(|f| f.parent().unwrap_or(Path::new(".")).to_owned()).collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    }
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {}
+            store.reload();
+        }
+    });
+    Ok(watcher)
+}
