@@ -1,4 +1,4 @@
-//! The hostile plugin suite: a router that loops, hoards memory, recurses,
+//! The hostile plugin suite: a router that loops, sleeps, hoards memory, recurses,
 //! panics, returns a 100 MB body, injects header lines, names a pool that does
 //! not exist, answers 101, or tries to reach files, sockets and the
 //! environment. Each is contained: that request gets the plugin's `on_error`
@@ -52,6 +52,7 @@ async fn every_hostile_plugin_is_contained() {
     let rss_before = rss_kib();
     let hostile = [
         "/loop",
+        "/sleep",
         "/grow",
         "/recurse",
         "/panic",
@@ -85,8 +86,8 @@ async fn every_hostile_plugin_is_contained() {
     );
     assert!(grown_kib < 96 * 1024, "gateway RSS grew by {grown_kib} KiB over 30 hostile calls");
     let stats = gateway.registry().get("hostile").unwrap().stats();
-    assert_eq!(stats.errors, 30);
-    assert_eq!(stats.timeouts, 3, "only /loop runs into the deadline");
+    assert_eq!(stats.errors, 3 * hostile.len() as u64);
+    assert_eq!(stats.timeouts, 6, "/loop and /sleep run into the deadline");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +100,9 @@ async fn plugins_reach_no_file_socket_or_environment() {
         app.addr
     );
     let gateway = start_gateway(&config, &plugins).await;
-    let got = get(web(&gateway), &format!("/escape?connect={}", app.addr)).await;
+    // A bare listener: any TCP connection at all would show here.
+    let bait = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let got = get(web(&gateway), &format!("/escape?connect={}", bait.local_addr().unwrap())).await;
     assert_eq!(got.status, StatusCode::OK);
     let report = got.body;
     assert!(report.contains("file: Err("), "{report}");
@@ -107,5 +110,7 @@ async fn plugins_reach_no_file_socket_or_environment() {
     assert!(report.contains("env: 0"), "{report}");
     assert!(report.contains("args: 0"), "{report}");
     assert!(report.contains("socket: Err("), "{report}");
+    let accepted = tokio::time::timeout(Duration::from_millis(200), bait.accept()).await;
+    assert!(accepted.is_err(), "the plugin reached a socket: {accepted:?}");
     assert!(app.requests().is_empty(), "only the gateway's probes reached the backend, not the plugin");
 }

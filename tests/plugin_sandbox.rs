@@ -105,3 +105,18 @@ async fn crash_looping_plugin_is_quarantined_then_recovers() {
     assert!(!looper.stats().quarantined);
     assert_eq!(looper.stats().quarantines, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_are_reused_but_a_trapped_one_never_is() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("looper", "looper", "");
+    let gateway = start_gateway(&config(&app), &plugins).await;
+    let addr = web(&gateway);
+    // Sequential calls run on the same pooled instance: its count goes up.
+    let first: u32 = get(addr, "/count").await.body.parse().unwrap();
+    let second: u32 = get(addr, "/count").await.body.parse().unwrap();
+    assert_eq!(second, first + 1, "the instance was reused");
+    assert_eq!(get(addr, "/trap").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    // The trapped instance is gone: the next call starts on a fresh one.
+    assert_eq!(get(addr, "/count").await.body, "1", "a fresh instance after the trap");
+}

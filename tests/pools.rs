@@ -50,11 +50,9 @@ async fn stopped_server_leaves_the_pool_and_returns_when_it_recovers() {
         wait_until("b marked unhealthy", Duration::from_secs(3), || !server_healthy(&gateway, "app", &b_addr)).await;
     eprintln!("dead server removed by probes after {removed:?}");
     assert!(removed < Duration::from_millis(900), "removed after {removed:?}");
-    let before = b.requests().len();
     for _ in 0..20 {
         assert!(get(addr, "/after-death").await.body.contains("backend=a"));
     }
-    assert_eq!(b.requests().len(), before, "no new request reached the dead server");
 
     b.restart().await;
     let back = wait_until("b healthy again", Duration::from_secs(3), || server_healthy(&gateway, "app", &b_addr)).await;
@@ -262,4 +260,25 @@ async fn open_websocket_survives_a_failing_probe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_on_unhealthy_closes_the_servers_websockets() {
     assert!(!websocket_after_probe_failure(true).await, "closed when the pool asks for it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_failing_its_probe_gets_no_new_requests_or_handshakes() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let config =
+        format!("{}{}", listener("app"), pool_toml("app", &[a.addr.to_string(), b.addr.to_string()], FAST_PROBE));
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let addr = web(&gateway);
+    // b keeps listening and answering, but its health check fails.
+    b.health.store(500, Ordering::Relaxed);
+    let b_addr = b.addr.to_string();
+    let removed = wait_until("b out", Duration::from_secs(3), || !server_healthy(&gateway, "app", &b_addr)).await;
+    assert!(removed < Duration::from_millis(900), "removed after {removed:?}");
+    let before = b.requests().len();
+    for _ in 0..20 {
+        assert!(get(addr, "/x").await.body.contains("backend=a"));
+    }
+    let _ws = ws_connect(addr, "/ws", &[]).await;
+    assert_eq!(b.requests().len(), before, "no new request or handshake reached it");
+    assert!(last_reason(&gateway, "app", &b_addr).contains("status 500"));
 }

@@ -430,28 +430,35 @@ pub struct PluginSettings {
 }
 
 impl PluginSettings {
-    /// Reads `path`; a missing file means no settings.
-    pub fn load(path: &Path) -> Result<PluginSettings, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+    /// Reads `path`; a missing file means no settings. Returns the bytes
+    /// read too, so a caller can tell versions apart by exactly what it parsed.
+    pub fn load(path: &Path) -> Result<(PluginSettings, Vec<u8>), ConfigError> {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Self::default(), Vec::new())),
             Err(source) => return Err(ConfigError::Read { file: path.to_owned(), source }),
         };
+        let text = String::from_utf8_lossy(&bytes);
         let settings: PluginSettings = parse(path, &text)?;
         let invalid = |key: &str, reason: &str| ConfigError::Invalid {
             file: path.to_owned(),
             key: key.to_owned(),
             reason: reason.to_owned(),
         };
-        if settings.call_timeout_ms == Some(0) {
-            return Err(invalid("call_timeout_ms", "must be at least 1"));
+        if settings.call_timeout_ms.is_some_and(|t| !(1..=MAX_CALL_TIMEOUT_MS).contains(&t)) {
+            return Err(invalid("call_timeout_ms", "must be 1-60000"));
         }
-        if settings.memory_limit_mb == Some(0) {
-            return Err(invalid("memory_limit_mb", "must be at least 1"));
+        if settings.memory_limit_mb.is_some_and(|m| !(1..=MAX_MEMORY_LIMIT_MB).contains(&m)) {
+            return Err(invalid("memory_limit_mb", "must be 1-4096"));
         }
-        Ok(settings)
+        Ok((settings, bytes))
     }
 }
+
+/// Upper bounds that keep durations and sizes far from overflow.
+const MAX_CALL_TIMEOUT_MS: u64 = 60_000;
+const MAX_MEMORY_LIMIT_MB: u64 = 4096;
+const MAX_TIMEOUT_S: u64 = 30 * 86_400;
 
 fn parse<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
     toml::from_str(text)
@@ -501,11 +508,14 @@ impl Config {
     /// Checks everything that can be checked without the plugin files.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: String, reason: String| ConfigError::Invalid { file: self.source.clone(), key, reason };
-        if self.plugins.call_timeout_ms == 0 {
-            return Err(invalid("plugins.call_timeout_ms".into(), "must be at least 1".into()));
+        if !(1..=MAX_CALL_TIMEOUT_MS).contains(&self.plugins.call_timeout_ms) {
+            return Err(invalid("plugins.call_timeout_ms".into(), "must be 1-60000".into()));
         }
-        if self.plugins.memory_limit_mb == 0 {
-            return Err(invalid("plugins.memory_limit_mb".into(), "must be at least 1".into()));
+        if !(1..=MAX_MEMORY_LIMIT_MB).contains(&self.plugins.memory_limit_mb) {
+            return Err(invalid("plugins.memory_limit_mb".into(), "must be 1-4096".into()));
+        }
+        if self.plugins.quarantine_max_ms > MAX_TIMEOUT_S * 1000 {
+            return Err(invalid("plugins.quarantine_max_ms".into(), "must be at most 30 days".into()));
         }
         if self.plugins.quarantine_after_failures == 0 {
             return Err(invalid("plugins.quarantine_after_failures".into(), "must be at least 1".into()));
@@ -516,8 +526,12 @@ impl Config {
                 "must not exceed plugins.quarantine_max_ms".into(),
             ));
         }
-        if self.websocket.idle_timeout_s == 0 || self.websocket.max_lifetime_s == 0 {
-            return Err(invalid("websocket".into(), "timeouts must be at least 1 second".into()));
+        for (key, value) in
+            [("idle_timeout_s", self.websocket.idle_timeout_s), ("max_lifetime_s", self.websocket.max_lifetime_s)]
+        {
+            if !(1..=MAX_TIMEOUT_S).contains(&value) {
+                return Err(invalid(format!("websocket.{key}"), "must be between 1 second and 30 days".into()));
+            }
         }
 
         let mut pools = HashSet::new();
@@ -536,8 +550,8 @@ impl Config {
                 check_server_address(server)
                     .map_err(|reason| invalid(key("servers"), format!("`{server}`: {reason}")))?;
             }
-            if pool.request_timeout_s == 0 {
-                return Err(invalid(key("request_timeout_s"), "must be at least 1".into()));
+            if !(1..=MAX_TIMEOUT_S).contains(&pool.request_timeout_s) {
+                return Err(invalid(key("request_timeout_s"), "must be between 1 second and 30 days".into()));
             }
             if pool.protocol == PoolProtocol::Http
                 && (pool.ca.is_some() || pool.tls_server_name.is_some() || pool.insecure_skip_verify)

@@ -14,6 +14,13 @@ use std::time::{Duration, Instant};
 const SHARDS: usize = 32;
 /// A shard is swept of expired keys whenever it grows past this many.
 const SWEEP_AT: usize = 4096;
+/// Keys one shard may hold: a key flood evicts the oldest windows instead
+/// of growing the gateway's memory.
+const MAX_KEYS_PER_SHARD: usize = 8192;
+/// Longer keys are cut to this many bytes.
+const MAX_KEY_BYTES: usize = 256;
+/// The longest window a plugin can ask for: one day.
+const MAX_WINDOW_MS: u32 = 86_400_000;
 
 struct Window {
     length: Duration,
@@ -50,12 +57,19 @@ impl Counters {
     }
 
     fn count_at(&self, plugin: &str, key: &str, window_ms: u32, now: Instant) -> u64 {
-        let length = Duration::from_millis(u64::from(window_ms.max(1)));
+        let length = Duration::from_millis(u64::from(window_ms.clamp(1, MAX_WINDOW_MS)));
+        let key = truncate(key, MAX_KEY_BYTES);
         let shard = &self.shards[self.hasher.hash_one((plugin, key)) as usize % SHARDS];
         let mut shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if shard.windows.len() >= shard.sweep_at {
             shard.windows.retain(|_, w| now.duration_since(w.start) < w.length * 2);
-            shard.sweep_at = (shard.windows.len() * 2).max(SWEEP_AT);
+            shard.sweep_at = (shard.windows.len() * 2).clamp(SWEEP_AT, MAX_KEYS_PER_SHARD);
+        }
+        if shard.windows.len() >= MAX_KEYS_PER_SHARD
+            && !shard.windows.contains_key(&(plugin.to_owned(), key.to_owned()))
+            && let Some(oldest) = shard.windows.iter().min_by_key(|(_, w)| w.start).map(|(k, _)| k.clone())
+        {
+            shard.windows.remove(&oldest);
         }
         let window = shard.windows.entry((plugin.to_owned(), key.to_owned())).or_insert(Window {
             length,
@@ -83,6 +97,18 @@ impl Counters {
     }
 }
 
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +126,20 @@ mod tests {
         assert!((3..=4).contains(&n), "got {n}");
         // Two windows of silence forget everything.
         assert_eq!(counters.count_at("p", "ip", 1000, t1 + Duration::from_secs(3)), 1);
+    }
+
+    #[test]
+    fn a_key_flood_stays_bounded() {
+        let counters = Counters::default();
+        let now = Instant::now();
+        for i in 0..(SHARDS * MAX_KEYS_PER_SHARD * 2) {
+            counters.count_at("p", &format!("k{i}"), 86_400_000, now);
+        }
+        let total: usize = counters.shards.iter().map(|s| s.lock().unwrap().windows.len()).sum();
+        assert!(total <= SHARDS * MAX_KEYS_PER_SHARD, "{total} keys kept");
+        let long = "x".repeat(10_000);
+        assert_eq!(counters.count_at("p", &long, 1000, now), 1);
+        assert_eq!(counters.count_at("p", &long[..MAX_KEY_BYTES], 1000, now), 2, "long keys are cut");
     }
 
     #[test]

@@ -25,8 +25,14 @@ use crate::pool::Server;
 use crate::proxy::{ResponseBody, Route};
 use crate::upstream::PoolTls;
 
-/// How long a connection to a server may take to open.
+/// How long a connection to a server may take to open (at most): a server
+/// that does not answer the connection is skipped like one that refuses it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connect timeout of a pool: 5 s, or less if its request timeout is.
+pub fn connect_timeout(request_timeout: Duration) -> Duration {
+    CONNECT_TIMEOUT.min(request_timeout / 2)
+}
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -67,10 +73,10 @@ pub enum Forwarder {
 
 impl Forwarder {
     /// A client for a pool with these TLS settings (`None`: plain HTTP/1.1).
-    pub fn new(tls: Option<&PoolTls>) -> Forwarder {
+    pub fn new(tls: Option<&PoolTls>, connect_timeout: Duration) -> Forwarder {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_connect_timeout(Some(connect_timeout));
         let builder = Client::builder(TokioExecutor::new());
         let Some(tls) = tls else {
             return Forwarder::Plain(builder.build(connector));

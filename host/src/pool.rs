@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{Balance, PoolConfig, ProbeConfig};
-use crate::forward::Forwarder;
+use crate::forward::{self, Forwarder};
 use crate::upstream::PoolTls;
 
 /// One backend server of a pool.
@@ -142,7 +142,10 @@ impl Pool {
             request_timeout: Duration::from_secs(config.request_timeout_s),
             retries: config.retries,
             probe: config.probe.clone(),
-            forwarder: Forwarder::new(tls.as_ref()),
+            forwarder: Forwarder::new(
+                tls.as_ref(),
+                forward::connect_timeout(Duration::from_secs(config.request_timeout_s)),
+            ),
             tls,
             next: AtomicUsize::new(0),
         })

@@ -98,10 +98,17 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 struct Streak {
     passes: u32,
     failures: u32,
+    /// The server's health when the streak last counted: if something else
+    /// (a refused connection) changed it since, the streak starts over.
+    was_healthy: Option<bool>,
 }
 
 impl Streak {
     fn record(&mut self, server: &Server, config: &ProbeConfig, outcome: Result<(), String>) {
+        let healthy = server.is_healthy();
+        if self.was_healthy.is_some_and(|was| was != healthy) {
+            (self.passes, self.failures) = (0, 0);
+        }
         match outcome {
             Ok(()) => {
                 self.passes += 1;
@@ -119,6 +126,7 @@ impl Streak {
                 }
             }
         }
+        self.was_healthy = Some(server.is_healthy());
     }
 }
 
@@ -142,7 +150,8 @@ async fn probe_inner(
     config: &ProbeConfig,
     statuses: &StatusMatch,
 ) -> Result<(), String> {
-    let io = upstream::connect(server, tls).await.map_err(|e| match e {
+    let connect_timeout = Duration::from_secs_f64(config.timeout_s);
+    let io = upstream::connect(server, tls, connect_timeout).await.map_err(|e| match e {
         SendError::Connect(e) => format!("connect: {e}"),
         SendError::Tls(e) => format!("tls: {e}"),
         SendError::Failed(e) => e,

@@ -142,12 +142,15 @@ impl ListenerProxy {
                 let (timeout, tls) = (route.pool.request_timeout, route.pool.tls.as_ref());
                 let attempt = |server: Arc<Server>| {
                     let (head, handshake) = (forward::copy_head(&parts), &handshake);
-                    async move { websocket::send_handshake(head, handshake, &server, tls, timeout).await }
+                    async move {
+                        let active = server.begin();
+                        websocket::send_handshake(head, handshake, &server, tls, timeout).await.map(|r| (r, active))
+                    }
                 };
                 match self.try_servers(&route, true, attempt).await {
-                    Ok((response, server)) => {
+                    Ok(((response, active), server)) => {
                         let limits = self.shared.relay_limits;
-                        let relaying = Relaying { client_upgrade, handshake, server, limits, slot };
+                        let relaying = Relaying { client_upgrade, handshake, server, active, limits, slot };
                         websocket::answer(response, relaying)
                     }
                     Err(error) => Err(error),

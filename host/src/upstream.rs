@@ -6,6 +6,7 @@
 //! `insecure_skip_verify` turns verification off and says so loudly.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -103,8 +104,16 @@ fn roots(pool: &PoolConfig) -> Result<RootCertStore, String> {
 
 /// Opens a connection to `server` (TLS if `tls` is set) for an HTTP/1.1
 /// exchange: a WebSocket handshake or a probe.
-pub async fn connect(server: &Server, tls: Option<&PoolTls>) -> Result<Box<dyn Io>, SendError> {
-    let stream = TcpStream::connect(server.address.as_str()).await.map_err(|e| SendError::Connect(e.to_string()))?;
+pub async fn connect(
+    server: &Server,
+    tls: Option<&PoolTls>,
+    connect_timeout: Duration,
+) -> Result<Box<dyn Io>, SendError> {
+    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(server.address.as_str())).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
+        Err(_) => return Err(SendError::Connect(format!("no connection within {connect_timeout:?}"))),
+    };
     let _ = stream.set_nodelay(true);
     let Some(tls) = tls else {
         return Ok(Box::new(stream));

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use crate::error::GatewayError;
 use crate::forward::{self, SendError, error_chain};
 use crate::plugin::bindings::WebsocketHandshake;
-use crate::pool::Server;
+use crate::pool::{ActiveGuard, Server};
 use crate::proxy::ResponseBody;
 use crate::relay::{self, RelayEnd, RelayLimits};
 use crate::upstream::{self, PoolTls};
@@ -158,7 +158,7 @@ pub async fn send_handshake(
     parts.headers.insert(header::SEC_WEBSOCKET_KEY, handshake.upstream_key.clone());
     let request = Request::from_parts(parts, Empty::<Bytes>::new());
     let exchange = async {
-        let io = upstream::connect(server, tls).await?;
+        let io = upstream::connect(server, tls, forward::connect_timeout(timeout)).await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Failed(error_chain(&e)))?;
@@ -180,6 +180,9 @@ pub struct Relaying {
     pub client_upgrade: OnUpgrade,
     pub handshake: ClientHandshake,
     pub server: Arc<Server>,
+    /// Counts the connection on its server (for least-connections) from the
+    /// handshake until the relay ends.
+    pub active: ActiveGuard,
     pub limits: RelayLimits,
     pub slot: WebSocketSlot,
 }
@@ -188,7 +191,7 @@ pub struct Relaying {
 /// accept key) with the relay started in the background, or the server's
 /// own refusal passed through.
 pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Response<ResponseBody>, GatewayError> {
-    let Relaying { client_upgrade, handshake, server, limits, slot } = relaying;
+    let Relaying { client_upgrade, handshake, server, active, limits, slot } = relaying;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server declined the upgrade: its answer is the client's answer.
         let (mut parts, body) = response.into_parts();
@@ -196,13 +199,11 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
         parts.headers.remove(header::UPGRADE);
         return Ok(Response::from_parts(parts, Either::Left(body)));
     }
-    let expected = tungstenite::handshake::derive_accept_key(handshake.upstream_key.as_bytes());
-    let accept = response.headers().get(header::SEC_WEBSOCKET_ACCEPT);
-    if accept.map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
+    if let Err(reason) = check_server_handshake(response.headers(), &handshake) {
         return Err(GatewayError::BadBackendHandshake {
             pool: server.pool.clone(),
             server: server.address.clone(),
-            reason: "Sec-WebSocket-Accept does not match the key",
+            reason,
         });
     }
 
@@ -223,8 +224,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
 
     tokio::spawn(async move {
         let _slot = slot;
-        // Counted for least-connections for as long as it lives.
-        let _active = server.begin();
+        let _active = active;
         let (client_io, server_io) = match tokio::try_join!(client_upgrade, server_upgrade) {
             Ok(both) => both,
             Err(e) => {
@@ -249,6 +249,35 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
         }
     });
     Ok(answer)
+}
+
+/// Checks a server's 101 as a client would (RFC 6455 §4.1): the upgrade
+/// headers, the accept key, and a subprotocol and extensions the client
+/// offered.
+fn check_server_handshake(headers: &HeaderMap, handshake: &ClientHandshake) -> Result<(), &'static str> {
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Err("the 101 has no Upgrade: websocket");
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Err("the 101 has no Connection: Upgrade");
+    }
+    let expected = tungstenite::handshake::derive_accept_key(handshake.upstream_key.as_bytes());
+    if headers.get(header::SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
+        return Err("Sec-WebSocket-Accept does not match the key");
+    }
+    if let Some(chosen) = headers.get(header::SEC_WEBSOCKET_PROTOCOL)
+        && !handshake.subprotocols.iter().any(|offered| offered.as_bytes() == chosen.as_bytes().trim_ascii())
+    {
+        return Err("the server chose a subprotocol the client did not offer");
+    }
+    let offered: Vec<&str> = handshake.extensions.iter().map(|e| e.split(';').next().unwrap_or("").trim()).collect();
+    if list(headers, header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .any(|e| !offered.contains(&e.split(';').next().unwrap_or("").trim()))
+    {
+        return Err("the server chose an extension the client did not offer");
+    }
+    Ok(())
 }
 
 /// True if any comma-separated token of header `name` equals `token`

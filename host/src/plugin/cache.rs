@@ -4,10 +4,12 @@
 //! loads machine code in well under a millisecond instead of recompiling.
 //!
 //! The cache directory must be trusted: wasmtime runs the machine code it
-//! finds there. It is created private to the gateway's user (mode 0700).
+//! finds there. It is created private to the gateway's user (mode 0700), and
+//! an existing directory that another user owns or others can write to is
+//! not used at all.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use wasmtime::Engine;
@@ -20,24 +22,23 @@ pub struct ArtifactCache {
 }
 
 impl ArtifactCache {
-    /// Opens (creating if needed) the cache at `dir`.
+    /// Opens (creating if needed) the cache at `dir`, if it is private to
+    /// this user.
     pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<ArtifactCache> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        check_private(dir)?;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         Ok(ArtifactCache { dir: dir.to_owned(), compatibility: hasher.finish() })
     }
 
-    /// The default location: `$XDG_CACHE_HOME/wasmgate`, `~/.cache/wasmgate`,
-    /// or the temporary directory.
-    pub fn default_dir() -> PathBuf {
+    /// The default location: `$XDG_CACHE_HOME/wasmgate` or
+    /// `~/.cache/wasmgate`; none without either (no shared temp directory).
+    pub fn default_dir() -> Option<PathBuf> {
         if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-            return PathBuf::from(dir).join("wasmgate");
+            return Some(PathBuf::from(dir).join("wasmgate"));
         }
-        if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-            return PathBuf::from(home).join(".cache/wasmgate");
-        }
-        std::env::temp_dir().join("wasmgate-cache")
+        std::env::var_os("HOME").filter(|d| !d.is_empty()).map(|home| PathBuf::from(home).join(".cache/wasmgate"))
     }
 
     fn path(&self, sha256: &str) -> PathBuf {
@@ -70,11 +71,35 @@ impl ArtifactCache {
         let result = component
             .serialize()
             .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|bytes| std::fs::write(&temp, bytes))
+            .and_then(|bytes| {
+                // create_new: never follow or reuse a file someone else put there.
+                let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+                std::io::Write::write_all(&mut file, &bytes)
+            })
             .and_then(|()| std::fs::rename(&temp, &path));
         if let Err(error) = result {
             let _ = std::fs::remove_file(&temp);
             tracing::warn!(dir = %self.dir.display(), %error, "could not write the compiled-artifact cache");
         }
     }
+}
+
+/// Refuses a directory that is not owned by this process's user or that
+/// other users can write to.
+fn check_private(dir: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other("not a directory (or a symlink)"));
+    }
+    // A file made now is owned by this process's effective user.
+    let probe = dir.join(format!(".owner-check.{}", std::process::id()));
+    let me = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&probe)?.metadata()?.uid();
+    let _ = std::fs::remove_file(&probe);
+    if meta.uid() != me {
+        return Err(std::io::Error::other("owned by another user"));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other("writable by other users (chmod 700 it)"));
+    }
+    Ok(())
 }

@@ -32,6 +32,9 @@ use crate::config::OnError;
 /// when the pool is full.
 const MAX_IDLE_INSTANCES: usize = 16;
 
+/// Elements one table of a plugin may grow to (a Rust plugin uses hundreds).
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
 /// Which contract a component implements, read from its exports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PluginKind {
@@ -151,6 +154,10 @@ struct Counters {
     backoff_level: AtomicU32,
     /// Milliseconds after `born` until which calls are refused (0: none).
     quarantined_until_ms: AtomicU64,
+    /// When (ms after `born`, +1) the trial call after a quarantine started;
+    /// 0: none under way. A trial older than a call's deadline was abandoned
+    /// (its request went away), so another may start.
+    trial_started_ms: AtomicU64,
 }
 
 /// A compiled, validated plugin ready to be called.
@@ -227,7 +234,8 @@ impl LoadedPlugin {
         };
         let bindings = bindings.wasmgate_plugin_router();
         self.arm(&mut instance.store);
-        let result = bindings.call_route(&mut instance.store, head).await;
+        let result =
+            tokio::time::timeout(self.limits.call_timeout, bindings.call_route(&mut instance.store, head)).await;
         self.finish(instance, result)
     }
 
@@ -239,7 +247,8 @@ impl LoadedPlugin {
         };
         let bindings = bindings.wasmgate_plugin_waf();
         self.arm(&mut instance.store);
-        let result = bindings.call_inspect(&mut instance.store, head).await;
+        let result =
+            tokio::time::timeout(self.limits.call_timeout, bindings.call_inspect(&mut instance.store, head)).await;
         self.finish(instance, result)
     }
 
@@ -269,34 +278,41 @@ impl LoadedPlugin {
     }
 
     /// Returns a healthy instance to the pool; turns a failure into an error.
-    fn finish<T>(&self, instance: Instance, result: wasmtime::Result<T>) -> Result<T, PluginError> {
-        match result {
-            Ok(value) => {
+    ///
+    /// The outer timeout catches a call blocked in a host function (say, a
+    /// WASI poll), where the epoch deadline cannot interrupt it.
+    fn finish<T>(
+        &self,
+        instance: Instance,
+        result: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, PluginError> {
+        let err = match result {
+            Ok(Ok(value)) => {
                 self.put_back(instance);
                 self.succeeded();
-                Ok(value)
+                return Ok(value);
             }
-            Err(err) => {
-                // The instance is dropped here: after a trap its state is
-                // unknown, so it never serves another request.
-                drop(instance);
-                let error = self.classify(err);
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                if matches!(error, PluginError::Timeout { .. }) {
-                    self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                }
-                self.failed(&error);
-                Err(error)
-            }
+            Ok(Err(err)) => self.classify(err),
+            Err(_elapsed) => self.timeout_error(),
+        };
+        // The instance is dropped here: after a trap or an overrun its state
+        // is unknown, so it never serves another request.
+        drop(instance);
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        if matches!(err, PluginError::Timeout { .. }) {
+            self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
         }
+        self.failed(&err);
+        Err(err)
+    }
+
+    fn timeout_error(&self) -> PluginError {
+        PluginError::Timeout { plugin: self.name.clone(), timeout_ms: self.limits.call_timeout.as_millis() as u64 }
     }
 
     fn classify(&self, err: wasmtime::Error) -> PluginError {
         if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
-            return PluginError::Timeout {
-                plugin: self.name.clone(),
-                timeout_ms: self.limits.call_timeout.as_millis() as u64,
-            };
+            return self.timeout_error();
         }
         // The trap itself, without the wasm backtrace (logged at debug).
         tracing::debug!(plugin = %self.name, "plugin trap: {err:?}");
@@ -310,7 +326,10 @@ impl LoadedPlugin {
 
     fn succeeded(&self) {
         let c = &self.counters;
-        if c.consecutive_failures.swap(0, Ordering::Relaxed) != 0 && c.backoff_level.swap(0, Ordering::Relaxed) != 0 {
+        c.consecutive_failures.store(0, Ordering::Relaxed);
+        if c.backoff_level.swap(0, Ordering::Relaxed) != 0 {
+            c.quarantined_until_ms.store(0, Ordering::Relaxed);
+            c.trial_started_ms.store(0, Ordering::Release);
             tracing::info!(plugin = %self.name, version = self.identity.version, "plugin recovered; quarantine over");
         }
     }
@@ -327,6 +346,7 @@ impl LoadedPlugin {
         // After the quarantine one more failure is enough to re-trip.
         c.consecutive_failures.store(self.limits.quarantine_after_failures.saturating_sub(1), Ordering::Relaxed);
         c.quarantines.fetch_add(1, Ordering::Relaxed);
+        c.trial_started_ms.store(0, Ordering::Release);
         tracing::warn!(
             plugin = %self.name,
             version = self.identity.version,
@@ -341,14 +361,38 @@ impl LoadedPlugin {
         if self.kind != expected {
             return Err(PluginError::WrongKind { plugin: self.name.clone(), actual: self.kind, expected });
         }
-        if self.now_ms() < self.counters.quarantined_until_ms.load(Ordering::Relaxed) {
-            return Err(PluginError::Quarantined { plugin: self.name.clone() });
+        let c = &self.counters;
+        let until = c.quarantined_until_ms.load(Ordering::Relaxed);
+        // After a quarantine, one trial call at a time until one succeeds.
+        if until != 0 {
+            let now = self.now_ms();
+            let started = c.trial_started_ms.load(Ordering::Acquire);
+            let abandoned = started != 0 && now + 1 > started + self.limits.call_timeout.as_millis() as u64 * 2;
+            let may_try = now >= until
+                && (started == 0 || abandoned)
+                && c.trial_started_ms.compare_exchange(started, now + 1, Ordering::AcqRel, Ordering::Acquire).is_ok();
+            if !may_try {
+                return Err(PluginError::Quarantined { plugin: self.name.clone() });
+            }
         }
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        c.calls.fetch_add(1, Ordering::Relaxed);
         let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         match idle {
             Some(instance) => Ok(instance),
-            None => self.instantiate().await,
+            None => match tokio::time::timeout(self.limits.call_timeout, self.instantiate()).await {
+                Ok(Ok(instance)) => Ok(instance),
+                Ok(Err(error)) => {
+                    c.errors.fetch_add(1, Ordering::Relaxed);
+                    self.failed(&error);
+                    Err(error)
+                }
+                Err(_elapsed) => {
+                    let error = self.timeout_error();
+                    c.errors.fetch_add(1, Ordering::Relaxed);
+                    self.failed(&error);
+                    Err(error)
+                }
+            },
         }
     }
 
@@ -360,7 +404,15 @@ impl LoadedPlugin {
     }
 
     async fn instantiate(&self) -> Result<Instance, PluginError> {
-        let limits = StoreLimitsBuilder::new().memory_size(self.limits.memory_limit_bytes).instances(64).build();
+        // Every way to take host memory is capped: linear memories (size and
+        // count), tables (elements and count), instances.
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory_limit_bytes)
+            .memories(8)
+            .table_elements(MAX_TABLE_ELEMENTS)
+            .tables(32)
+            .instances(64)
+            .build();
         let mut store = Store::new(&self.runtime.engine, HostState::new(self.context.clone(), limits));
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_callback(|store| {

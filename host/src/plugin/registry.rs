@@ -62,17 +62,20 @@ impl Loader {
         services: Arc<HostServices>,
         roles: HashMap<String, (PluginRole, String)>,
     ) -> Loader {
-        let cache_dir = defaults.cache_dir.clone().unwrap_or_else(ArtifactCache::default_dir);
-        let cache = if defaults.cache {
-            match ArtifactCache::open(&cache_dir, runtime.engine()) {
+        let cache_dir = defaults.cache_dir.clone().or_else(ArtifactCache::default_dir);
+        let cache = match (defaults.cache, cache_dir) {
+            (false, _) => None,
+            (true, None) => {
+                tracing::warn!("no cache_dir, XDG_CACHE_HOME or HOME: compiled-artifact cache off");
+                None
+            }
+            (true, Some(dir)) => match ArtifactCache::open(&dir, runtime.engine()) {
                 Ok(cache) => Some(cache),
                 Err(error) => {
-                    tracing::warn!(dir = %cache_dir.display(), %error, "compiled-artifact cache unavailable; compiling every load");
+                    tracing::warn!(dir = %dir.display(), %error, "compiled-artifact cache unusable; compiling every load");
                     None
                 }
-            }
-        } else {
-            None
+            },
         };
         Loader { runtime, defaults, services, cache, roles }
     }
@@ -85,11 +88,11 @@ impl Loader {
     /// its `NAME.toml` beside it.
     pub async fn load(&self, file: &Path, version: u64) -> anyhow::Result<LoadedPlugin> {
         let name = plugin_name(file)?;
-        let settings_path = file.with_extension("toml");
-        let settings = PluginSettings::load(&settings_path)?;
+        // Each file is read once: what is hashed is exactly what is used.
+        let (settings, settings_bytes) = PluginSettings::load(&file.with_extension("toml"))?;
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let sha256 = hex(&Sha256::digest(&bytes));
-        let source_hash = source_hash(&bytes, &settings_path);
+        let source_hash = source_hash(&bytes, &settings_bytes);
 
         let (component, from_cache) = match self.cache.as_ref().and_then(|c| c.get(self.runtime.engine(), &sha256)) {
             Some(component) => (component, true),
@@ -202,8 +205,10 @@ impl Registry {
             let Ok(name) = plugin_name(file) else { continue };
             let old = current.get(&name);
             if let Some(old) = old
-                && std::fs::read(file)
-                    .is_ok_and(|bytes| source_hash(&bytes, &file.with_extension("toml")) == old.source_hash)
+                && std::fs::read(file).is_ok_and(|bytes| {
+                    let settings = std::fs::read(file.with_extension("toml")).unwrap_or_default();
+                    source_hash(&bytes, &settings) == old.source_hash
+                })
             {
                 next.insert(name, old.clone());
                 continue;
@@ -290,10 +295,10 @@ fn plugin_name(file: &Path) -> anyhow::Result<String> {
 }
 
 /// What decides whether a plugin changed: its component and its settings.
-fn source_hash(component: &[u8], settings: &Path) -> String {
+fn source_hash(component: &[u8], settings: &[u8]) -> String {
     let mut hasher = Sha256::new();
     hasher.update(component);
-    hasher.update(std::fs::read(settings).unwrap_or_default());
+    hasher.update(settings);
     hex(&hasher.finalize())
 }
 

@@ -36,6 +36,11 @@ impl Router for Hostile {
                     std::hint::black_box(&hoard);
                 }
             }
+            "/sleep" => {
+                // Blocks in a WASI poll, where no epoch deadline can fire.
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                RouteDecision::NoRoute
+            }
             "/recurse" => RouteDecision::Respond(Response::text(200, recurse(0).to_string())),
             "/panic" => panic!("hostile plugin panics"),
             "/big-body" => {

@@ -1,13 +1,22 @@
 //! Test WAF: loops forever on requests whose path starts with `/loop`, traps on
-//! `/trap`, grows its memory until refused on `/grow`, and allows everything
-//! else. Tests use it to prove a plugin is cut
+//! `/trap`, grows its memory until refused on `/grow`, answers `/count` with
+//! the number of calls its instance has served, and allows everything else. Tests use it to prove a plugin is cut
 //! off at its deadline without hurting other requests.
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use wasmgate_sdk::*;
 
 struct Looper;
 
+/// Calls this instance has served: shows whether an instance was reused.
+static CALLS: AtomicU32 = AtomicU32::new(0);
+
 impl Waf for Looper {
     fn inspect(req: RequestHead) -> Verdict {
+        let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+        if req.path.starts_with("/count") {
+            return Verdict::Deny(Response::text(418, calls.to_string()));
+        }
         if req.path.starts_with("/loop") {
             let mut n: u64 = 0;
             loop {
