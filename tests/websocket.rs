@@ -96,8 +96,19 @@ async fn wrong_accept_key_from_backend_is_502() {
     assert_eq!(refused.header("x-wasmgate-error"), Some("bad-backend-handshake"));
 }
 
+/// The Close frame the gateway sends, and when it arrived.
+async fn gateway_close(ws: &mut Ws, within: Duration) -> (u16, String) {
+    loop {
+        match tokio::time::timeout(within, ws.next()).await.expect("a Close in time") {
+            Some(Ok(Message::Close(Some(frame)))) => return (u16::from(frame.code), frame.reason.to_string()),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a Close frame, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_websocket_is_closed_after_idle_timeout() {
+async fn idle_websocket_gets_a_close_frame_after_idle_timeout() {
     let app = Backend::start("app").await;
     let gateway = start_gateway(&config(&app, "[websocket]\nidle_timeout_s = 1\n"), &PluginDir::new()).await;
     let (mut ws, _) = ws_connect(web(&gateway), "/ws", &[]).await;
@@ -108,12 +119,37 @@ async fn idle_websocket_is_closed_after_idle_timeout() {
         ws.send(Message::text("still here")).await.unwrap();
         assert_eq!(next_message(&mut ws).await, Message::text("still here"));
     }
-    // ...silence ends it.
+    // ...silence ends it, with a WebSocket Close naming the cause.
     let quiet_since = Instant::now();
-    let end = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("closed within 5 s");
-    assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
+    let (code, reason) = gateway_close(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
     let idle = quiet_since.elapsed();
     assert!(idle >= Duration::from_millis(900), "closed after {idle:?}, before the idle timeout");
+    // The client's answer completes the close; then the stream ends.
+    let end = tokio::time::timeout(Duration::from_secs(6), ws.next()).await.expect("stream ends");
+    assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_websocket_gets_a_close_frame_at_its_maximum_lifetime() {
+    let app = Backend::start("app").await;
+    let gateway = start_gateway(&config(&app, "[websocket]\nmax_lifetime_s = 1\n"), &PluginDir::new()).await;
+    let (mut ws, _) = ws_connect(web(&gateway), "/ws", &[]).await;
+    let opened = Instant::now();
+    let mut sent = 0;
+    let (code, reason) = loop {
+        ws.send(Message::binary(vec![1u8; 50_000])).await.unwrap();
+        sent += 1;
+        match next_message(&mut ws).await {
+            Message::Binary(b) => assert_eq!(b.len(), 50_000, "whole frames only"),
+            Message::Close(Some(frame)) => break (u16::from(frame.code), frame.reason.to_string()),
+            other => panic!("{other:?}"),
+        }
+        assert!(opened.elapsed() < Duration::from_secs(5), "never closed");
+    };
+    assert_eq!((code, reason.as_str()), (1001, "maximum lifetime reached"));
+    assert!(opened.elapsed() >= Duration::from_millis(950));
+    assert!(sent > 3, "traffic was flowing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

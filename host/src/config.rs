@@ -399,6 +399,13 @@ pub struct WebSocketConfig {
     /// Close every WebSocket after this long, busy or not.
     #[serde(default = "default_max_lifetime_s")]
     pub max_lifetime_s: u64,
+    /// On shutdown, WebSockets get their Close 1001 spread over this window.
+    #[serde(default = "default_drain_s")]
+    pub drain_s: u64,
+}
+
+fn default_drain_s() -> u64 {
+    30
 }
 
 fn default_idle_timeout_s() -> u64 {
@@ -410,7 +417,11 @@ fn default_max_lifetime_s() -> u64 {
 
 impl Default for WebSocketConfig {
     fn default() -> Self {
-        WebSocketConfig { idle_timeout_s: default_idle_timeout_s(), max_lifetime_s: default_max_lifetime_s() }
+        WebSocketConfig {
+            idle_timeout_s: default_idle_timeout_s(),
+            max_lifetime_s: default_max_lifetime_s(),
+            drain_s: default_drain_s(),
+        }
     }
 }
 
@@ -525,6 +536,9 @@ impl Config {
                 "plugins.quarantine_initial_ms".into(),
                 "must not exceed plugins.quarantine_max_ms".into(),
             ));
+        }
+        if self.websocket.drain_s > MAX_TIMEOUT_S {
+            return Err(invalid("websocket.drain_s".into(), "must be at most 30 days".into()));
         }
         for (key, value) in
             [("idle_timeout_s", self.websocket.idle_timeout_s), ("max_lifetime_s", self.websocket.max_lifetime_s)]

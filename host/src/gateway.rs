@@ -18,13 +18,17 @@ use crate::plugin::{Loader, Registry, Runtime};
 use crate::pool::Pools;
 use crate::proxy::{self, ListenerProxy, Shared};
 use crate::relay::RelayLimits;
+use crate::shutdown::Drain;
 use crate::tls::{self, CertStore};
 use tokio_rustls::TlsAcceptor;
 
 /// A running gateway. Dropping it stops its listeners and its plugin watch.
 pub struct Gateway {
     listeners: Vec<(String, SocketAddr)>,
+    listener_tasks: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
+    drain: Arc<Drain>,
+    drain_window: Duration,
     registry: Arc<Registry>,
     pools: Arc<Pools>,
     _watcher: Option<Watcher>,
@@ -76,6 +80,7 @@ impl Gateway {
                 idle_timeout: Duration::from_secs(config.websocket.idle_timeout_s),
                 max_lifetime: Duration::from_secs(config.websocket.max_lifetime_s),
             },
+            drain: Arc::new(Drain::default()),
         });
         // Bind everything first: a redirect needs the HTTPS listener's port.
         let mut sockets = Vec::new();
@@ -89,7 +94,8 @@ impl Gateway {
             sockets.iter().find(|(l, _, _)| l.protocol == ListenerProtocol::Https).map(|(_, a, _)| a.port());
 
         let mut listeners = Vec::new();
-        let mut tasks = crate::probe::spawn_probers(shared.pools.all());
+        let mut listener_tasks = Vec::new();
+        let tasks = crate::probe::spawn_probers(shared.pools.all());
         let mut cert_watchers = Vec::new();
         for (listener_config, addr, socket) in sockets {
             let tls = match listener_config.protocol {
@@ -105,14 +111,17 @@ impl Gateway {
             tracing::info!(listener = %listener_config.name, %addr, "listening ({kind})");
             let redirect = if listener_config.redirect_to_https { https_port } else { None };
             let proxy = Arc::new(ListenerProxy::new(listener_config, shared.clone(), redirect));
-            tasks.push(tokio::spawn(crate::listener::serve(socket, proxy, tls)));
+            listener_tasks.push(tokio::spawn(crate::listener::serve(socket, proxy, tls)));
             listeners.push((listener_config.name.clone(), addr));
         }
         Ok(Gateway {
             listeners,
+            listener_tasks,
             tasks,
             registry,
             pools: shared.pools.clone(),
+            drain: shared.drain.clone(),
+            drain_window: Duration::from_secs(config.websocket.drain_s),
             _watcher: watcher,
             _cert_watchers: cert_watchers,
         })
@@ -132,21 +141,58 @@ impl Gateway {
         &self.pools
     }
 
-    /// Serves until SIGINT or SIGTERM.
+    /// Serves until SIGINT or SIGTERM, then drains (see [`crate::shutdown`]).
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut terminate, mut interrupt) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
-            _ = terminate.recv() => tracing::info!("terminated; stopping"),
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
         }
-        drop(self);
+        self.drain().await;
+        tokio::select! {
+            _ = self.wait_drained() => tracing::info!("drained; exiting"),
+            _ = terminate.recv() => tracing::warn!("second signal: exiting now"),
+            _ = interrupt.recv() => tracing::warn!("second signal: exiting now"),
+        }
         Ok(())
+    }
+
+    /// Stops accepting and starts closing WebSockets over the drain window.
+    pub async fn drain(&self) {
+        for task in &self.listener_tasks {
+            task.abort();
+        }
+        tracing::info!(
+            requests = self.drain.in_flight(),
+            websockets = self.drain.websockets(),
+            drain_s = self.drain_window.as_secs(),
+            "stopping: no new connections; requests finish, WebSockets get Close 1001 over the drain window"
+        );
+        self.drain.begin(self.drain_window);
+    }
+
+    /// Resolves when nothing is left, or the window and the close grace are over.
+    pub async fn wait_drained(&self) {
+        let deadline =
+            tokio::time::Instant::now() + self.drain_window + crate::relay::CLOSE_GRACE + Duration::from_secs(1);
+        while self.drain.in_flight() + self.drain.websockets() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    requests = self.drain.in_flight(),
+                    websockets = self.drain.websockets(),
+                    "drain window over; cutting what is left"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self.tasks.iter().chain(&self.listener_tasks) {
             task.abort();
         }
     }

@@ -14,6 +14,7 @@ pub mod pool;
 pub mod probe;
 pub mod proxy;
 pub mod relay;
+pub mod shutdown;
 pub mod tls;
 pub mod upstream;
 pub mod websocket;

@@ -40,6 +40,7 @@ use crate::plugin::bindings::{RequestHead, RouteDecision, Verdict};
 use crate::plugin::{PluginError, Registry, validate};
 use crate::pool::{Pool, Pools, Server};
 use crate::relay::RelayLimits;
+use crate::shutdown::Drain;
 use crate::websocket::{self, ClientHandshake, Relaying, WebSocketSlot};
 
 /// The body of every response the gateway sends: a backend's streamed body,
@@ -68,6 +69,7 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub pools: Arc<Pools>,
     pub relay_limits: RelayLimits,
+    pub drain: Arc<Drain>,
 }
 
 /// One listener's rules, applied to each of its requests.
@@ -102,6 +104,7 @@ impl ListenerProxy {
 
     /// Handles one request from `client` and returns the client's response.
     pub async fn handle(&self, req: Request<Incoming>, client: &ConnInfo) -> Response<ResponseBody> {
+        let _in_flight = self.shared.drain.request();
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -150,7 +153,8 @@ impl ListenerProxy {
                 match self.try_servers(&route, true, attempt).await {
                     Ok(((response, active), server)) => {
                         let limits = self.shared.relay_limits;
-                        let relaying = Relaying { client_upgrade, handshake, server, active, limits, slot };
+                        let drain = self.shared.drain.clone();
+                        let relaying = Relaying { client_upgrade, handshake, server, active, limits, slot, drain };
                         websocket::answer(response, relaying)
                     }
                     Err(error) => Err(error),

@@ -1,20 +1,29 @@
 //! The relay: after a WebSocket upgrade, bytes flow both ways untouched until
-//! either side closes, the connection idles past `idle_timeout_s`, or it
-//! reaches `max_lifetime_s`.
+//! either side closes, or the gateway ends the connection.
 //!
-//! The relay never reads payload: it copies bytes. A side that closes its
-//! write half (EOF) has that half-close passed on, and the other direction
-//! keeps flowing until it closes too.
+//! The relay never inspects, unmasks or re-frames payload. It does read each
+//! frame's 2-14 byte header to know where the next frame starts, so that when
+//! the gateway itself must end a connection (idle timeout, maximum lifetime,
+//! its server turned unhealthy, shutdown drain) it can send each side a
+//! proper Close frame *between* two frames — masked toward the server, as a
+//! client would — instead of cutting TCP. A side that does not finish the
+//! close within [`CLOSE_GRACE`] is cut.
+//!
+//! A side that closes its write half (EOF) has that half-close passed on, and
+//! the other direction keeps flowing until it closes too.
 
+use std::hash::{BuildHasher, RandomState};
 use std::io;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
+
+/// How long each side has to finish a close the gateway started.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Bytes read at a time, per direction.
+const BUFFER: usize = 8 * 1024;
 
 /// Limits on one relayed connection.
 #[derive(Debug, Clone, Copy)]
@@ -23,85 +32,268 @@ pub struct RelayLimits {
     pub max_lifetime: Duration,
 }
 
+/// Why the gateway ends a WebSocket, and the Close frame it sends for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    IdleTimeout,
+    MaxLifetime,
+    ServerUnhealthy,
+    Shutdown,
+}
+
+impl CloseReason {
+    /// 1001 Going Away, with a reason naming the cause.
+    pub fn code_and_text(self) -> (u16, &'static str) {
+        match self {
+            CloseReason::IdleTimeout => (1001, "idle timeout"),
+            CloseReason::MaxLifetime => (1001, "maximum lifetime reached"),
+            CloseReason::ServerUnhealthy => (1001, "server unhealthy"),
+            CloseReason::Shutdown => (1001, "gateway shutting down"),
+        }
+    }
+}
+
 /// Why a relay ended.
 #[derive(Debug)]
 pub enum RelayEnd {
     /// Both sides closed.
     Closed { client_to_server: u64, server_to_client: u64 },
-    /// No byte moved for `idle_timeout`.
-    IdleTimeout,
-    /// The connection reached `max_lifetime`.
-    MaxLifetime,
-    /// The gateway stopped it (its server turned unhealthy).
-    Stopped,
+    /// The gateway closed it (with Close frames) for this reason.
+    ClosedByGateway(CloseReason),
     /// A socket failed.
     Error(io::Error),
 }
 
-/// Relays between `client` and `server` until one of the [`RelayEnd`]s;
-/// `stop` resolving ends it too.
-pub async fn relay<C, S>(client: C, server: S, limits: RelayLimits, stop: impl Future<Output = ()>) -> RelayEnd
+/// Where a byte stream is in its frames.
+#[derive(Debug, Default)]
+struct Frames {
+    /// Bytes of the current frame still to pass (header done).
+    remaining: u64,
+    /// A header seen in part.
+    header: [u8; 14],
+    have: usize,
+}
+
+impl Frames {
+    /// Follows `data` through frame headers and payloads.
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let take = self.remaining.min(data.len() as u64);
+                self.remaining -= take;
+                data = &data[take as usize..];
+                continue;
+            }
+            self.header[self.have] = data[0];
+            self.have += 1;
+            data = &data[1..];
+            if self.have < 2 {
+                continue;
+            }
+            let (len7, masked) = (self.header[1] & 0x7f, self.header[1] & 0x80 != 0);
+            let extended = match len7 {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let header_len = 2 + extended + if masked { 4 } else { 0 };
+            if self.have < header_len {
+                continue;
+            }
+            self.remaining = match extended {
+                0 => u64::from(len7),
+                2 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
+                _ => u64::from_be_bytes(self.header[2..10].try_into().unwrap_or_default()),
+            };
+            self.have = 0;
+        }
+    }
+
+    /// True between two frames.
+    fn at_boundary(&self) -> bool {
+        self.remaining == 0 && self.have == 0
+    }
+}
+
+/// One direction of the relay.
+#[derive(Default)]
+struct Direction {
+    frames: Frames,
+    bytes: u64,
+    /// The source sent EOF (and it was passed on).
+    ended: bool,
+    /// The gateway's Close went to the destination; later bytes are dropped.
+    closed: bool,
+}
+
+/// A Close frame: unmasked toward the client, masked toward the server.
+fn close_frame(reason: CloseReason, masked: bool) -> Vec<u8> {
+    let (code, text) = reason.code_and_text();
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(text.as_bytes());
+    let mut frame = vec![0x88, payload.len() as u8 | if masked { 0x80 } else { 0 }];
+    if masked {
+        let mask = RandomState::new().hash_one(text).to_le_bytes();
+        frame.extend_from_slice(&mask[..4]);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        frame.extend_from_slice(&payload);
+    }
+    frame
+}
+
+/// Relays between `client` and `server` until both close, a socket fails, or
+/// the gateway ends it: idle for `idle_timeout`, `max_lifetime` reached, or
+/// `stop` resolving with its reason.
+pub async fn relay<C, S>(client: C, server: S, limits: RelayLimits, stop: impl Future<Output = CloseReason>) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let last_read = Arc::new(AtomicU64::new(0));
-    let mut client = Watched { io: client, start, last_read: last_read.clone() };
-    let mut server = Watched { io: server, start, last_read: last_read.clone() };
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
-    tokio::pin!(copy);
-    let lifetime = tokio::time::sleep(limits.max_lifetime);
-    tokio::pin!(lifetime);
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut server_rd, mut server_wr) = tokio::io::split(server);
+    let mut up = Direction::default(); // client → server
+    let mut down = Direction::default(); // server → client
+    let (mut up_buf, mut down_buf) = (vec![0u8; BUFFER], vec![0u8; BUFFER]);
+    let started = Instant::now();
+    let mut last_activity = started;
+    let mut closing: Option<(CloseReason, Instant)> = None;
     tokio::pin!(stop);
+
     loop {
-        let seen = last_read.load(Ordering::Relaxed);
-        let idle_deadline = start + Duration::from_millis(seen) + limits.idle_timeout;
+        if up.ended && down.ended {
+            return match closing {
+                Some((reason, _)) => RelayEnd::ClosedByGateway(reason),
+                None => RelayEnd::Closed { client_to_server: up.bytes, server_to_client: down.bytes },
+            };
+        }
+        // Deliver the gateway's Close on each side as soon as its stream is
+        // between frames.
+        if let Some((reason, _)) = closing {
+            if !up.closed && up.frames.at_boundary() {
+                up.closed = true;
+                let _ = server_wr.write_all(&close_frame(reason, true)).await;
+            }
+            if !down.closed && down.frames.at_boundary() {
+                down.closed = true;
+                let _ = client_wr.write_all(&close_frame(reason, false)).await;
+            }
+        }
+        let deadline = match closing {
+            Some((_, since)) => since + CLOSE_GRACE,
+            None => (last_activity + limits.idle_timeout).min(started + limits.max_lifetime),
+        };
         tokio::select! {
-            result = &mut copy => {
-                return match result {
-                    Ok((client_to_server, server_to_client)) => RelayEnd::Closed { client_to_server, server_to_client },
-                    Err(e) => RelayEnd::Error(e),
-                };
-            }
-            _ = &mut lifetime => return RelayEnd::MaxLifetime,
-            _ = &mut stop => return RelayEnd::Stopped,
-            _ = tokio::time::sleep_until(idle_deadline) => {
-                if last_read.load(Ordering::Relaxed) == seen {
-                    return RelayEnd::IdleTimeout;
+            read = client_rd.read(&mut up_buf), if !up.ended => match read {
+                Ok(0) => {
+                    up.ended = true;
+                    let _ = server_wr.shutdown().await;
                 }
+                Ok(n) => {
+                    last_activity = Instant::now();
+                    up.bytes += n as u64;
+                    if !up.closed {
+                        up.frames.feed(&up_buf[..n]);
+                        if let Err(e) = server_wr.write_all(&up_buf[..n]).await {
+                            return RelayEnd::Error(e);
+                        }
+                    }
+                }
+                Err(e) => return RelayEnd::Error(e),
+            },
+            read = server_rd.read(&mut down_buf), if !down.ended => match read {
+                Ok(0) => {
+                    down.ended = true;
+                    let _ = client_wr.shutdown().await;
+                }
+                Ok(n) => {
+                    last_activity = Instant::now();
+                    down.bytes += n as u64;
+                    if !down.closed {
+                        down.frames.feed(&down_buf[..n]);
+                        if let Err(e) = client_wr.write_all(&down_buf[..n]).await {
+                            return RelayEnd::Error(e);
+                        }
+                    }
+                }
+                Err(e) => return RelayEnd::Error(e),
+            },
+            reason = &mut stop, if closing.is_none() => closing = Some((reason, Instant::now())),
+            _ = tokio::time::sleep_until(deadline) => match closing {
+                // The grace is over: cut what is left.
+                Some((reason, _)) => return RelayEnd::ClosedByGateway(reason),
+                None if Instant::now() >= started + limits.max_lifetime => {
+                    closing = Some((CloseReason::MaxLifetime, Instant::now()));
+                }
+                None if Instant::now() >= last_activity + limits.idle_timeout => {
+                    closing = Some((CloseReason::IdleTimeout, Instant::now()));
+                }
+                None => {}
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(payload_len: usize, masked: bool) -> Vec<u8> {
+        let mut f = vec![0x82];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload_len {
+            0..=125 => f.push(payload_len as u8 | mask_bit),
+            126..=65535 => {
+                f.push(126 | mask_bit);
+                f.extend_from_slice(&(payload_len as u16).to_be_bytes());
+            }
+            _ => {
+                f.push(127 | mask_bit);
+                f.extend_from_slice(&(payload_len as u64).to_be_bytes());
             }
         }
-    }
-}
-
-/// Records when bytes were last read, for the idle timer.
-struct Watched<T> {
-    io: T,
-    start: Instant,
-    last_read: Arc<AtomicU64>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let result = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.last_read.store(this.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if masked {
+            f.extend_from_slice(&[1, 2, 3, 4]);
         }
-        result
+        f.extend(std::iter::repeat_n(0xab, payload_len));
+        f
     }
-}
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    #[test]
+    fn frame_boundaries_are_found_across_any_split() {
+        let stream: Vec<u8> = [frame(5, true), frame(300, false), frame(70_000, true), frame(0, false)].concat();
+        // Byte by byte: exactly one boundary after each of the four frames.
+        let mut frames = Frames::default();
+        let mut boundaries = 0;
+        for byte in stream.chunks(1) {
+            frames.feed(byte);
+            boundaries += usize::from(frames.at_boundary());
+        }
+        assert_eq!(boundaries, 4);
+        // Any read size ends between frames at the end of the stream.
+        for chunk in [2, 3, 7, 13, 4096] {
+            let mut frames = Frames::default();
+            for piece in stream.chunks(chunk) {
+                frames.feed(piece);
+            }
+            assert!(frames.at_boundary(), "split into {chunk}-byte reads");
+        }
+        let mut frames = Frames::default();
+        frames.feed(&stream[..10]);
+        assert!(!frames.at_boundary(), "inside the second frame");
     }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+
+    #[test]
+    fn close_frames_are_valid_and_masked_toward_the_server() {
+        let to_client = close_frame(CloseReason::IdleTimeout, false);
+        assert_eq!(&to_client[..4], &[0x88, 14, 0x03, 0xe9]);
+        assert_eq!(&to_client[4..], b"idle timeout");
+        let to_server = close_frame(CloseReason::Shutdown, true);
+        assert_eq!(to_server[0], 0x88);
+        assert_eq!(to_server[1] & 0x80, 0x80);
+        let mask = &to_server[2..6];
+        let payload: Vec<u8> = to_server[6..].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+        assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+        assert_eq!(&payload[2..], b"gateway shutting down");
     }
 }

@@ -21,7 +21,8 @@ use crate::forward::{self, SendError, error_chain};
 use crate::plugin::bindings::WebsocketHandshake;
 use crate::pool::{ActiveGuard, Server};
 use crate::proxy::ResponseBody;
-use crate::relay::{self, RelayEnd, RelayLimits};
+use crate::relay::{self, CloseReason, RelayEnd, RelayLimits};
+use crate::shutdown::Drain;
 use crate::upstream::{self, PoolTls};
 
 /// A client's valid opening handshake.
@@ -185,13 +186,15 @@ pub struct Relaying {
     pub active: ActiveGuard,
     pub limits: RelayLimits,
     pub slot: WebSocketSlot,
+    /// Shutdown: when it drains, this WebSocket gets its Close.
+    pub drain: Arc<Drain>,
 }
 
 /// Turns the server's answer into the client's: a 101 (after checking the
 /// accept key) with the relay started in the background, or the server's
 /// own refusal passed through.
 pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Response<ResponseBody>, GatewayError> {
-    let Relaying { client_upgrade, handshake, server, active, limits, slot } = relaying;
+    let Relaying { client_upgrade, handshake, server, active, limits, slot, drain } = relaying;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server declined the upgrade: its answer is the client's answer.
         let (mut parts, body) = response.into_parts();
@@ -232,18 +235,22 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
                 return;
             }
         };
-        let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, server.ejected()).await;
+        let _live = drain.websocket();
+        let (ejected, drained) = (server.ejected(), drain.my_turn());
+        let stop = async move {
+            tokio::select! {
+                _ = ejected => CloseReason::ServerUnhealthy,
+                _ = drained => CloseReason::Shutdown,
+            }
+        };
+        let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, stop).await;
         let (pool, address) = (&server.pool, &server.address);
         match end {
             RelayEnd::Closed { client_to_server, server_to_client } => {
                 tracing::debug!(%pool, server = %address, client_to_server, server_to_client, "websocket closed");
             }
-            RelayEnd::IdleTimeout => tracing::debug!(%pool, server = %address, "websocket idle timeout"),
-            RelayEnd::MaxLifetime => {
-                tracing::debug!(%pool, server = %address, "websocket reached its maximum lifetime")
-            }
-            RelayEnd::Stopped => {
-                tracing::info!(%pool, server = %address, "websocket closed: its server turned unhealthy")
+            RelayEnd::ClosedByGateway(reason) => {
+                tracing::debug!(%pool, server = %address, reason = reason.code_and_text().1, "websocket closed by the gateway");
             }
             RelayEnd::Error(e) => tracing::debug!(%pool, server = %address, error = %e, "websocket relay error"),
         }
