@@ -93,3 +93,140 @@ async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
     };
     assert!(exit.success(), "exit status {exit}");
 }
+
+/// Starts `wasmgate run` on `port` in front of `backend`; returns the child
+/// once it listens (another process may already listen there).
+async fn spawn_gateway(dir: &std::path::Path, name: &str, port: u16, backend: &Backend) -> std::process::Child {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[plugins]\ndir = \"plugins\"\n\
+             [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:{port}\"\ndefault_pool = \"app\"\n\
+             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n[websocket]\ndrain_s = 1\n",
+            backend.addr
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("XDG_CACHE_HOME", dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start wasmgate");
+    let started = Instant::now();
+    while !std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default().contains("listening") {
+        assert!(started.elapsed() < Duration::from_secs(10), "{name} never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
+}
+
+/// Sets `net.ipv4.tcp_migrate_req` (Linux ≥ 5.14) for the test and puts the
+/// old value back after: with it, connections queued on a closing
+/// SO_REUSEPORT listener move to the new process instead of being reset.
+/// The README's handover procedure asks operators for the same setting.
+struct MigrateRequests(String);
+
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+impl MigrateRequests {
+    fn enable() -> MigrateRequests {
+        let old = std::fs::read_to_string(MIGRATE_REQ).expect("Linux 5.14+ with net.ipv4.tcp_migrate_req");
+        std::fs::write(MIGRATE_REQ, "1").expect("setting net.ipv4.tcp_migrate_req needs root (CI runs as root)");
+        MigrateRequests(old)
+    }
+}
+
+impl Drop for MigrateRequests {
+    fn drop(&mut self) {
+        let _ = std::fs::write(MIGRATE_REQ, self.0.trim());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_takes_over_the_port_without_a_failed_request() {
+    let _migrate = MigrateRequests::enable();
+    let (old_backend, new_backend) = (Backend::start("old").await, Backend::start("new").await);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = spawn_gateway(dir.path(), "old", port, &old_backend).await;
+
+    // A client looping requests for the whole handover.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed, mut from_new) = (0u32, 0u32, 0u32);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                match try_get(addr).await {
+                    Some(body) => {
+                        ok += 1;
+                        from_new += u32::from(body.contains("backend=new"));
+                    }
+                    None => failed += 1,
+                }
+            }
+            (ok, failed, from_new)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The new process binds the same port; then the old one is told to stop.
+    let mut new = spawn_gateway(dir.path(), "new", port, &new_backend).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Command::new("kill").args(["-TERM", &old.id().to_string()]).status().unwrap();
+    let exited = Instant::now();
+    while old.try_wait().unwrap().is_none() {
+        assert!(exited.elapsed() < Duration::from_secs(10), "the old process did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(old.wait().unwrap().success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed, from_new) = client.await.unwrap();
+    eprintln!("handover: {ok} requests ok, {failed} failed, {from_new} answered by the new process");
+    let _ = Command::new("kill").args(["-TERM", &new.id().to_string()]).status();
+    let _ = new.wait();
+    assert_eq!(failed, 0, "no request failed during the handover");
+    assert!(from_new > 0 && ok > 100);
+}
+
+/// One GET over a new connection; `None` (and why, on stderr) if it failed.
+async fn try_get(addr: std::net::SocketAddr) -> Option<String> {
+    match get_once(addr).await {
+        Ok(body) => Some(body),
+        Err(why) => {
+            eprintln!("request failed: {why}");
+            None
+        }
+    }
+}
+
+async fn get_once(addr: std::net::SocketAddr) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("/")
+        .header("host", "gw.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| format!("send: {e:?}"))?;
+    if response.status() != StatusCode::OK {
+        return Err(format!("status {}", response.status()));
+    }
+    let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}

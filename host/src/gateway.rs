@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ListenerProtocol};
@@ -21,6 +20,13 @@ use crate::relay::RelayLimits;
 use crate::shutdown::Drain;
 use crate::tls::{self, CertStore};
 use tokio_rustls::TlsAcceptor;
+
+/// How long a draining gateway waits for requests on connections it
+/// accepted just before it stopped accepting.
+const ACCEPTED_SETTLE: Duration = Duration::from_millis(500);
+
+/// How long a drained gateway lingers so the last responses reach the wire.
+const RESPONSE_FLUSH: Duration = Duration::from_millis(250);
 
 /// A running gateway. Dropping it stops its listeners and its plugin watch.
 pub struct Gateway {
@@ -85,7 +91,7 @@ impl Gateway {
         // Bind everything first: a redirect needs the HTTPS listener's port.
         let mut sockets = Vec::new();
         for listener_config in &config.listener {
-            let socket = TcpListener::bind(listener_config.bind).await.with_context(|| {
+            let socket = crate::listener::bind(listener_config.bind).with_context(|| {
                 format!("listener `{}`: cannot bind {}", listener_config.name, listener_config.bind)
             })?;
             sockets.push((listener_config, socket.local_addr()?, socket));
@@ -111,7 +117,8 @@ impl Gateway {
             tracing::info!(listener = %listener_config.name, %addr, "listening ({kind})");
             let redirect = if listener_config.redirect_to_https { https_port } else { None };
             let proxy = Arc::new(ListenerProxy::new(listener_config, shared.clone(), redirect));
-            listener_tasks.push(tokio::spawn(crate::listener::serve(socket, proxy, tls)));
+            let stop = shared.drain.started();
+            listener_tasks.push(tokio::spawn(crate::listener::serve(socket, proxy, tls, stop)));
             listeners.push((listener_config.name.clone(), addr));
         }
         Ok(Gateway {
@@ -160,9 +167,6 @@ impl Gateway {
 
     /// Stops accepting and starts closing WebSockets over the drain window.
     pub async fn drain(&self) {
-        for task in &self.listener_tasks {
-            task.abort();
-        }
         tracing::info!(
             requests = self.drain.in_flight(),
             websockets = self.drain.websockets(),
@@ -174,8 +178,11 @@ impl Gateway {
 
     /// Resolves when nothing is left, or the window and the close grace are over.
     pub async fn wait_drained(&self) {
-        let deadline =
-            tokio::time::Instant::now() + self.drain_window + crate::relay::CLOSE_GRACE + Duration::from_secs(1);
+        let now = tokio::time::Instant::now();
+        let deadline = now + self.drain_window + crate::relay::CLOSE_GRACE + Duration::from_secs(1);
+        // A connection accepted just before the stop may not have sent its
+        // request yet; give it time to, so it is served rather than cut.
+        tokio::time::sleep_until(now + ACCEPTED_SETTLE.min(self.drain_window)).await;
         while self.drain.in_flight() + self.drain.websockets() > 0 {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
@@ -187,6 +194,9 @@ impl Gateway {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The last responses were handed to their connections; let them be
+        // written before the process exits.
+        tokio::time::sleep(RESPONSE_FLUSH).await;
     }
 }
 

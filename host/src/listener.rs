@@ -12,7 +12,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::ListenerProxy;
@@ -42,15 +42,45 @@ impl ConnInfo {
     }
 }
 
+/// Binds `addr` with `SO_REUSEPORT`, so a new gateway process (a new binary
+/// or config) can bind the same port while this one drains: the kernel
+/// spreads new connections over both until this one stops accepting.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Accepts connections on `listener` until the task is dropped; with `tls`,
 /// each connection starts with a TLS handshake.
-pub async fn serve(listener: TcpListener, proxy: Arc<ListenerProxy>, tls: Option<TlsAcceptor>) {
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<ListenerProxy>,
+    tls: Option<TlsAcceptor>,
+    stop: impl Future<Output = ()>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new()).enable_connect_protocol();
     let builder = Arc::new(builder);
+    tokio::pin!(stop);
     loop {
-        let (stream, addr) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut stop => {
+                // Serve the connections already queued, then close: with
+                // SO_REUSEPORT a successor takes every new one.
+                while let Ok(Ok((stream, addr))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+                    tokio::spawn(connection(stream, addr, proxy.clone(), tls.clone(), builder.clone()));
+                }
+                tracing::info!(listener = %proxy.name, "stopped accepting");
+                return;
+            }
+        };
+        let (stream, addr) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors or similar: back off instead of spinning.

@@ -69,6 +69,16 @@ impl Drain {
         self.websockets.load(Ordering::Acquire)
     }
 
+    /// Resolves once draining has started.
+    pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.window.subscribe();
+        async move {
+            if rx.wait_for(|w| w.is_some()).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Resolves at this connection's moment to close: a uniformly random
     /// point of the drain window once draining starts; never before.
     pub fn my_turn(&self) -> impl Future<Output = ()> + Send + 'static {
