@@ -17,31 +17,8 @@ async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
     let app = Backend::start("app").await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[plugins]\ndir = \"plugins\"\n\
-             [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:{port}\"\ndefault_pool = \"app\"\n\
-             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n[websocket]\ndrain_s = 2\n",
-            app.addr
-        ),
-    )
-    .unwrap();
-    let mut gateway = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("XDG_CACHE_HOME", dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start wasmgate");
+    let mut gateway = spawn_gateway(dir.path(), "gateway", port, &app, 2).await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(started.elapsed() < Duration::from_secs(10), "gateway never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     let mut sockets = Vec::new();
     for _ in 0..100 {
@@ -96,14 +73,20 @@ async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
 
 /// Starts `wasmgate run` on `port` in front of `backend`; returns the child
 /// once it listens (another process may already listen there).
-async fn spawn_gateway(dir: &std::path::Path, name: &str, port: u16, backend: &Backend) -> std::process::Child {
+async fn spawn_gateway(
+    dir: &std::path::Path,
+    name: &str,
+    port: u16,
+    backend: &Backend,
+    drain_s: u64,
+) -> std::process::Child {
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
             "[plugins]\ndir = \"plugins\"\n\
              [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:{port}\"\ndefault_pool = \"app\"\n\
-             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n[websocket]\ndrain_s = 1\n",
+             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n[websocket]\ndrain_s = {drain_s}\n",
             backend.addr
         ),
     )
@@ -154,7 +137,7 @@ async fn a_new_process_takes_over_the_port_without_a_failed_request() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut old = spawn_gateway(dir.path(), "old", port, &old_backend).await;
+    let mut old = spawn_gateway(dir.path(), "old", port, &old_backend, 1).await;
 
     // A client looping requests for the whole handover.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -178,7 +161,7 @@ async fn a_new_process_takes_over_the_port_without_a_failed_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The new process binds the same port; then the old one is told to stop.
-    let mut new = spawn_gateway(dir.path(), "new", port, &new_backend).await;
+    let mut new = spawn_gateway(dir.path(), "new", port, &new_backend, 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     Command::new("kill").args(["-TERM", &old.id().to_string()]).status().unwrap();
     let exited = Instant::now();

@@ -39,6 +39,8 @@ pub struct Config {
     pub pool: Vec<PoolConfig>,
     #[serde(default)]
     pub websocket: WebSocketConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// The file this was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub source: PathBuf,
@@ -425,6 +427,40 @@ impl Default for WebSocketConfig {
     }
 }
 
+/// `[limits]`: what one client may hold, and how many the process takes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// A client must send a whole request head (and finish a TLS handshake)
+    /// within this time, or its connection is closed (slowloris defence).
+    #[serde(default = "default_header_read_timeout_s")]
+    pub header_read_timeout_s: u64,
+    /// Largest request head accepted; past it, 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Client connections plus WebSockets the process serves at once; past
+    /// it new connections are refused. Default: derived from the open-file
+    /// limit (raised to its hard limit at start), keeping headroom.
+    pub max_connections: Option<usize>,
+}
+
+fn default_header_read_timeout_s() -> u64 {
+    30
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            header_read_timeout_s: default_header_read_timeout_s(),
+            max_header_bytes: default_max_header_bytes(),
+            max_connections: None,
+        }
+    }
+}
+
 /// `NAME.toml` beside a plugin: its config strings and limit overrides.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -536,6 +572,15 @@ impl Config {
                 "plugins.quarantine_initial_ms".into(),
                 "must not exceed plugins.quarantine_max_ms".into(),
             ));
+        }
+        if !(1..=3600).contains(&self.limits.header_read_timeout_s) {
+            return Err(invalid("limits.header_read_timeout_s".into(), "must be 1-3600".into()));
+        }
+        if !(8192..=16 << 20).contains(&self.limits.max_header_bytes) {
+            return Err(invalid("limits.max_header_bytes".into(), "must be 8192 to 16 MiB".into()));
+        }
+        if self.limits.max_connections == Some(0) {
+            return Err(invalid("limits.max_connections".into(), "must be at least 1".into()));
         }
         if self.websocket.drain_s > MAX_TIMEOUT_S {
             return Err(invalid("websocket.drain_s".into(), "must be at most 30 days".into()));

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ListenerProtocol};
 use crate::counter::Counters;
+use crate::listener::{ConnectionCap, ConnectionLimits};
 use crate::plugin::host_api::HostServices;
 use crate::plugin::watcher::{self, Watcher};
 use crate::plugin::{Loader, Registry, Runtime};
@@ -99,6 +100,11 @@ impl Gateway {
         let https_port =
             sockets.iter().find(|(l, _, _)| l.protocol == ListenerProtocol::Https).map(|(_, a, _)| a.port());
 
+        let cap = Arc::new(ConnectionCap::new(config.limits.max_connections, shared.drain.clone()));
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(config.limits.header_read_timeout_s),
+            max_header_bytes: config.limits.max_header_bytes,
+        };
         let mut listeners = Vec::new();
         let mut listener_tasks = Vec::new();
         let tasks = crate::probe::spawn_probers(shared.pools.all());
@@ -118,7 +124,7 @@ impl Gateway {
             let redirect = if listener_config.redirect_to_https { https_port } else { None };
             let proxy = Arc::new(ListenerProxy::new(listener_config, shared.clone(), redirect));
             let stop = shared.drain.started();
-            listener_tasks.push(tokio::spawn(crate::listener::serve(socket, proxy, tls, stop)));
+            listener_tasks.push(tokio::spawn(crate::listener::serve(socket, proxy, tls, limits, cap.clone(), stop)));
             listeners.push((listener_config.name.clone(), addr));
         }
         Ok(Gateway {

@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -16,10 +17,76 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::ListenerProxy;
+use crate::shutdown::Drain;
 
-/// How long a client may take to send a complete request head (and, on
-/// HTTPS, to finish the TLS handshake).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Open files kept free of client connections (plugins, cache, logs, probes).
+const FD_HEADROOM: u64 = 256;
+
+/// The process-wide cap on client connections plus WebSockets, so the
+/// gateway never runs out of file descriptors: past it, new connections are
+/// closed at once, logged once per burst.
+#[derive(Debug)]
+pub struct ConnectionCap {
+    cap: usize,
+    live: AtomicUsize,
+    refusing: AtomicBool,
+    drain: Arc<Drain>,
+}
+
+/// Holds a place under the cap while a connection lives.
+pub struct Admitted(Arc<ConnectionCap>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnectionCap {
+    /// The cap from config, or from the open-file limit: the soft limit is
+    /// raised to the hard one, and each connection may need two descriptors
+    /// (client and server).
+    pub fn new(configured: Option<usize>, drain: Arc<Drain>) -> ConnectionCap {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let mut limit = getrlimit(Resource::Nofile);
+        if limit.current != limit.maximum {
+            limit.current = limit.maximum;
+            if let Err(error) = setrlimit(Resource::Nofile, limit) {
+                tracing::warn!(%error, "could not raise the open-file limit to its hard limit");
+                limit = getrlimit(Resource::Nofile);
+            }
+        }
+        let files = limit.current.unwrap_or(1 << 20);
+        let derived = (files.saturating_sub(FD_HEADROOM) / 2).max(1) as usize;
+        let cap = configured.unwrap_or(derived);
+        tracing::info!(open_file_limit = files, max_connections = cap, "connection cap");
+        ConnectionCap { cap, live: AtomicUsize::new(0), refusing: AtomicBool::new(false), drain }
+    }
+
+    /// A place for a new client connection, or `None` past the cap.
+    fn admit(self: &Arc<Self>) -> Option<Admitted> {
+        let live = self.live.fetch_add(1, Ordering::AcqRel) + 1;
+        if live + self.drain.websockets() <= self.cap {
+            if self.refusing.load(Ordering::Relaxed) && (live + self.drain.websockets()) * 10 < self.cap * 9 {
+                self.refusing.store(false, Ordering::Relaxed);
+                tracing::info!(max_connections = self.cap, "below the connection cap again; accepting");
+            }
+            return Some(Admitted(self.clone()));
+        }
+        self.live.fetch_sub(1, Ordering::AcqRel);
+        if !self.refusing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(max_connections = self.cap, "connection cap reached; refusing new connections");
+        }
+        None
+    }
+}
+
+/// How each connection is served: timeouts and size caps from `[limits]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+}
 
 /// What the gateway knows about a client connection.
 #[derive(Debug, Clone)]
@@ -60,11 +127,21 @@ pub async fn serve(
     listener: TcpListener,
     proxy: Arc<ListenerProxy>,
     tls: Option<TlsAcceptor>,
+    limits: ConnectionLimits,
+    cap: Arc<ConnectionCap>,
     stop: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new()).enable_connect_protocol();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     tokio::pin!(stop);
     loop {
@@ -74,7 +151,9 @@ pub async fn serve(
                 // Serve the connections already queued, then close: with
                 // SO_REUSEPORT a successor takes every new one.
                 while let Ok(Ok((stream, addr))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-                    tokio::spawn(connection(stream, addr, proxy.clone(), tls.clone(), builder.clone()));
+                    let Some(admitted) = cap.admit() else { continue };
+                    let handshake_timeout = limits.header_read_timeout;
+                    tokio::spawn(connection(stream, addr, proxy.clone(), tls.clone(), builder.clone(), handshake_timeout, admitted));
                 }
                 tracing::info!(listener = %proxy.name, "stopped accepting");
                 return;
@@ -89,8 +168,19 @@ pub async fn serve(
                 continue;
             }
         };
+        // Past the cap the connection is closed at once (dropped).
+        let Some(admitted) = cap.admit() else { continue };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(stream, addr, proxy.clone(), tls.clone(), builder.clone()));
+        let handshake_timeout = limits.header_read_timeout;
+        tokio::spawn(connection(
+            stream,
+            addr,
+            proxy.clone(),
+            tls.clone(),
+            builder.clone(),
+            handshake_timeout,
+            admitted,
+        ));
     }
 }
 
@@ -100,12 +190,14 @@ async fn connection(
     proxy: Arc<ListenerProxy>,
     tls: Option<TlsAcceptor>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    handshake_timeout: Duration,
+    _admitted: Admitted,
 ) {
     let Some(acceptor) = tls else {
         let conn = Arc::new(ConnInfo { addr, tls: None });
         return serve_http(TokioIo::new(stream), conn, proxy, &builder).await;
     };
-    let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             tracing::debug!(listener = %proxy.name, client = %addr, %error, "TLS handshake failed");
