@@ -182,34 +182,15 @@ async fn a_new_process_takes_over_the_port_without_a_failed_request() {
 
 /// One GET over a new connection; `None` (and why, on stderr) if it failed.
 async fn try_get(addr: std::net::SocketAddr) -> Option<String> {
-    match get_once(addr).await {
-        Ok(body) => Some(body),
+    match try_get_root(addr).await {
+        Ok((StatusCode::OK, body)) => Some(body),
+        Ok((status, _)) => {
+            eprintln!("request failed: status {status}");
+            None
+        }
         Err(why) => {
             eprintln!("request failed: {why}");
             None
         }
     }
-}
-
-async fn get_once(addr: std::net::SocketAddr) -> Result<String, String> {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(connection);
-    let request = http::Request::builder()
-        .uri("/")
-        .header("host", "gw.test")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
-        .await
-        .map_err(|_| "timeout".to_string())?
-        .map_err(|e| format!("send: {e:?}"))?;
-    if response.status() != StatusCode::OK {
-        return Err(format!("status {}", response.status()));
-    }
-    let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
 }

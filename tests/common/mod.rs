@@ -344,6 +344,27 @@ pub async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&
     Got { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
 }
 
+/// A GET of `/` over a new connection that reports any failure (refused,
+/// reset, timed out) instead of panicking: for tests that count failures.
+pub async fn try_get_root(addr: SocketAddr) -> Result<(StatusCode, String), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .uri("/")
+        .header("host", "gw.test")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| format!("send: {e:?}"))?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
 pub async fn get(addr: SocketAddr, target: &str) -> Got {
     request(addr, "GET", target, &[], Vec::new()).await
 }
