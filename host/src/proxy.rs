@@ -123,7 +123,7 @@ impl ListenerProxy {
         response
     }
 
-    async fn pass(&self, mut req: Request<Incoming>, client: &ConnInfo) -> Step<Response<ResponseBody>> {
+    async fn pass(&self, req: Request<Incoming>, client: &ConnInfo) -> Step<Response<ResponseBody>> {
         let handshake = ClientHandshake::from_request(&req).map_err(GatewayError::into_response)?;
         if let Some(port) = self.redirect_to_https
             && handshake.is_none()
@@ -136,32 +136,38 @@ impl ListenerProxy {
         let route = self.route(&head).await?;
         let result = match handshake {
             None => self.forward(req, &route, client).await,
-            Some(handshake) => {
-                let slot = WebSocketSlot::try_take(&self.live_websockets, self.max_websockets)
-                    .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() }.into_response())?;
-                let client_upgrade = hyper::upgrade::on(&mut req);
-                let (mut parts, _body) = req.into_parts();
-                forward::prepare_upstream(&mut parts, &route, client).map_err(GatewayError::into_response)?;
-                let (timeout, tls) = (route.pool.request_timeout, route.pool.tls.as_ref());
-                let attempt = |server: Arc<Server>| {
-                    let (head, handshake) = (forward::copy_head(&parts), &handshake);
-                    async move {
-                        let active = server.begin();
-                        websocket::send_handshake(head, handshake, &server, tls, timeout).await.map(|r| (r, active))
-                    }
-                };
-                match self.try_servers(&route, true, attempt).await {
-                    Ok(((response, active), server)) => {
-                        let limits = self.shared.relay_limits;
-                        let drain = self.shared.drain.clone();
-                        let relaying = Relaying { client_upgrade, handshake, server, active, limits, slot, drain };
-                        websocket::answer(response, relaying)
-                    }
-                    Err(error) => Err(error),
-                }
-            }
+            Some(handshake) => self.upgrade(req, handshake, &route, client).await,
         };
         result.map_err(GatewayError::into_response)
+    }
+
+    /// Upgrades a WebSocket handshake: a place under the listener's cap, the
+    /// handshake to a server (another if it cannot be reached), then the
+    /// client's answer and the relay.
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        handshake: ClientHandshake,
+        route: &Route,
+        client: &ConnInfo,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        let slot = WebSocketSlot::try_take(&self.live_websockets, self.max_websockets)
+            .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() })?;
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let (mut parts, _body) = req.into_parts();
+        forward::prepare_upstream(&mut parts, route, client)?;
+        let (timeout, tls) = (route.pool.request_timeout, route.pool.tls.as_ref());
+        let attempt = |server: Arc<Server>| {
+            let (head, handshake) = (forward::copy_head(&parts), &handshake);
+            async move {
+                // Counted on its server from the handshake on (least-connections).
+                let active = server.begin();
+                websocket::send_handshake(head, handshake, &server, tls, timeout).await.map(|r| (r, active))
+            }
+        };
+        let ((response, active), server) = self.try_servers(route, true, attempt).await?;
+        let (limits, drain) = (self.shared.relay_limits, self.shared.drain.clone());
+        websocket::answer(response, Relaying { client_upgrade, handshake, server, active, limits, slot, drain })
     }
 
     /// Forwards a plain request. Without a body it can be sent again to
