@@ -29,6 +29,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The admin listener (health, readiness, status); none without it.
+    pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub plugins: PluginsConfig,
     /// Where clients connect. At least one.
@@ -44,6 +46,17 @@ pub struct Config {
     /// The file this was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// `[admin]`: where operators and orchestrators ask how the gateway is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `ip:port`; loopback unless `token_file` is set.
+    pub listen: SocketAddr,
+    /// A file holding a bearer token every admin request must present
+    /// (relative to the config file).
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[plugins]`: where plugins live and the limits every call runs under.
@@ -535,6 +548,11 @@ impl Config {
                 certificate.key = base.join(&certificate.key);
             }
         }
+        if let Some(admin) = &mut config.admin
+            && let Some(token_file) = &admin.token_file
+        {
+            admin.token_file = Some(base.join(token_file));
+        }
         for pool in &mut config.pool {
             if let Some(ca) = &pool.ca {
                 pool.ca = Some(base.join(ca));
@@ -572,6 +590,12 @@ impl Config {
                 "plugins.quarantine_initial_ms".into(),
                 "must not exceed plugins.quarantine_max_ms".into(),
             ));
+        }
+        if let Some(admin) = &self.admin
+            && !admin.listen.ip().is_loopback()
+            && admin.token_file.is_none()
+        {
+            return Err(invalid("admin.listen".into(), "a non-loopback admin listener needs a token_file".into()));
         }
         if !(1..=3600).contains(&self.limits.header_read_timeout_s) {
             return Err(invalid("limits.header_read_timeout_s".into(), "must be 1-3600".into()));
@@ -834,6 +858,13 @@ mod tests {
         let err = load(&format!("{MINIMAL}balance = \"random\"\n")).unwrap_err().to_string();
         assert!(err.contains("random"), "{err}");
         assert!(load(&format!("{MINIMAL}balance = \"least-connections\"\n")).is_ok());
+    }
+
+    #[test]
+    fn a_public_admin_listener_needs_a_token() {
+        let err = load(&format!("[admin]\nlisten = \"0.0.0.0:9901\"\n{MINIMAL}")).unwrap_err().to_string();
+        assert!(err.contains("admin.listen") && err.contains("token_file"), "{err}");
+        assert!(load(&format!("[admin]\nlisten = \"127.0.0.1:9901\"\n{MINIMAL}")).is_ok());
     }
 
     #[test]

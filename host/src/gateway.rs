@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 
+use crate::admin::AdminState;
 use crate::config::{Config, ListenerProtocol};
 use crate::counter::Counters;
 use crate::listener::{ConnectionCap, ConnectionLimits};
@@ -20,6 +21,7 @@ use crate::proxy::{self, ListenerProxy, Shared};
 use crate::relay::RelayLimits;
 use crate::shutdown::Drain;
 use crate::tls::{self, CertStore};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 /// How long a draining gateway waits for requests on connections it
@@ -38,6 +40,7 @@ pub struct Gateway {
     drain_window: Duration,
     registry: Arc<Registry>,
     pools: Arc<Pools>,
+    admin: Option<SocketAddr>,
     _watcher: Option<Watcher>,
     _cert_watchers: Vec<notify::RecommendedWatcher>,
 }
@@ -127,7 +130,37 @@ impl Gateway {
             listener_tasks.push(tokio::spawn(crate::listener::serve(socket, proxy, tls, limits, cap.clone(), stop)));
             listeners.push((listener_config.name.clone(), addr));
         }
+        let admin = match &config.admin {
+            None => None,
+            Some(admin_config) => {
+                let token = match &admin_config.token_file {
+                    Some(file) => Some(
+                        std::fs::read_to_string(file)
+                            .with_context(|| format!("admin: reading token_file {}", file.display()))?
+                            .trim()
+                            .to_owned(),
+                    ),
+                    None => None,
+                };
+                let socket = TcpListener::bind(admin_config.listen)
+                    .await
+                    .with_context(|| format!("admin: cannot bind {}", admin_config.listen))?;
+                let addr = socket.local_addr()?;
+                let state = Arc::new(AdminState {
+                    listeners: listeners.clone(),
+                    pools: shared.pools.clone(),
+                    registry: registry.clone(),
+                    drain: shared.drain.clone(),
+                    token,
+                    started: std::time::Instant::now(),
+                });
+                tracing::info!(%addr, "admin listening (/healthz, /readyz, /status)");
+                listener_tasks.push(tokio::spawn(crate::admin::serve(socket, state)));
+                Some(addr)
+            }
+        };
         Ok(Gateway {
+            admin,
             listeners,
             listener_tasks,
             tasks,
@@ -147,6 +180,11 @@ impl Gateway {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The admin listener's address, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
     }
 
     /// The pools, with their servers' live health.
