@@ -105,21 +105,23 @@ impl ListenerProxy {
     /// Handles one request from `client` and returns the client's response.
     pub async fn handle(&self, req: Request<Incoming>, client: &ConnInfo) -> Response<ResponseBody> {
         let _in_flight = self.shared.drain.request();
-        let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // Only copied when the per-request debug log is on.
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (Instant::now(), req.method().clone(), req.uri().path().to_owned()));
         let response = match self.pass(req, client).await {
             Ok(response) | Err(response) => response,
         };
-        tracing::debug!(
-            listener = %self.name,
-            %method,
-            %path,
-            status = response.status().as_u16(),
-            error = response.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or(""),
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "request"
-        );
+        if let Some((started, method, path)) = logged {
+            tracing::debug!(
+                listener = %self.name,
+                %method,
+                %path,
+                status = response.status().as_u16(),
+                error = response.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or(""),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "request"
+            );
+        }
         response
     }
 

@@ -126,6 +126,35 @@ struct Direction {
     closed: bool,
 }
 
+impl Direction {
+    /// Passes one read on to `to`: EOF becomes a half-close, bytes are
+    /// followed through their frames and written (unless the gateway's Close
+    /// already went that way).
+    async fn pass_on<W: AsyncWrite + Unpin>(
+        &mut self,
+        read: io::Result<usize>,
+        buf: &[u8],
+        to: &mut W,
+        last_activity: &mut Instant,
+    ) -> io::Result<()> {
+        match read? {
+            0 => {
+                self.ended = true;
+                let _ = to.shutdown().await;
+            }
+            n => {
+                *last_activity = Instant::now();
+                self.bytes += n as u64;
+                if !self.closed {
+                    self.frames.feed(&buf[..n]);
+                    to.write_all(&buf[..n]).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A Close frame: unmasked toward the client, masked toward the server.
 fn close_frame(reason: CloseReason, masked: bool) -> Vec<u8> {
     let (code, text) = reason.code_and_text();
@@ -184,40 +213,16 @@ where
             None => (last_activity + limits.idle_timeout).min(started + limits.max_lifetime),
         };
         tokio::select! {
-            read = client_rd.read(&mut up_buf), if !up.ended => match read {
-                Ok(0) => {
-                    up.ended = true;
-                    let _ = server_wr.shutdown().await;
+            read = client_rd.read(&mut up_buf), if !up.ended => {
+                if let Err(e) = up.pass_on(read, &up_buf, &mut server_wr, &mut last_activity).await {
+                    return RelayEnd::Error(e);
                 }
-                Ok(n) => {
-                    last_activity = Instant::now();
-                    up.bytes += n as u64;
-                    if !up.closed {
-                        up.frames.feed(&up_buf[..n]);
-                        if let Err(e) = server_wr.write_all(&up_buf[..n]).await {
-                            return RelayEnd::Error(e);
-                        }
-                    }
+            }
+            read = server_rd.read(&mut down_buf), if !down.ended => {
+                if let Err(e) = down.pass_on(read, &down_buf, &mut client_wr, &mut last_activity).await {
+                    return RelayEnd::Error(e);
                 }
-                Err(e) => return RelayEnd::Error(e),
-            },
-            read = server_rd.read(&mut down_buf), if !down.ended => match read {
-                Ok(0) => {
-                    down.ended = true;
-                    let _ = client_wr.shutdown().await;
-                }
-                Ok(n) => {
-                    last_activity = Instant::now();
-                    down.bytes += n as u64;
-                    if !down.closed {
-                        down.frames.feed(&down_buf[..n]);
-                        if let Err(e) = client_wr.write_all(&down_buf[..n]).await {
-                            return RelayEnd::Error(e);
-                        }
-                    }
-                }
-                Err(e) => return RelayEnd::Error(e),
-            },
+            }
             reason = &mut stop, if closing.is_none() => closing = Some((reason, Instant::now())),
             _ = tokio::time::sleep_until(deadline) => match closing {
                 // The grace is over: cut what is left.
