@@ -12,8 +12,13 @@ use futures_util::StreamExt;
 use http::StatusCode;
 use tokio_tungstenite::tungstenite::Message;
 
+/// The tests here time real processes; run one at a time so the other's
+/// load does not skew the timing.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let app = Backend::start("app").await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
@@ -55,10 +60,15 @@ async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
     }
     times.sort();
     let (first, median, last) = (times[0], times[50], times[99]);
-    eprintln!("closes: first {first:?}, median {median:?}, last {last:?}");
-    assert!(last < Duration::from_millis(2600), "all within the 2 s window: {last:?}");
-    assert!(median > Duration::from_millis(600) && median < Duration::from_millis(1400), "spread: {median:?}");
-    assert!(last - first > Duration::from_millis(1200), "not in one burst: {first:?}..{last:?}");
+    eprintln!("closes after SIGTERM: first {first:?}, median {median:?}, last {last:?}");
+    // The window opens when the process handles the signal, which a busy
+    // machine can delay; the spread is measured from the first close (the
+    // earliest of 100 uniform draws lies ~1% into the window).
+    assert!(first < Duration::from_secs(2), "draining started: {first:?}");
+    let (median, last) = (median - first, last - first);
+    assert!(last < Duration::from_millis(2300), "all within the 2 s window: {last:?}");
+    assert!(last > Duration::from_millis(1200), "not in one burst: {last:?}");
+    assert!(median > Duration::from_millis(500) && median < Duration::from_millis(1500), "uniform spread: {median:?}");
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let exit = loop {
@@ -132,6 +142,7 @@ impl Drop for MigrateRequests {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_takes_over_the_port_without_a_failed_request() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let _migrate = MigrateRequests::enable();
     let (old_backend, new_backend) = (Backend::start("old").await, Backend::start("new").await);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
