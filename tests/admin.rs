@@ -24,7 +24,7 @@ async fn status_shows_the_live_state_and_readyz_turns_false_while_draining() {
     let admin = gateway.admin_addr().expect("admin listener");
     let closed_text = closed.to_string();
     wait_until("the closed server marked down", Duration::from_secs(3), || {
-        gateway.pools().get("app").unwrap().servers.iter().any(|s| s.address == closed_text && !s.is_healthy())
+        gateway.pool("app").unwrap().servers.iter().any(|s| s.address == closed_text && !s.is_healthy())
     })
     .await;
     let (_a, _) = ws_connect(web(&gateway), "/ws", &[]).await;

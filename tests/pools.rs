@@ -22,12 +22,12 @@ fn listener(default_pool: &str) -> String {
 }
 
 fn server_healthy(gateway: &Gateway, pool: &str, address: &str) -> bool {
-    let pool = gateway.pools().get(pool).expect("pool");
+    let pool = gateway.pool(pool).expect("pool");
     pool.servers.iter().find(|s| s.address == address).expect("server").is_healthy()
 }
 
 fn last_reason(gateway: &Gateway, pool: &str, address: &str) -> String {
-    let pool = gateway.pools().get(pool).expect("pool");
+    let pool = gateway.pool(pool).expect("pool");
     pool.servers.iter().find(|s| s.address == address).expect("server").last_reason()
 }
 

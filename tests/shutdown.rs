@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,7 +19,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
     let _one = ONE_AT_A_TIME.lock().await;
     let app = Backend::start("app").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut gateway = spawn_gateway(dir.path(), "gateway", port, &app, 2).await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -33,8 +32,7 @@ async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let terminated = Instant::now();
-    let status = Command::new("kill").args(["-TERM", &gateway.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    gateway.signal("TERM");
 
     // Every client gets a Close 1001; note when.
     let closes = futures_util::future::join_all(sockets.into_iter().map(|mut ws| async move {
@@ -70,26 +68,19 @@ async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
     assert!(last > Duration::from_millis(1200), "not in one burst: {last:?}");
     assert!(median > Duration::from_millis(500) && median < Duration::from_millis(1500), "uniform spread: {median:?}");
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(status) = gateway.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "gateway did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let exit = gateway.exited(Duration::from_secs(10)).await;
     assert!(exit.success(), "exit status {exit}");
 }
 
-/// Starts `wasmgate run` on `port` in front of `backend`; returns the child
-/// once it listens (another process may already listen there).
+/// Starts `wasmgate run` on `port` in front of `backend`; returns once it
+/// listens (another process may already listen there).
 async fn spawn_gateway(
     dir: &std::path::Path,
     name: &str,
     port: u16,
     backend: &Backend,
     drain_s: u64,
-) -> std::process::Child {
+) -> GatewayProcess {
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
@@ -101,21 +92,7 @@ async fn spawn_gateway(
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("XDG_CACHE_HOME", dir)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start wasmgate");
-    let started = Instant::now();
-    while !std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default().contains("listening") {
-        assert!(started.elapsed() < Duration::from_secs(10), "{name} never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child
+    GatewayProcess::start(&config, &dir.join(format!("{name}.log")), 1).await
 }
 
 /// Sets `net.ipv4.tcp_migrate_req` (Linux ≥ 5.14) for the test and puts the
@@ -145,7 +122,7 @@ async fn a_new_process_takes_over_the_port_without_a_failed_request() {
     let _one = ONE_AT_A_TIME.lock().await;
     let _migrate = MigrateRequests::enable();
     let (old_backend, new_backend) = (Backend::start("old").await, Backend::start("new").await);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut old = spawn_gateway(dir.path(), "old", port, &old_backend, 1).await;
@@ -174,19 +151,14 @@ async fn a_new_process_takes_over_the_port_without_a_failed_request() {
     // The new process binds the same port; then the old one is told to stop.
     let mut new = spawn_gateway(dir.path(), "new", port, &new_backend, 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    Command::new("kill").args(["-TERM", &old.id().to_string()]).status().unwrap();
-    let exited = Instant::now();
-    while old.try_wait().unwrap().is_none() {
-        assert!(exited.elapsed() < Duration::from_secs(10), "the old process did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(old.wait().unwrap().success());
+    old.signal("TERM");
+    assert!(old.exited(Duration::from_secs(10)).await.success(), "the old process exits 0");
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed, from_new) = client.await.unwrap();
     eprintln!("handover: {ok} requests ok, {failed} failed, {from_new} answered by the new process");
-    let _ = Command::new("kill").args(["-TERM", &new.id().to_string()]).status();
-    let _ = new.wait();
+    new.signal("TERM");
+    let _ = new.exited(Duration::from_secs(10)).await;
     assert_eq!(failed, 0, "no request failed during the handover");
     assert!(from_new > 0 && ok > 100);
 }

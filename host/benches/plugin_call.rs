@@ -15,7 +15,6 @@ use wasmgate::counter::Counters;
 use wasmgate::plugin::bindings::{Header, RequestHead, TlsInfo, WebsocketHandshake};
 use wasmgate::plugin::host_api::HostServices;
 use wasmgate::plugin::{LoadedPlugin, Loader, Runtime};
-use wasmgate::pool::Pools;
 
 fn plugin_file(krate: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("bench executable");
@@ -63,7 +62,7 @@ fn load(rt: &tokio::runtime::Runtime, name: &str, settings: &str) -> (Arc<Loaded
     std::fs::write(dir.path().join(format!("{name}.toml")), settings).unwrap();
     let plugin = rt.block_on(async {
         let runtime = Arc::new(Runtime::new().unwrap());
-        let services = Arc::new(HostServices { counters: Counters::default(), pools: Arc::new(Pools::default()) });
+        let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
         let defaults = PluginsConfig { dir: dir.path().to_owned(), cache: false, ..PluginsConfig::default() };
         let loader = Loader::new(runtime, defaults, services, Default::default());
         loader.load(&file, 1).await.unwrap()

@@ -1,19 +1,23 @@
-//! The admin listener: liveness, readiness and live status for operators and
-//! orchestrators. Loopback by default; with `token_file`, every request needs
-//! `Authorization: Bearer <token>` (required for a non-loopback bind).
+//! The admin listener: liveness, readiness, live status and config reload
+//! for operators and orchestrators. Loopback by default. With `token_file`,
+//! every request needs `Authorization: Bearer <token>` (or, for a browser,
+//! `?access_token=<token>`); without one, only the read-only endpoints
+//! answer, so no local process can reload an unprotected gateway.
 //!
 //! - `GET /healthz`: 200 while the process serves.
 //! - `GET /readyz`: 200, or 503 once draining (so a balancer stops sending).
-//! - `GET /status`: JSON — listeners, pools with each server's health, last
-//!   reason and live connections, plugins with identity and counters.
+//! - `GET /status`: JSON — config version, listeners, pools with each
+//!   server's health, last reason and live connections, plugins with identity
+//!   and counters, recent reloads.
+//! - `POST /reload`: reads the config file again and applies it; the answer
+//!   (JSON) lists what changed, or why the file was refused (400).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -21,16 +25,11 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::plugin::Registry;
-use crate::pool::Pools;
-use crate::shutdown::Drain;
+use crate::reload::Control;
 
 /// What the admin endpoints read.
 pub struct AdminState {
-    pub listeners: Vec<(String, SocketAddr)>,
-    pub pools: Arc<Pools>,
-    pub registry: Arc<Registry>,
-    pub drain: Arc<Drain>,
+    pub control: Arc<Control>,
     pub token: Option<String>,
     pub started: Instant,
 }
@@ -43,31 +42,53 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req)) }
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
 
-fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Some(token) = &state.token {
-        let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        if presented != Some(format!("Bearer {token}").as_str()) {
+/// True if `req` presents `token` (header, or `access_token` query parameter).
+fn presents(req: &Request<Incoming>, token: &str) -> bool {
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if header.and_then(|h| h.strip_prefix("Bearer ")) == Some(token) {
+        return true;
+    }
+    let query = req.uri().query().unwrap_or("");
+    query.split('&').any(|pair| pair.strip_prefix("access_token=") == Some(token))
+}
+
+async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match &state.token {
+        Some(token) if !presents(&req, token) => {
             return text(StatusCode::UNAUTHORIZED, "a bearer token is required\n");
         }
+        None if req.method() != Method::GET => {
+            return text(StatusCode::FORBIDDEN, "POST endpoints need [admin] token_file in the config\n");
+        }
+        _ => {}
     }
+    let drain = &state.control.shared().drain;
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/healthz") => text(StatusCode::OK, "ok\n"),
-        ("GET", "/readyz") if state.drain.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        ("GET", "/readyz") if drain.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         ("GET", "/readyz") => text(StatusCode::OK, "ready\n"),
-        ("GET", "/status") => {
-            let mut response = Response::new(Full::new(Bytes::from(status(state).to_string())));
-            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
+        ("GET", "/status") => json_response(StatusCode::OK, &status(state)),
+        ("POST", "/reload") => {
+            let report = state.control.reload().await;
+            let code = if report.applied() { StatusCode::OK } else { StatusCode::BAD_REQUEST };
+            json_response(code, &serde_json::to_value(&report).unwrap_or_default())
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /status\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz, /status or POST /reload\n"),
     }
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -78,14 +99,20 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 
 /// The live state as JSON.
 pub fn status(state: &AdminState) -> serde_json::Value {
-    let mut pools: Vec<_> = state.pools.all().collect();
+    let (view, drain) = (state.control.view(), &state.control.shared().drain);
+    let mut pools: Vec<_> = view.pools.all().collect();
     pools.sort_by(|a, b| a.name.cmp(&b.name));
     json!({
+        "config_version": view.version,
         "uptime_s": state.started.elapsed().as_secs(),
-        "draining": state.drain.is_draining(),
-        "requests_in_flight": state.drain.in_flight(),
-        "websockets": state.drain.websockets(),
-        "listeners": state.listeners.iter().map(|(name, addr)| json!({"name": name, "addr": addr.to_string()})).collect::<Vec<_>>(),
+        "draining": drain.is_draining(),
+        "requests_in_flight": drain.in_flight(),
+        "websockets": drain.websockets(),
+        "listeners": view.listeners.iter().map(|l| json!({
+            "name": l.name,
+            "addr": l.addr.to_string(),
+            "websockets": l.proxy.live_websockets(),
+        })).collect::<Vec<_>>(),
         "pools": pools.iter().map(|pool| json!({
             "name": pool.name,
             "balance": format!("{:?}", pool.balance),
@@ -96,7 +123,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
                 "active": s.active(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "plugins": state.registry.all().iter().map(|p| {
+        "plugins": state.control.shared().registry.all().iter().map(|p| {
             let (id, stats) = (&p.identity, p.stats());
             json!({
                 "name": id.name,
@@ -112,5 +139,23 @@ pub fn status(state: &AdminState) -> serde_json::Value {
                 "quarantined": stats.quarantined,
             })
         }).collect::<Vec<_>>(),
+        "reloads": state.control.history(),
     })
+}
+
+/// Sends `POST path` with a bearer token to an admin listener (the
+/// `wasmgate reload` command); returns the status and body.
+pub async fn post(addr: std::net::SocketAddr, path: &str, token: &str) -> anyhow::Result<(StatusCode, String)> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::post(path)
+        .header(header::HOST, addr.to_string())
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

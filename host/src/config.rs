@@ -20,13 +20,57 @@ pub enum ConfigError {
     /// TOML syntax or a wrong type/unknown key; the message has line and column.
     #[error("{file}: {message}")]
     Parse { file: PathBuf, message: String },
-    /// The file parsed but a value is not usable.
-    #[error("{file}: `{key}`: {reason}")]
-    Invalid { file: PathBuf, key: String, reason: String },
+    /// The file parsed but a value is not usable; `line` is where the key
+    /// is written (none for a default value).
+    #[error("{file}{}: `{key}`: {reason}", .line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid { file: PathBuf, line: Option<usize>, key: String, reason: String },
+}
+
+impl ConfigError {
+    /// Adds the line of the offending key in `text` (the file's contents).
+    fn with_line(self, text: &str) -> ConfigError {
+        match self {
+            ConfigError::Invalid { file, line: None, key, reason } => {
+                let line = line_of_key(text, &key);
+                ConfigError::Invalid { file, line, key, reason }
+            }
+            other => other,
+        }
+    }
+}
+
+/// The line where `key` (`listener[0].waf[1]`, `plugins.dir`) is written in
+/// `text`, or where the nearest enclosing table or value is.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let document = toml::de::DeTable::parse(text).ok()?;
+    let mut found = None;
+    let mut value: Option<&toml::de::DeValue<'_>> = None;
+    let table = document.get_ref();
+    for segment in key.split('.') {
+        let (name, indexes) = match segment.split_once('[') {
+            Some((name, rest)) => (name, rest),
+            None => (segment, ""),
+        };
+        let next = match value {
+            None => table.get(name),
+            Some(v) => v.get(name),
+        };
+        let Some(next) = next else { break };
+        found = Some(next.span().start);
+        value = Some(next.get_ref());
+        for index in indexes.split('[').filter(|i| !i.is_empty()) {
+            let Some(item) = index.trim_end_matches(']').parse::<usize>().ok().and_then(|i| value?.get(i)) else {
+                break;
+            };
+            found = Some(item.span().start);
+            value = Some(item.get_ref());
+        }
+    }
+    found.map(|offset| text[..offset.min(text.len())].matches('\n').count() + 1)
 }
 
 /// The whole gateway configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The admin listener (health, readiness, status); none without it.
@@ -49,7 +93,7 @@ pub struct Config {
 }
 
 /// `[admin]`: where operators and orchestrators ask how the gateway is.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// `ip:port`; loopback unless `token_file` is set.
@@ -60,7 +104,7 @@ pub struct AdminConfig {
 }
 
 /// `[plugins]`: where plugins live and the limits every call runs under.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsConfig {
     /// Directory of `NAME.wasm` components (and optional `NAME.toml`), relative
@@ -149,7 +193,7 @@ pub enum OnError {
 }
 
 /// `[[listener]]`: an address clients connect to and the rules for it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Unique name; plugins see it as `listener` in the request head.
@@ -207,7 +251,7 @@ pub enum UnknownSni {
 
 /// `[[listener.certificate]]`: a certificate chain and its key (PEM files,
 /// relative to the config file), for the SNI names in `hosts`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateConfig {
     /// Names this certificate serves: exact (`app.example.test`) or one
@@ -218,7 +262,7 @@ pub struct CertificateConfig {
 }
 
 /// `[[pool]]`: backend servers that can take the same requests.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub name: String,
@@ -286,7 +330,7 @@ pub enum PoolProtocol {
 }
 
 /// `[pool.probe]`: how servers are checked.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeConfig {
     /// `"http"`: a request whose status (and body) must match; `"websocket"`:
@@ -405,7 +449,7 @@ impl StatusMatch {
 }
 
 /// `[websocket]`: limits on upgraded connections.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebSocketConfig {
     /// Close a WebSocket after this long with no byte in either direction.
@@ -441,7 +485,7 @@ impl Default for WebSocketConfig {
 }
 
 /// `[limits]`: what one client may hold, and how many the process takes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// A client must send a whole request head (and finish a TLS handshake)
@@ -502,6 +546,7 @@ impl PluginSettings {
         let settings: PluginSettings = parse(path, &text)?;
         let invalid = |key: &str, reason: &str| ConfigError::Invalid {
             file: path.to_owned(),
+            line: line_of_key(&text, key),
             key: key.to_owned(),
             reason: reason.to_owned(),
         };
@@ -558,7 +603,7 @@ impl Config {
                 pool.ca = Some(base.join(ca));
             }
         }
-        config.validate()?;
+        config.validate().map_err(|e| e.with_line(&text))?;
         Ok(config)
     }
 
@@ -566,13 +611,14 @@ impl Config {
     pub fn from_toml(source: &Path, text: &str) -> Result<Config, ConfigError> {
         let mut config: Config = parse(source, text)?;
         config.source = source.to_owned();
-        config.validate()?;
+        config.validate().map_err(|e| e.with_line(text))?;
         Ok(config)
     }
 
     /// Checks everything that can be checked without the plugin files.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: String, reason: String| ConfigError::Invalid { file: self.source.clone(), key, reason };
+        let invalid =
+            |key: String, reason: String| ConfigError::Invalid { file: self.source.clone(), line: None, key, reason };
         if !(1..=MAX_CALL_TIMEOUT_MS).contains(&self.plugins.call_timeout_ms) {
             return Err(invalid("plugins.call_timeout_ms".into(), "must be 1-60000".into()));
         }
@@ -743,6 +789,7 @@ impl Config {
                 Some((first, first_key)) if *first != role => {
                     return Err(ConfigError::Invalid {
                         file: self.source.clone(),
+                        line: None,
                         key,
                         reason: format!(
                             "plugin `{name}` is used as a {first} by `{first_key}`; it cannot also be a {role}"

@@ -15,6 +15,7 @@ pub mod pool;
 pub mod probe;
 pub mod proxy;
 pub mod relay;
+pub mod reload;
 pub mod shutdown;
 pub mod tls;
 pub mod upstream;

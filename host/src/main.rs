@@ -28,6 +28,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Ask a running gateway to reload its config file (`POST /reload` on its
+    /// admin listener) and print what changed, or why it was refused.
+    Reload {
+        /// The admin listener, `ip:port`.
+        #[arg(long)]
+        admin: std::net::SocketAddr,
+        /// The file holding the admin bearer token (`[admin] token_file`).
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// Work with plugin files.
     Plugin {
         #[command(subcommand)]
@@ -59,6 +69,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
+            Command::Reload { admin, token_file } => reload(admin, token_file).await,
             Command::Plugin { command: PluginCommand::Inspect { file } } => inspect(file).await,
         }
     });
@@ -95,6 +106,20 @@ async fn check(path: PathBuf) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+async fn reload(admin: std::net::SocketAddr, token_file: PathBuf) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading the token file {}", token_file.display()))?;
+    let (status, body) = wasmgate::admin::post(admin, "/reload", token.trim())
+        .await
+        .with_context(|| format!("asking the gateway at {admin} to reload"))?;
+    match serde_json::from_str::<serde_json::Value>(&body) {
+        Ok(report) => println!("{}", serde_json::to_string_pretty(&report)?),
+        Err(_) => print!("{body}"),
+    }
+    if status.is_success() { Ok(()) } else { anyhow::bail!("reload not applied ({status})") }
 }
 
 async fn inspect(file: PathBuf) -> anyhow::Result<()> {

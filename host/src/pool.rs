@@ -5,6 +5,11 @@
 //! the two after their thresholds; a refused connection ([`Server::connect_failed`])
 //! marks it unhealthy at once. Only healthy servers are picked, by the pool's
 //! balancing method. Every transition is logged once, with its reason.
+//!
+//! A reload ([`Pools::update`]) keeps every server that stays in its pool —
+//! the same object, with its health, counts and live WebSockets — and
+//! retires the servers it removes: they take nothing new and their
+//! WebSockets are closed over the drain window.
 
 use std::collections::HashMap;
 use std::hash::Hasher;
@@ -16,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::{Balance, PoolConfig, ProbeConfig};
 use crate::forward::{self, Forwarder};
+use crate::shutdown::Spread;
 use crate::upstream::PoolTls;
 
 /// One backend server of a pool.
@@ -33,7 +39,10 @@ pub struct Server {
     /// Flips to `true` when the server turns unhealthy in a pool that closes
     /// WebSockets of unhealthy servers; relays watch it.
     eject: watch::Sender<bool>,
-    close_on_unhealthy: bool,
+    close_on_unhealthy: AtomicBool,
+    /// Set when a reload removes the server: its WebSockets close over it.
+    removal: Spread,
+    retired: AtomicBool,
 }
 
 /// Holds a server's connection count up while a request or WebSocket lives.
@@ -56,8 +65,27 @@ impl Server {
             active: AtomicUsize::new(0),
             last_reason: Mutex::new(if pool.probe.start_healthy { "starting" } else { "not probed yet" }.into()),
             eject: watch::channel(false).0,
-            close_on_unhealthy: pool.close_on_unhealthy,
+            close_on_unhealthy: AtomicBool::new(pool.close_on_unhealthy),
+            removal: Spread::default(),
+            retired: AtomicBool::new(false),
         }
+    }
+
+    /// Takes no new traffic from now on, and closes its WebSockets, each at
+    /// a random moment of `window`.
+    pub fn retire(&self, window: Duration) {
+        self.retired.store(true, Ordering::Release);
+        self.removal.begin(window);
+    }
+
+    /// Resolves at this WebSocket's moment to close once the server was
+    /// removed from its pool; never otherwise.
+    pub fn removed(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.removal.my_turn()
+    }
+
+    fn takes_traffic(&self) -> bool {
+        self.is_healthy() && !self.retired.load(Ordering::Acquire)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -102,7 +130,7 @@ impl Server {
                 tracing::warn!(pool = %self.pool, server = %self.address, %reason, "server unhealthy");
             }
         }
-        if self.close_on_unhealthy {
+        if self.close_on_unhealthy.load(Ordering::Relaxed) {
             self.eject.send_replace(!healthy);
         }
         changed
@@ -119,6 +147,8 @@ impl Server {
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
+    /// What it was built from: an unchanged pool survives a reload whole.
+    pub config: PoolConfig,
     pub servers: Vec<Arc<Server>>,
     pub balance: Balance,
     pub request_timeout: Duration,
@@ -134,10 +164,23 @@ pub struct Pool {
 impl Pool {
     /// Builds a pool; fails if its TLS settings cannot be loaded (`ca`).
     pub fn new(config: &PoolConfig) -> Result<Pool, String> {
+        Pool::reusing(config, None)
+    }
+
+    /// Builds a pool, taking the servers `old` also has from it.
+    fn reusing(config: &PoolConfig, old: Option<&Pool>) -> Result<Pool, String> {
         let tls = PoolTls::for_pool(config).map_err(|e| format!("pool `{}`: {e}", config.name))?;
+        let server = |address: &String| match old.and_then(|old| old.servers.iter().find(|s| &s.address == address)) {
+            Some(kept) => {
+                kept.close_on_unhealthy.store(config.close_on_unhealthy, Ordering::Relaxed);
+                kept.clone()
+            }
+            None => Arc::new(Server::new(address, config)),
+        };
         Ok(Pool {
             name: config.name.clone(),
-            servers: config.servers.iter().map(|address| Arc::new(Server::new(address, config))).collect(),
+            config: config.clone(),
+            servers: config.servers.iter().map(server).collect(),
             balance: config.balance,
             request_timeout: Duration::from_secs(config.request_timeout_s),
             retries: config.retries,
@@ -154,7 +197,7 @@ impl Pool {
     /// A healthy server not in `exclude`, by the pool's balancing method, or
     /// `None` if there is none.
     pub fn pick(&self, affinity_key: Option<&str>, exclude: &[Arc<Server>]) -> Option<Arc<Server>> {
-        let eligible = |s: &Arc<Server>| s.is_healthy() && !exclude.iter().any(|e| Arc::ptr_eq(e, s));
+        let eligible = |s: &Arc<Server>| s.takes_traffic() && !exclude.iter().any(|e| Arc::ptr_eq(e, s));
         let n = self.servers.len();
         if n == 0 {
             return None;
@@ -198,13 +241,67 @@ pub struct Pools {
     by_name: HashMap<String, Arc<Pool>>,
 }
 
+/// What [`Pools::update`] changed.
+#[derive(Debug, Default)]
+pub struct PoolChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Pools whose settings or membership changed (rebuilt around the kept servers).
+    pub changed: Vec<String>,
+    pub servers_added: Vec<(String, String)>,
+    /// Servers no pool has any more; the caller retires them.
+    pub servers_removed: Vec<Arc<Server>>,
+}
+
 impl Pools {
     pub fn new(configs: &[PoolConfig]) -> Result<Pools, String> {
+        Ok(Pools::default().update(configs)?.0)
+    }
+
+    /// The pools for `configs`, built from these: an unchanged pool is kept
+    /// whole (its pooled connections too), a changed one is rebuilt around
+    /// the servers it keeps. Nothing is retired here; the caller retires
+    /// [`PoolChanges::servers_removed`] once the new pools are in use.
+    pub fn update(&self, configs: &[PoolConfig]) -> Result<(Pools, PoolChanges), String> {
         let mut by_name = HashMap::new();
+        let mut changes = PoolChanges::default();
         for config in configs {
-            by_name.insert(config.name.clone(), Arc::new(Pool::new(config)?));
+            let old = self.by_name.get(&config.name);
+            let pool = match old {
+                Some(old) if old.config == *config => old.clone(),
+                Some(old) => {
+                    changes.changed.push(config.name.clone());
+                    Arc::new(Pool::reusing(config, Some(old))?)
+                }
+                None => {
+                    changes.added.push(config.name.clone());
+                    Arc::new(Pool::new(config)?)
+                }
+            };
+            for server in &pool.servers {
+                if !old.is_some_and(|old| old.servers.iter().any(|s| Arc::ptr_eq(s, server))) {
+                    changes.servers_added.push((pool.name.clone(), server.address.clone()));
+                }
+            }
+            by_name.insert(config.name.clone(), pool);
         }
-        Ok(Pools { by_name })
+        for (name, old) in &self.by_name {
+            let new = by_name.get(name);
+            if new.is_none() {
+                changes.removed.push(name.clone());
+            }
+            for server in &old.servers {
+                if !new.is_some_and(|new| new.servers.iter().any(|s| Arc::ptr_eq(s, server))) {
+                    changes.servers_removed.push(server.clone());
+                }
+            }
+        }
+        for list in [&mut changes.added, &mut changes.removed, &mut changes.changed] {
+            list.sort();
+        }
+        changes.servers_added.sort();
+        changes.servers_removed.sort_by(|a, b| (&a.pool, &a.address).cmp(&(&b.pool, &b.address)));
+        Ok((Pools { by_name }, changes))
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {

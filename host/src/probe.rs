@@ -32,10 +32,10 @@ use crate::upstream::{self, PoolTls};
 /// Body bytes an HTTP probe reads for `match_body`.
 const MAX_PROBE_BODY: usize = 64 * 1024;
 
-/// Starts one probing task per pool; dropping the handles does not stop
-/// them, aborting does.
-pub fn spawn_probers<'a>(pools: impl Iterator<Item = &'a Arc<Pool>>) -> Vec<JoinHandle<()>> {
-    pools.map(|pool| tokio::spawn(probe_pool(pool.clone()))).collect()
+/// Starts the probing task of `pool`; dropping the handle does not stop it,
+/// aborting does.
+pub fn spawn_prober(pool: Arc<Pool>) -> JoinHandle<()> {
+    tokio::spawn(probe_pool(pool))
 }
 
 /// Probes every server of `pool` forever.

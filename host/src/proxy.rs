@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -40,7 +41,7 @@ use crate::plugin::bindings::{RequestHead, RouteDecision, Verdict};
 use crate::plugin::{PluginError, Registry, validate};
 use crate::pool::{Pool, Pools, Server};
 use crate::relay::RelayLimits;
-use crate::shutdown::Drain;
+use crate::shutdown::{Drain, Spread};
 use crate::websocket::{self, ClientHandshake, Relaying, WebSocketSlot};
 
 /// The body of every response the gateway sends: a backend's streamed body,
@@ -67,21 +68,49 @@ impl Route {
 /// What the gateway as a whole shares between listeners.
 pub struct Shared {
     pub registry: Arc<Registry>,
-    pub pools: Arc<Pools>,
-    pub relay_limits: RelayLimits,
     pub drain: Arc<Drain>,
 }
 
-/// One listener's rules, applied to each of its requests.
-pub struct ListenerProxy {
-    pub name: String,
+/// One listener's rules under the config in force, with the pools they
+/// name. A reload replaces them whole, so a request sees one config.
+pub struct ListenerRules {
     waf: Vec<String>,
     router: Option<String>,
     default_pool: Option<Arc<Pool>>,
     max_websockets: usize,
-    live_websockets: Arc<AtomicUsize>,
     /// Port of the HTTPS listener plain requests are redirected to.
     redirect_to_https: Option<u16>,
+    pools: Arc<Pools>,
+    relay_limits: RelayLimits,
+}
+
+impl ListenerRules {
+    pub fn new(
+        config: &ListenerConfig,
+        pools: Arc<Pools>,
+        relay_limits: RelayLimits,
+        redirect_to_https: Option<u16>,
+    ) -> ListenerRules {
+        ListenerRules {
+            waf: config.waf.clone(),
+            router: config.router.clone(),
+            default_pool: config.default_pool.as_deref().and_then(|p| pools.get(p).cloned()),
+            max_websockets: config.max_websockets,
+            redirect_to_https: if config.redirect_to_https { redirect_to_https } else { None },
+            pools,
+            relay_limits,
+        }
+    }
+}
+
+/// One listener: its rules, applied to each of its requests, and what
+/// outlives a reload (its count of live WebSockets).
+pub struct ListenerProxy {
+    pub name: String,
+    rules: ArcSwap<ListenerRules>,
+    live_websockets: Arc<AtomicUsize>,
+    /// Set when a reload removes the listener: its WebSockets close over it.
+    removal: Arc<Spread>,
     shared: Arc<Shared>,
 }
 
@@ -89,17 +118,29 @@ pub struct ListenerProxy {
 type Step<T> = Result<T, Response<ResponseBody>>;
 
 impl ListenerProxy {
-    pub fn new(config: &ListenerConfig, shared: Arc<Shared>, redirect_to_https: Option<u16>) -> ListenerProxy {
+    pub fn new(name: &str, rules: ListenerRules, shared: Arc<Shared>) -> ListenerProxy {
         ListenerProxy {
-            name: config.name.clone(),
-            waf: config.waf.clone(),
-            router: config.router.clone(),
-            default_pool: config.default_pool.as_deref().and_then(|p| shared.pools.get(p).cloned()),
-            max_websockets: config.max_websockets,
+            name: name.to_owned(),
+            rules: ArcSwap::from_pointee(rules),
             live_websockets: Arc::new(AtomicUsize::new(0)),
-            redirect_to_https,
+            removal: Arc::new(Spread::default()),
             shared,
         }
+    }
+
+    /// Applies new rules to the requests that start from now on.
+    pub fn set_rules(&self, rules: ListenerRules) {
+        self.rules.store(Arc::new(rules));
+    }
+
+    /// The listener was removed: its WebSockets close over `window`.
+    pub fn retire(&self, window: std::time::Duration) {
+        self.removal.begin(window);
+    }
+
+    /// WebSockets relayed for this listener now.
+    pub fn live_websockets(&self) -> usize {
+        self.live_websockets.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Handles one request from `client` and returns the client's response.
@@ -108,7 +149,8 @@ impl ListenerProxy {
         // Only copied when the per-request debug log is on.
         let logged = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| (Instant::now(), req.method().clone(), req.uri().path().to_owned()));
-        let response = match self.pass(req, client).await {
+        let rules = self.rules.load_full();
+        let response = match self.pass(&rules, req, client).await {
             Ok(response) | Err(response) => response,
         };
         if let Some((started, method, path)) = logged {
@@ -125,20 +167,25 @@ impl ListenerProxy {
         response
     }
 
-    async fn pass(&self, req: Request<Incoming>, client: &ConnInfo) -> Step<Response<ResponseBody>> {
+    async fn pass(
+        &self,
+        rules: &ListenerRules,
+        req: Request<Incoming>,
+        client: &ConnInfo,
+    ) -> Step<Response<ResponseBody>> {
         let handshake = ClientHandshake::from_request(&req).map_err(GatewayError::into_response)?;
-        if let Some(port) = self.redirect_to_https
+        if let Some(port) = rules.redirect_to_https
             && handshake.is_none()
             && req.body().is_end_stream()
         {
             return Err(redirect_to_https(&req, port).into_response());
         }
         let head = head::request_head(&req, client, &self.name, handshake.as_ref());
-        self.run_waf(&head).await?;
-        let route = self.route(&head).await?;
+        self.run_waf(rules, &head).await?;
+        let route = self.route(rules, &head).await?;
         let result = match handshake {
             None => self.forward(req, &route, client).await,
-            Some(handshake) => self.upgrade(req, handshake, &route, client).await,
+            Some(handshake) => self.upgrade(rules, req, handshake, &route, client).await,
         };
         result.map_err(GatewayError::into_response)
     }
@@ -148,12 +195,13 @@ impl ListenerProxy {
     /// client's answer and the relay.
     async fn upgrade(
         &self,
+        rules: &ListenerRules,
         mut req: Request<Incoming>,
         handshake: ClientHandshake,
         route: &Route,
         client: &ConnInfo,
     ) -> Result<Response<ResponseBody>, GatewayError> {
-        let slot = WebSocketSlot::try_take(&self.live_websockets, self.max_websockets)
+        let slot = WebSocketSlot::try_take(&self.live_websockets, rules.max_websockets)
             .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() })?;
         let client_upgrade = hyper::upgrade::on(&mut req);
         let (mut parts, _body) = req.into_parts();
@@ -168,8 +216,11 @@ impl ListenerProxy {
             }
         };
         let ((response, active), server) = self.try_servers(route, true, attempt).await?;
-        let (limits, drain) = (self.shared.relay_limits, self.shared.drain.clone());
-        websocket::answer(response, Relaying { client_upgrade, handshake, server, active, limits, slot, drain })
+        let (limits, drain, listener_removal) = (rules.relay_limits, self.shared.drain.clone(), self.removal.clone());
+        websocket::answer(
+            response,
+            Relaying { client_upgrade, handshake, server, active, limits, slot, drain, listener_removal },
+        )
     }
 
     /// Forwards a plain request. Without a body it can be sent again to
@@ -263,8 +314,8 @@ impl ListenerProxy {
     }
 
     /// Runs the WAF plugins in order; the first deny ends the request.
-    async fn run_waf(&self, head: &RequestHead) -> Step<()> {
-        for name in &self.waf {
+    async fn run_waf(&self, rules: &ListenerRules, head: &RequestHead) -> Step<()> {
+        for name in &rules.waf {
             let registry = &self.shared.registry;
             let Some(plugin) = registry.get(name) else {
                 let error = PluginError::Missing { plugin: name.clone() };
@@ -295,40 +346,40 @@ impl ListenerProxy {
     }
 
     /// Asks the router plugin (if any) where the request goes.
-    async fn route(&self, head: &RequestHead) -> Step<Route> {
-        let Some(name) = &self.router else {
-            return self.default_route();
+    async fn route(&self, rules: &ListenerRules, head: &RequestHead) -> Step<Route> {
+        let Some(name) = &rules.router else {
+            return self.default_route(rules);
         };
         let registry = &self.shared.registry;
         let Some(plugin) = registry.get(name) else {
             let error = PluginError::Missing { plugin: name.clone() };
-            return self.router_failed(error, registry.missing_policy(name));
+            return self.router_failed(rules, error, registry.missing_policy(name));
         };
         let policy = plugin.limits.on_error;
         let decided = match plugin.route(head).await {
             Ok(RouteDecision::Forward(upstream)) => {
-                validate::upstream(name, upstream, &self.shared.pools).map(Decided::Forward)
+                validate::upstream(name, upstream, &rules.pools).map(Decided::Forward)
             }
             Ok(RouteDecision::Respond(response)) => validate::response(name, response).map(Decided::Respond),
             Ok(RouteDecision::NoRoute) => Ok(Decided::NoRoute),
-            Err(error) => return self.router_failed(error, policy),
+            Err(error) => return self.router_failed(rules, error, policy),
         };
         match decided {
             Ok(Decided::Forward(route)) => Ok(route),
             Ok(Decided::Respond(response)) => Err(response),
-            Ok(Decided::NoRoute) => self.default_route(),
+            Ok(Decided::NoRoute) => self.default_route(rules),
             Err(error) => {
                 plugin.record_failure(&error);
-                self.router_failed(error, policy)
+                self.router_failed(rules, error, policy)
             }
         }
     }
 
     /// A failed router fails open only if there is a default pool to open to.
-    fn router_failed(&self, error: PluginError, policy: OnError) -> Step<Route> {
-        let policy = if self.default_pool.is_some() { policy } else { OnError::Deny };
+    fn router_failed(&self, rules: &ListenerRules, error: PluginError, policy: OnError) -> Step<Route> {
+        let policy = if rules.default_pool.is_some() { policy } else { OnError::Deny };
         self.plugin_failed(error, policy)?;
-        self.default_route()
+        self.default_route(rules)
     }
 
     /// Applies a failed plugin's policy: `deny` ends the request with 503
@@ -347,8 +398,8 @@ impl ListenerProxy {
         }
     }
 
-    fn default_route(&self) -> Step<Route> {
-        match &self.default_pool {
+    fn default_route(&self, rules: &ListenerRules) -> Step<Route> {
+        match &rules.default_pool {
             Some(pool) => Ok(Route::to_pool(pool.clone())),
             None => Err(GatewayError::NoRoute.into_response()),
         }

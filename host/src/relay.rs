@@ -39,6 +39,8 @@ pub enum CloseReason {
     MaxLifetime,
     ServerUnhealthy,
     Shutdown,
+    /// A reload removed the server or the listener.
+    Removed,
 }
 
 impl CloseReason {
@@ -49,6 +51,7 @@ impl CloseReason {
             CloseReason::MaxLifetime => (1001, "maximum lifetime reached"),
             CloseReason::ServerUnhealthy => (1001, "server unhealthy"),
             CloseReason::Shutdown => (1001, "gateway shutting down"),
+            CloseReason::Removed => (1001, "removed by a config reload"),
         }
     }
 }

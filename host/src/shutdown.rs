@@ -11,25 +11,65 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-/// The shutdown state shared by every request and WebSocket.
+/// A window over which a set of connections is closed, each at its own
+/// uniformly random moment: the whole gateway on shutdown, one server when a
+/// reload removes it, one listener when a reload removes it.
 #[derive(Debug)]
-pub struct Drain {
-    /// `Some(window)` once draining started.
+pub struct Spread {
+    /// `Some(window)` once closing started.
     window: watch::Sender<Option<Duration>>,
-    in_flight: AtomicUsize,
-    websockets: AtomicUsize,
     seed: AtomicU64,
 }
 
-impl Default for Drain {
+impl Default for Spread {
     fn default() -> Self {
-        Drain {
-            window: watch::channel(None).0,
-            in_flight: AtomicUsize::new(0),
-            websockets: AtomicUsize::new(0),
-            seed: AtomicU64::new(0),
+        Spread { window: watch::channel(None).0, seed: AtomicU64::new(0) }
+    }
+}
+
+impl Spread {
+    /// Starts closing over `window`.
+    pub fn begin(&self, window: Duration) {
+        self.window.send_replace(Some(window));
+    }
+
+    pub fn has_begun(&self) -> bool {
+        self.window.borrow().is_some()
+    }
+
+    /// Resolves once closing has started.
+    pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.window.subscribe();
+        async move {
+            if rx.wait_for(|w| w.is_some()).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
+
+    /// Resolves at this connection's moment to close: a uniformly random
+    /// point of the window once closing starts; never before.
+    pub fn my_turn(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.window.subscribe();
+        let draw = RandomState::new().hash_one(self.seed.fetch_add(1, Ordering::Relaxed));
+        let fraction = (draw % 1_000_000) as f64 / 1_000_000.0;
+        async move {
+            // The guard wait_for returns is dropped before the next await.
+            let window = rx.wait_for(|w| w.is_some()).await.ok().and_then(|w| *w);
+            match window {
+                Some(window) => tokio::time::sleep(window.mul_f64(fraction)).await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+}
+
+/// The shutdown state shared by every request and WebSocket.
+#[derive(Debug, Default)]
+pub struct Drain {
+    spread: Spread,
+    in_flight: AtomicUsize,
+    websockets: AtomicUsize,
 }
 
 /// Counts one request or WebSocket while it lives.
@@ -44,11 +84,11 @@ impl Drop for Live<'_> {
 impl Drain {
     /// Starts draining over `window`.
     pub fn begin(&self, window: Duration) {
-        self.window.send_replace(Some(window));
+        self.spread.begin(window);
     }
 
     pub fn is_draining(&self) -> bool {
-        self.window.borrow().is_some()
+        self.spread.has_begun()
     }
 
     pub fn request(&self) -> Live<'_> {
@@ -71,27 +111,11 @@ impl Drain {
 
     /// Resolves once draining has started.
     pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.window.subscribe();
-        async move {
-            if rx.wait_for(|w| w.is_some()).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
+        self.spread.started()
     }
 
-    /// Resolves at this connection's moment to close: a uniformly random
-    /// point of the drain window once draining starts; never before.
+    /// Resolves at this connection's moment to close (see [`Spread::my_turn`]).
     pub fn my_turn(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.window.subscribe();
-        let draw = RandomState::new().hash_one(self.seed.fetch_add(1, Ordering::Relaxed));
-        let fraction = (draw % 1_000_000) as f64 / 1_000_000.0;
-        async move {
-            // The guard wait_for returns is dropped before the next await.
-            let window = rx.wait_for(|w| w.is_some()).await.ok().and_then(|w| *w);
-            match window {
-                Some(window) => tokio::time::sleep(window.mul_f64(fraction)).await,
-                None => std::future::pending().await,
-            }
-        }
+        self.spread.my_turn()
     }
 }

@@ -22,7 +22,7 @@ use crate::plugin::bindings::WebsocketHandshake;
 use crate::pool::{ActiveGuard, Server};
 use crate::proxy::ResponseBody;
 use crate::relay::{self, CloseReason, RelayEnd, RelayLimits};
-use crate::shutdown::Drain;
+use crate::shutdown::{Drain, Spread};
 use crate::upstream::{self, PoolTls};
 
 /// A client's valid opening handshake.
@@ -188,13 +188,15 @@ pub struct Relaying {
     pub slot: WebSocketSlot,
     /// Shutdown: when it drains, this WebSocket gets its Close.
     pub drain: Arc<Drain>,
+    /// Set when a reload removes the listener.
+    pub listener_removal: Arc<Spread>,
 }
 
 /// Turns the server's answer into the client's: a 101 (after checking the
 /// accept key) with the relay started in the background, or the server's
 /// own refusal passed through.
 pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Response<ResponseBody>, GatewayError> {
-    let Relaying { client_upgrade, handshake, server, active, limits, slot, drain } = relaying;
+    let Relaying { client_upgrade, handshake, server, active, limits, slot, drain, listener_removal } = relaying;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server declined the upgrade: its answer is the client's answer.
         let (mut parts, body) = response.into_parts();
@@ -237,10 +239,13 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
         };
         let _live = drain.websocket();
         let (ejected, drained) = (server.ejected(), drain.my_turn());
+        let (server_removed, listener_removed) = (server.removed(), listener_removal.my_turn());
         let stop = async move {
             tokio::select! {
                 _ = ejected => CloseReason::ServerUnhealthy,
                 _ = drained => CloseReason::Shutdown,
+                _ = server_removed => CloseReason::Removed,
+                _ = listener_removed => CloseReason::Removed,
             }
         };
         let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, stop).await;

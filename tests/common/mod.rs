@@ -77,6 +77,77 @@ pub async fn start_gateway(config: &str, plugins: &PluginDir) -> Gateway {
     Gateway::start(config).await.expect("gateway starts")
 }
 
+// ---------------------------------------------------------------- processes
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the caller).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `wasmgate run` child process; killed when dropped if still running.
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl GatewayProcess {
+    /// Runs `wasmgate run --config CONFIG` with stderr to `LOG`, its cache
+    /// under the config's directory; returns once `listening_lines` lines
+    /// saying "listening" were logged.
+    pub async fn start(config: &Path, log: &Path, listening_lines: usize) -> GatewayProcess {
+        let file = std::fs::File::create(log).expect("create log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("XDG_CACHE_HOME", config.parent().unwrap())
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start wasmgate");
+        let process = GatewayProcess { child, log: log.to_owned() };
+        let started = Instant::now();
+        while process.log_text().matches("listening").count() < listening_lines {
+            assert!(started.elapsed() < Duration::from_secs(20), "wasmgate never listened:\n{}", process.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        process
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` (`TERM`, `HUP`...) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub async fn exited(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "wasmgate did not exit within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The address of listener `web`.
 pub fn web(gateway: &Gateway) -> SocketAddr {
     gateway.listener_addr("web").expect("listener `web`")
@@ -417,11 +488,24 @@ pub async fn ws_connect(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (Ws, http::Response<Option<Vec<u8>>>) {
+    let (ws, response, _) = ws_connect_greeted(addr, path, headers).await;
+    (ws, response)
+}
+
+/// [`ws_connect`], also returning the greeting (`hello from NAME`: which
+/// backend the WebSocket reached).
+pub async fn ws_connect_greeted(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (Ws, http::Response<Option<Vec<u8>>>, String) {
     let (mut ws, response) =
         tokio_tungstenite::connect_async(ws_request(addr, path, headers)).await.expect("websocket handshake");
-    let greeting = next_message(&mut ws).await;
-    assert!(matches!(&greeting, Message::Text(t) if t.as_str().starts_with("hello from")), "{greeting:?}");
-    (ws, response)
+    let greeting = match next_message(&mut ws).await {
+        Message::Text(t) if t.as_str().starts_with("hello from") => t.to_string(),
+        other => panic!("expected the backend's greeting, got {other:?}"),
+    };
+    (ws, response, greeting)
 }
 
 /// The next message, within 5 s.

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -20,7 +21,8 @@ use crate::pool::Pools;
 /// Gateway services shared by every plugin.
 pub struct HostServices {
     pub counters: Counters,
-    pub pools: Arc<Pools>,
+    /// The pools of the config in force (a reload replaces them).
+    pub pools: ArcSwap<Pools>,
 }
 
 /// What one plugin's instances know about it.
@@ -74,7 +76,7 @@ impl host::Host for HostState {
     }
 
     fn healthy_servers(&mut self, pool: String) -> Vec<String> {
-        self.plugin.services.pools.healthy_servers(&pool)
+        self.plugin.services.pools.load().healthy_servers(&pool)
     }
 
     fn count(&mut self, key: String, window_ms: u32) -> u64 {

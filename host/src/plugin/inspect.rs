@@ -14,7 +14,6 @@ use super::registry::hex;
 use super::runtime::Runtime;
 use crate::config::PluginsConfig;
 use crate::counter::Counters;
-use crate::pool::Pools;
 
 /// The findings about one file.
 pub struct Inspection {
@@ -99,7 +98,7 @@ pub async fn inspect(file: &Path) -> anyhow::Result<Inspection> {
         quarantine_initial: std::time::Duration::from_millis(defaults.quarantine_initial_ms),
         quarantine_max: std::time::Duration::from_millis(defaults.quarantine_max_ms),
     };
-    let services = Arc::new(HostServices { counters: Counters::default(), pools: Arc::new(Pools::default()) });
+    let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned();
     let context = Arc::new(PluginContext { name, config: Default::default(), services });
     let source =

@@ -52,7 +52,7 @@ pub struct Loader {
     services: Arc<HostServices>,
     cache: Option<ArtifactCache>,
     /// The role each plugin is used in by the config, and the key saying so.
-    roles: HashMap<String, (PluginRole, String)>,
+    roles: ArcSwap<HashMap<String, (PluginRole, String)>>,
 }
 
 impl Loader {
@@ -77,7 +77,12 @@ impl Loader {
                 }
             },
         };
-        Loader { runtime, defaults, services, cache, roles }
+        Loader { runtime, defaults, services, cache, roles: ArcSwap::from_pointee(roles) }
+    }
+
+    /// The roles of a reloaded config, for the loads from now on.
+    pub fn set_roles(&self, roles: HashMap<String, (PluginRole, String)>) {
+        self.roles.store(Arc::new(roles));
     }
 
     pub fn dir(&self) -> &Path {
@@ -124,7 +129,7 @@ impl Loader {
             Arc::new(PluginContext { name: name.clone(), config: settings.config, services: self.services.clone() });
         let source = PluginSource { sha256, source_hash, version, from_cache };
         let plugin = LoadedPlugin::new(self.runtime.clone(), component, source, context, limits).await?;
-        if let Some((role, key)) = self.roles.get(&name)
+        if let Some((role, key)) = self.roles.load().get(&name)
             && plugin.kind.role() != *role
         {
             anyhow::bail!("this component is a {} plugin, but `{key}` uses `{name}` as a {role}", plugin.kind);
