@@ -76,3 +76,114 @@ async fn a_token_file_guards_every_admin_endpoint() {
     let right = request(admin, "GET", "/status", &[("authorization", "Bearer s3cret-token")], vec![]).await;
     assert_eq!(right.status, StatusCode::OK);
 }
+
+/// A metric's value from a parsed scrape: the sum of the samples named
+/// `name` whose labels include all of `labels` (0 if there is none); for a
+/// histogram, its count of observations.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus_parse::Value;
+    let matching =
+        scrape.samples.iter().filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
+    let (mut sum, mut histogram_count) = (0.0, 0.0f64);
+    for s in matching {
+        match &s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => sum += v,
+            // One sample per bucket line, each holding the cumulative counts.
+            Value::Histogram(buckets) => {
+                histogram_count = buckets.iter().map(|b| b.count).fold(histogram_count, f64::max)
+            }
+            Value::Summary(_) => panic!("no summaries here"),
+        }
+    }
+    sum + histogram_count
+}
+
+async fn scrape(admin: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    let got = get(admin, "/metrics").await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(got.header("content-type").unwrap().starts_with("application/openmetrics-text"));
+    assert!(got.body.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    prometheus_parse::Scrape::parse(got.body.lines().map(|l| Ok(l.to_owned()))).expect("a valid exposition")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_the_traffic_says() {
+    let app = Backend::start("app").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nwaf = [\"guard\"]\nrouter = \"router\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n\
+         [[pool]]\nname = \"dead\"\nservers = [\"{closed}\"]\n[pool.probe]\ninterval_s = 60\n",
+        app.addr
+    );
+    let plugins = PluginDir::new().add("guard", "handshake-guard", "[config]\ndeny_paths = \"/blocked*\"\n").add(
+        "router",
+        "path-router",
+        "[config]\nroutes = \"\"\"\n* /dead pool=dead\n* / pool=app\n\"\"\"\n",
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    let (admin, web) = (gateway.admin_addr().unwrap(), web(&gateway));
+
+    for _ in 0..5 {
+        assert_eq!(get(web, "/hello").await.status, StatusCode::OK);
+    }
+    for _ in 0..2 {
+        assert_eq!(get(web, "/blocked").await.status, StatusCode::FORBIDDEN);
+    }
+    assert_eq!(get(web, "/dead").await.status, StatusCode::BAD_GATEWAY);
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(ws_connect(web, "/ws", &[]).await.0);
+    }
+    assert_eq!(ws_refused(web, "/blocked-ws", &[]).await.status, StatusCode::FORBIDDEN);
+    // One WebSocket carries a message and is closed by its client.
+    let mut first = sockets.remove(0);
+    futures_util::SinkExt::send(&mut first, tokio_tungstenite::tungstenite::Message::text("twelve bytes"))
+        .await
+        .unwrap();
+    next_message(&mut first).await;
+    first.close(None).await.unwrap();
+    while futures_util::StreamExt::next(&mut first).await.is_some() {}
+    drop(first);
+    wait_until("the closed WebSocket counted", Duration::from_secs(3), || {
+        gateway.pool("app").unwrap().servers[0].active() == 2
+    })
+    .await;
+
+    let m = scrape(admin).await;
+    let web_app = [("listener", "web"), ("pool", "app")];
+    assert_eq!(sample(&m, "wasmgate_requests_total", &[web_app[0], web_app[1], ("class", "2xx")]), 5.0);
+    assert_eq!(
+        sample(&m, "wasmgate_requests_total", &[("pool", ""), ("class", "4xx")]),
+        3.0,
+        "2 GET + 1 handshake denied"
+    );
+    assert_eq!(sample(&m, "wasmgate_requests_total", &[("pool", "dead"), ("class", "5xx")]), 1.0);
+    assert_eq!(sample(&m, "wasmgate_request_duration_seconds", &[("listener", "web")]), 12.0, "every request timed");
+    assert_eq!(sample(&m, "wasmgate_upstream_connect_errors_total", &[("pool", "dead"), ("kind", "connect")]), 1.0);
+    assert_eq!(sample(&m, "wasmgate_websocket_handshakes_total", &[("result", "upgraded")]), 3.0);
+    assert_eq!(sample(&m, "wasmgate_websocket_handshakes_total", &[("result", "waf_denied")]), 1.0);
+    assert_eq!(sample(&m, "wasmgate_websockets_active", &web_app), 2.0);
+    assert_eq!(sample(&m, "wasmgate_websocket_closes_total", &[("reason", "client")]), 1.0);
+    let up = sample(&m, "wasmgate_websocket_relayed_bytes_total", &[("direction", "client_to_server")]);
+    let down = sample(&m, "wasmgate_websocket_relayed_bytes_total", &[("direction", "server_to_client")]);
+    // A masked 12-byte message and the Close went up; greeting, echo and Close came down.
+    assert!((18.0..100.0).contains(&up) && (30.0..100.0).contains(&down), "up {up}, down {down}");
+    assert_eq!(sample(&m, "wasmgate_plugin_calls_total", &[("plugin", "guard")]), 12.0);
+    assert_eq!(sample(&m, "wasmgate_plugin_calls_total", &[("plugin", "router")]), 9.0, "not for WAF denials");
+    assert_eq!(sample(&m, "wasmgate_plugin_call_duration_seconds", &[("plugin", "guard")]), 12.0);
+    assert_eq!(sample(&m, "wasmgate_plugin_errors_total", &[("plugin", "guard")]), 0.0);
+    let healthy =
+        |pool: &str, addr: String| sample(&m, "wasmgate_server_healthy", &[("pool", pool), ("server", &addr)]);
+    assert_eq!(healthy("app", app.addr.to_string()), 1.0);
+    assert_eq!(healthy("dead", closed.to_string()), 0.0, "a refused connection marks it down");
+    assert_eq!(sample(&m, "wasmgate_config_version", &[]), 1.0);
+    assert_eq!(sample(&m, "wasmgate_reloads_total", &[]), 0.0, "starting is not a reload");
+
+    // /status agrees with the metrics.
+    let status: serde_json::Value = serde_json::from_str(&get(admin, "/status").await.body).unwrap();
+    assert_eq!(status["websockets"], 2);
+    assert_eq!(status["listeners"][0]["websockets"], 2);
+    assert_eq!(status["config_version"], 1);
+}

@@ -75,12 +75,22 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
         ("GET", "/readyz") if drain.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         ("GET", "/readyz") => text(StatusCode::OK, "ready\n"),
         ("GET", "/status") => json_response(StatusCode::OK, &status(state)),
+        ("GET", "/metrics") => {
+            let shared = state.control.shared();
+            let text = shared.metrics.encode(state.control.view(), shared.registry.clone());
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            response
+        }
         ("POST", "/reload") => {
             let report = state.control.reload().await;
             let code = if report.applied() { StatusCode::OK } else { StatusCode::BAD_REQUEST };
             json_response(code, &serde_json::to_value(&report).unwrap_or_default())
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz, /status or POST /reload\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz, /status, /metrics or POST /reload\n"),
     }
 }
 

@@ -86,7 +86,7 @@ impl Gateway {
         } else {
             None
         };
-        let shared = Arc::new(Shared { registry, drain: Arc::new(Drain::default()) });
+        let shared = Arc::new(Shared { registry, drain: Arc::new(Drain::default()), metrics: Default::default() });
         let cap = Arc::new(ConnectionCap::new(config.limits.max_connections, shared.drain.clone()));
         let control = Arc::new(Control::new(shared, loader, services, cap, config.clone()));
         let started = control.apply(config.clone()).await;

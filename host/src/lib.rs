@@ -10,6 +10,7 @@ pub mod forward;
 pub mod gateway;
 pub mod head;
 pub mod listener;
+pub mod metrics;
 pub mod plugin;
 pub mod pool;
 pub mod probe;

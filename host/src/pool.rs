@@ -147,6 +147,8 @@ impl Server {
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
+    /// The name as a metrics label.
+    pub label: Arc<str>,
     /// What it was built from: an unchanged pool survives a reload whole.
     pub config: PoolConfig,
     pub servers: Vec<Arc<Server>>,
@@ -179,6 +181,7 @@ impl Pool {
         };
         Ok(Pool {
             name: config.name.clone(),
+            label: config.name.as_str().into(),
             config: config.clone(),
             servers: config.servers.iter().map(server).collect(),
             balance: config.balance,

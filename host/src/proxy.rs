@@ -37,6 +37,7 @@ use crate::error::{ERROR_HEADER, GatewayError};
 use crate::forward::{self, SendError};
 use crate::head;
 use crate::listener::ConnInfo;
+use crate::metrics::{self, ConnectErrorLabels, HandshakeLabels, Histogram, ListenerLabel, Metrics, RequestLabels};
 use crate::plugin::bindings::{RequestHead, RouteDecision, Verdict};
 use crate::plugin::{PluginError, Registry, validate};
 use crate::pool::{Pool, Pools, Server};
@@ -69,13 +70,23 @@ impl Route {
 pub struct Shared {
     pub registry: Arc<Registry>,
     pub drain: Arc<Drain>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Where a routed request went, riding in its response's extensions for the
+/// metrics (and the access log): the pool, and the server if one answered.
+#[derive(Clone)]
+pub struct Served {
+    pub pool: Arc<Pool>,
+    pub server: Option<Arc<Server>>,
 }
 
 /// One listener's rules under the config in force, with the pools they
 /// name. A reload replaces them whole, so a request sees one config.
 pub struct ListenerRules {
-    waf: Vec<String>,
-    router: Option<String>,
+    /// Each plugin with its call-duration histogram.
+    waf: Vec<(String, Histogram)>,
+    router: Option<(String, Histogram)>,
     default_pool: Option<Arc<Pool>>,
     max_websockets: usize,
     /// Port of the HTTPS listener plain requests are redirected to.
@@ -90,10 +101,12 @@ impl ListenerRules {
         pools: Arc<Pools>,
         relay_limits: RelayLimits,
         redirect_to_https: Option<u16>,
+        metrics: &Metrics,
     ) -> ListenerRules {
+        let timed = |name: &String| (name.clone(), metrics.plugin_timing(name));
         ListenerRules {
-            waf: config.waf.clone(),
-            router: config.router.clone(),
+            waf: config.waf.iter().map(timed).collect(),
+            router: config.router.as_ref().map(timed),
             default_pool: config.default_pool.as_deref().and_then(|p| pools.get(p).cloned()),
             max_websockets: config.max_websockets,
             redirect_to_https: if config.redirect_to_https { redirect_to_https } else { None },
@@ -107,6 +120,9 @@ impl ListenerRules {
 /// outlives a reload (its count of live WebSockets).
 pub struct ListenerProxy {
     pub name: String,
+    /// The name as a metrics label, and this listener's duration histogram.
+    label: Arc<str>,
+    duration: Histogram,
     rules: ArcSwap<ListenerRules>,
     live_websockets: Arc<AtomicUsize>,
     /// Set when a reload removes the listener: its WebSockets close over it.
@@ -119,8 +135,11 @@ type Step<T> = Result<T, Response<ResponseBody>>;
 
 impl ListenerProxy {
     pub fn new(name: &str, rules: ListenerRules, shared: Arc<Shared>) -> ListenerProxy {
+        let duration = shared.metrics.request_duration.get_or_create(&ListenerLabel { listener: name.into() }).clone();
         ListenerProxy {
             name: name.to_owned(),
+            label: name.into(),
+            duration,
             rules: ArcSwap::from_pointee(rules),
             live_websockets: Arc::new(AtomicUsize::new(0)),
             removal: Arc::new(Spread::default()),
@@ -146,14 +165,17 @@ impl ListenerProxy {
     /// Handles one request from `client` and returns the client's response.
     pub async fn handle(&self, req: Request<Incoming>, client: &ConnInfo) -> Response<ResponseBody> {
         let _in_flight = self.shared.drain.request();
+        let started = Instant::now();
+        let handshake = req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT;
         // Only copied when the per-request debug log is on.
-        let logged = tracing::enabled!(tracing::Level::DEBUG)
-            .then(|| (Instant::now(), req.method().clone(), req.uri().path().to_owned()));
+        let logged =
+            tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), req.uri().path().to_owned()));
         let rules = self.rules.load_full();
         let response = match self.pass(&rules, req, client).await {
             Ok(response) | Err(response) => response,
         };
-        if let Some((started, method, path)) = logged {
+        self.count(&response, handshake, started.elapsed());
+        if let Some((method, path)) = logged {
             tracing::debug!(
                 listener = %self.name,
                 %method,
@@ -165,6 +187,29 @@ impl ListenerProxy {
             );
         }
         response
+    }
+
+    /// Counts a response in the metrics.
+    fn count(&self, response: &Response<ResponseBody>, handshake: bool, elapsed: std::time::Duration) {
+        let metrics = &self.shared.metrics;
+        let status = response.status().as_u16();
+        let served = response.extensions().get::<Served>();
+        let pool = served.map(|s| s.pool.label.clone()).unwrap_or_else(|| "".into());
+        let class = metrics::status_class(status);
+        metrics.requests.get_or_create(&RequestLabels { listener: self.label.clone(), pool, class }).inc();
+        self.duration.observe(elapsed);
+        if handshake {
+            let error = response.headers().get(ERROR_HEADER).map(|v| v.as_bytes());
+            let result = match (status, error) {
+                (101, _) => "upgraded",
+                (200, None) if served.is_some_and(|s| s.server.is_some()) => "upgraded",
+                (_, Some(b"waf-deny")) => "waf_denied",
+                (_, Some(b"at-capacity")) => "at_capacity",
+                (_, Some(_)) => "error",
+                _ => "refused",
+            };
+            metrics.handshakes.get_or_create(&HandshakeLabels { listener: self.label.clone(), result }).inc();
+        }
     }
 
     async fn pass(
@@ -187,7 +232,11 @@ impl ListenerProxy {
             None => self.forward(req, &route, client).await,
             Some(handshake) => self.upgrade(rules, req, handshake, &route, client).await,
         };
-        result.map_err(GatewayError::into_response)
+        result.map_err(|error| {
+            let mut response = error.into_response();
+            response.extensions_mut().insert(Served { pool: route.pool.clone(), server: None });
+            response
+        })
     }
 
     /// Upgrades a WebSocket handshake: a place under the listener's cap, the
@@ -216,11 +265,26 @@ impl ListenerProxy {
             }
         };
         let ((response, active), server) = self.try_servers(route, true, attempt).await?;
+        let served = Served { pool: route.pool.clone(), server: Some(server.clone()) };
         let (limits, drain, listener_removal) = (rules.relay_limits, self.shared.drain.clone(), self.removal.clone());
-        websocket::answer(
+        let (metrics, listener) = (self.shared.metrics.clone(), self.label.clone());
+        let mut response = websocket::answer(
             response,
-            Relaying { client_upgrade, handshake, server, active, limits, slot, drain, listener_removal },
-        )
+            Relaying {
+                client_upgrade,
+                handshake,
+                server,
+                active,
+                limits,
+                slot,
+                drain,
+                listener_removal,
+                metrics,
+                listener,
+            },
+        )?;
+        response.extensions_mut().insert(served);
+        Ok(response)
     }
 
     /// Forwards a plain request. Without a body it can be sent again to
@@ -252,7 +316,8 @@ impl ListenerProxy {
                 forwarder.send(head, body, &server, timeout).await
             }
         };
-        let (response, _server) = self.try_servers(route, replayable && idempotent, attempt).await?;
+        let (mut response, server) = self.try_servers(route, replayable && idempotent, attempt).await?;
+        response.extensions_mut().insert(Served { pool: route.pool.clone(), server: Some(server) });
         Ok(response)
     }
 
@@ -281,7 +346,20 @@ impl ListenerProxy {
             let may_retry = retryable && tried.len() < pool.retries as usize;
             let unreachable =
                 GatewayError::BackendUnreachable { pool: pool.name.clone(), server: server.address.clone() };
-            match attempt(server.clone()).await {
+            let outcome = attempt(server.clone()).await;
+            if let Err(error) = &outcome {
+                let kind = match error {
+                    SendError::Connect(_) => Some("connect"),
+                    SendError::Tls(_) => Some("tls"),
+                    SendError::Timeout => Some("timeout"),
+                    SendError::Failed(_) => None,
+                };
+                if let Some(kind) = kind {
+                    let labels = ConnectErrorLabels { pool: pool.label.clone(), kind };
+                    self.shared.metrics.upstream_errors.get_or_create(&labels).inc();
+                }
+            }
+            match outcome {
                 Ok(value) => return Ok((value, server)),
                 Err(SendError::Timeout) => {
                     return Err(GatewayError::BackendTimeout {
@@ -315,7 +393,7 @@ impl ListenerProxy {
 
     /// Runs the WAF plugins in order; the first deny ends the request.
     async fn run_waf(&self, rules: &ListenerRules, head: &RequestHead) -> Step<()> {
-        for name in &rules.waf {
+        for (name, timing) in &rules.waf {
             let registry = &self.shared.registry;
             let Some(plugin) = registry.get(name) else {
                 let error = PluginError::Missing { plugin: name.clone() };
@@ -323,7 +401,10 @@ impl ListenerProxy {
                 continue;
             };
             let policy = plugin.limits.on_error;
-            let denial = match plugin.inspect(head).await {
+            let started = Instant::now();
+            let verdict = plugin.inspect(head).await;
+            timing.observe(started.elapsed());
+            let denial = match verdict {
                 Ok(Verdict::Allow) => continue,
                 Ok(Verdict::Deny(denial)) => denial,
                 Err(error) => {
@@ -347,7 +428,7 @@ impl ListenerProxy {
 
     /// Asks the router plugin (if any) where the request goes.
     async fn route(&self, rules: &ListenerRules, head: &RequestHead) -> Step<Route> {
-        let Some(name) = &rules.router else {
+        let Some((name, timing)) = &rules.router else {
             return self.default_route(rules);
         };
         let registry = &self.shared.registry;
@@ -356,7 +437,10 @@ impl ListenerProxy {
             return self.router_failed(rules, error, registry.missing_policy(name));
         };
         let policy = plugin.limits.on_error;
-        let decided = match plugin.route(head).await {
+        let started = Instant::now();
+        let decision = plugin.route(head).await;
+        timing.observe(started.elapsed());
+        let decided = match decision {
             Ok(RouteDecision::Forward(upstream)) => {
                 validate::upstream(name, upstream, &rules.pools).map(Decided::Forward)
             }

@@ -56,15 +56,48 @@ impl CloseReason {
     }
 }
 
-/// Why a relay ended.
+/// How a relay ended, and what it carried.
 #[derive(Debug)]
-pub enum RelayEnd {
-    /// Both sides closed.
-    Closed { client_to_server: u64, server_to_client: u64 },
+pub struct RelayEnd {
+    pub cause: EndCause,
+    pub client_to_server: u64,
+    pub server_to_client: u64,
+}
+
+/// Who ended a relayed WebSocket.
+#[derive(Debug)]
+pub enum EndCause {
+    /// The client sent the first Close frame (or, without one, the first EOF).
+    Client,
+    /// The server did.
+    Server,
     /// The gateway closed it (with Close frames) for this reason.
-    ClosedByGateway(CloseReason),
+    Gateway(CloseReason),
     /// A socket failed.
     Error(io::Error),
+}
+
+impl EndCause {
+    /// A short name for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EndCause::Client => "client",
+            EndCause::Server => "server",
+            EndCause::Gateway(CloseReason::IdleTimeout) => "idle",
+            EndCause::Gateway(CloseReason::MaxLifetime) => "lifetime",
+            EndCause::Gateway(CloseReason::ServerUnhealthy) => "unhealthy",
+            EndCause::Gateway(CloseReason::Shutdown) => "drain",
+            EndCause::Gateway(CloseReason::Removed) => "removed",
+            EndCause::Error(_) => "error",
+        }
+    }
+}
+
+/// Which side of the relay.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Client,
+    Server,
 }
 
 /// Where a byte stream is in its frames.
@@ -75,6 +108,8 @@ struct Frames {
     /// A header seen in part.
     header: [u8; 14],
     have: usize,
+    /// A Close frame's header went by.
+    saw_close: bool,
 }
 
 impl Frames {
@@ -103,6 +138,7 @@ impl Frames {
             if self.have < header_len {
                 continue;
             }
+            self.saw_close |= self.header[0] & 0x0f == 0x8;
             self.remaining = match extended {
                 0 => u64::from(len7),
                 2 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
@@ -190,14 +226,30 @@ where
     let started = Instant::now();
     let mut last_activity = started;
     let mut closing: Option<(CloseReason, Instant)> = None;
+    // Who sent the first Close frame, else the first EOF.
+    let mut first: Option<Side> = None;
     tokio::pin!(stop);
+    let end = |cause: EndCause, up: &Direction, down: &Direction| RelayEnd {
+        cause,
+        client_to_server: up.bytes,
+        server_to_client: down.bytes,
+    };
 
     loop {
+        if first.is_none() {
+            if up.frames.saw_close || (up.ended && !down.frames.saw_close) {
+                first = Some(Side::Client);
+            } else if down.frames.saw_close || down.ended {
+                first = Some(Side::Server);
+            }
+        }
         if up.ended && down.ended {
-            return match closing {
-                Some((reason, _)) => RelayEnd::ClosedByGateway(reason),
-                None => RelayEnd::Closed { client_to_server: up.bytes, server_to_client: down.bytes },
+            let cause = match (closing, first) {
+                (Some((reason, _)), _) => EndCause::Gateway(reason),
+                (None, Some(Side::Client)) => EndCause::Client,
+                (None, _) => EndCause::Server,
             };
+            return end(cause, &up, &down);
         }
         // Deliver the gateway's Close on each side as soon as its stream is
         // between frames.
@@ -218,18 +270,18 @@ where
         tokio::select! {
             read = client_rd.read(&mut up_buf), if !up.ended => {
                 if let Err(e) = up.pass_on(read, &up_buf, &mut server_wr, &mut last_activity).await {
-                    return RelayEnd::Error(e);
+                    return end(EndCause::Error(e), &up, &down);
                 }
             }
             read = server_rd.read(&mut down_buf), if !down.ended => {
                 if let Err(e) = down.pass_on(read, &down_buf, &mut client_wr, &mut last_activity).await {
-                    return RelayEnd::Error(e);
+                    return end(EndCause::Error(e), &up, &down);
                 }
             }
             reason = &mut stop, if closing.is_none() => closing = Some((reason, Instant::now())),
             _ = tokio::time::sleep_until(deadline) => match closing {
                 // The grace is over: cut what is left.
-                Some((reason, _)) => return RelayEnd::ClosedByGateway(reason),
+                Some((reason, _)) => return end(EndCause::Gateway(reason), &up, &down),
                 None if Instant::now() >= started + limits.max_lifetime => {
                     closing = Some((CloseReason::MaxLifetime, Instant::now()));
                 }

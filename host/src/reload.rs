@@ -30,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ListenerConfig, ListenerProtocol};
 use crate::listener::{self, ConnectionCap, ConnectionLimits};
+use crate::metrics::ResultLabel;
 use crate::plugin::Loader;
 use crate::plugin::host_api::HostServices;
 use crate::pool::Pools;
@@ -78,6 +79,12 @@ pub struct View {
     pub listeners: Vec<ListenerView>,
     pub pools: Arc<Pools>,
     pub drain_window: Duration,
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View").field("version", &self.version).finish_non_exhaustive()
+    }
 }
 
 /// The running gateway's configurable parts, and the one way to change them.
@@ -232,6 +239,10 @@ impl Control {
     }
 
     fn remember(&self, report: &ReloadReport) {
+        // Version 1 applied is the start, not a reload.
+        if !(report.applied() && report.version == 1) {
+            self.shared.metrics.reloads.get_or_create(&ResultLabel { result: report.result }).inc();
+        }
         let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         if history.len() == HISTORY {
             history.pop_front();
@@ -277,7 +288,7 @@ impl Control {
         let mut changes = Vec::new();
         let mut listeners = BTreeMap::new();
         for config in &config.listener {
-            let rules = ListenerRules::new(config, pools.clone(), relay_limits, https_port);
+            let rules = ListenerRules::new(config, pools.clone(), relay_limits, https_port, &self.shared.metrics);
             let old = running.listeners.remove(&config.name);
             let proxy = match &old {
                 Some(old) => {

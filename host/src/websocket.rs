@@ -18,10 +18,11 @@ use hyper_util::rt::TokioIo;
 
 use crate::error::GatewayError;
 use crate::forward::{self, SendError, error_chain};
+use crate::metrics::{DirectionLabel, ListenerPoolLabels, Metrics, ReasonLabel};
 use crate::plugin::bindings::WebsocketHandshake;
 use crate::pool::{ActiveGuard, Server};
 use crate::proxy::ResponseBody;
-use crate::relay::{self, CloseReason, RelayEnd, RelayLimits};
+use crate::relay::{self, CloseReason, EndCause, RelayLimits};
 use crate::shutdown::{Drain, Spread};
 use crate::upstream::{self, PoolTls};
 
@@ -190,13 +191,27 @@ pub struct Relaying {
     pub drain: Arc<Drain>,
     /// Set when a reload removes the listener.
     pub listener_removal: Arc<Spread>,
+    pub metrics: Arc<Metrics>,
+    /// The listener's name, as a metrics label.
+    pub listener: Arc<str>,
 }
 
 /// Turns the server's answer into the client's: a 101 (after checking the
 /// accept key) with the relay started in the background, or the server's
 /// own refusal passed through.
 pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Response<ResponseBody>, GatewayError> {
-    let Relaying { client_upgrade, handshake, server, active, limits, slot, drain, listener_removal } = relaying;
+    let Relaying {
+        client_upgrade,
+        handshake,
+        server,
+        active,
+        limits,
+        slot,
+        drain,
+        listener_removal,
+        metrics,
+        listener,
+    } = relaying;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server declined the upgrade: its answer is the client's answer.
         let (mut parts, body) = response.into_parts();
@@ -238,6 +253,9 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
             }
         };
         let _live = drain.websocket();
+        let labels = ListenerPoolLabels { listener, pool: server.pool.as_str().into() };
+        let active_gauge = metrics.websockets.get_or_create(&labels).clone();
+        active_gauge.inc();
         let (ejected, drained) = (server.ejected(), drain.my_turn());
         let (server_removed, listener_removed) = (server.removed(), listener_removal.my_turn());
         let stop = async move {
@@ -249,15 +267,24 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
             }
         };
         let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, stop).await;
+        active_gauge.dec();
+        let reason = end.cause.label();
+        metrics.websocket_closes.get_or_create(&ReasonLabel { reason }).inc();
+        metrics
+            .relayed_bytes
+            .get_or_create(&DirectionLabel { direction: "client_to_server" })
+            .inc_by(end.client_to_server);
+        metrics
+            .relayed_bytes
+            .get_or_create(&DirectionLabel { direction: "server_to_client" })
+            .inc_by(end.server_to_client);
         let (pool, address) = (&server.pool, &server.address);
-        match end {
-            RelayEnd::Closed { client_to_server, server_to_client } => {
-                tracing::debug!(%pool, server = %address, client_to_server, server_to_client, "websocket closed");
+        let (up, down) = (end.client_to_server, end.server_to_client);
+        match &end.cause {
+            EndCause::Error(e) => {
+                tracing::debug!(%pool, server = %address, error = %e, up, down, "websocket relay error")
             }
-            RelayEnd::ClosedByGateway(reason) => {
-                tracing::debug!(%pool, server = %address, reason = reason.code_and_text().1, "websocket closed by the gateway");
-            }
-            RelayEnd::Error(e) => tracing::debug!(%pool, server = %address, error = %e, "websocket relay error"),
+            _ => tracing::debug!(%pool, server = %address, reason, up, down, "websocket closed"),
         }
     });
     Ok(answer)

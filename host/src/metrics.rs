@@ -1,0 +1,337 @@
+//! Prometheus metrics (`GET /metrics` on the admin listener), with the
+//! `prometheus-client` crate.
+//!
+//! Counters and histograms the request path moves live in [`Metrics`]; they
+//! are atomics (histograms too: [`Histogram`] here is a fixed set of atomic
+//! buckets, no lock per observation). What is state rather than events —
+//! server health, plugin counters kept by the plugin registry, live
+//! WebSockets per listener — is read at scrape time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+use crate::reload::View;
+
+/// Upper bounds (seconds) of request-duration buckets.
+const REQUEST_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// Upper bounds (seconds) of plugin-call buckets: calls take microseconds.
+const PLUGIN_BUCKETS: &[f64] =
+    &[1e-6, 2e-6, 3e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1, 1.0];
+
+/// A histogram of fixed buckets, each an atomic counter. Clones share it.
+#[derive(Debug, Clone)]
+pub struct Histogram(Arc<Buckets>);
+
+#[derive(Debug)]
+pub struct Buckets {
+    bounds: &'static [f64],
+    /// Observations per bucket (not cumulative); the last is +Inf.
+    counts: Box<[AtomicU64]>,
+    sum_ns: AtomicU64,
+}
+
+impl std::ops::Deref for Histogram {
+    type Target = Buckets;
+    fn deref(&self) -> &Buckets {
+        &self.0
+    }
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram(Arc::new(Buckets {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+        }))
+    }
+}
+
+impl Buckets {
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let bucket = self.bounds.iter().position(|&b| seconds <= b).unwrap_or(self.bounds.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The `q` quantile (0-1), as the upper bound of the bucket it falls in
+    /// (`None` with no observation; the largest bound for the +Inf bucket).
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(self.bounds.get(i).or(self.bounds.last()).copied().unwrap_or(0.0));
+            }
+        }
+        self.bounds.last().copied()
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // Per-bucket counts: the encoder makes them cumulative.
+        let buckets: Vec<(f64, u64)> = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, count)| (self.bounds.get(i).copied().unwrap_or(f64::INFINITY), count.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub listener: Arc<str>,
+    /// Empty when the request reached no pool (a WAF deny, a plugin's own
+    /// answer, an error before routing).
+    pub pool: Arc<str>,
+    /// `2xx`, `4xx`...
+    pub class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerPoolLabels {
+    pub listener: Arc<str>,
+    pub pool: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectErrorLabels {
+    pub pool: Arc<str>,
+    /// `connect`, `tls` or `timeout`.
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub listener: Arc<str>,
+    /// `upgraded`, `waf_denied`, `at_capacity`, `refused` (by a plugin or
+    /// the backend) or `error`.
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `client`, `server`, `idle`, `lifetime`, `drain`, `removed`,
+    /// `unhealthy` or `error`.
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `client_to_server` or `server_to_client`.
+    pub direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabel {
+    pub plugin: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `applied` or `refused`.
+    pub result: &'static str,
+}
+
+/// The gateway's event metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily<ListenerLabel>,
+    pub upstream_errors: Family<ConnectErrorLabels, Counter>,
+    pub websockets: Family<ListenerPoolLabels, Gauge>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub websocket_closes: Family<ReasonLabel, Counter>,
+    pub relayed_bytes: Family<DirectionLabel, Counter>,
+    pub plugin_call_duration: HistogramFamily<PluginLabel>,
+    pub reloads: Family<ResultLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("wasmgate");
+        let metrics = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| Histogram::new(REQUEST_BUCKETS)),
+            upstream_errors: Family::default(),
+            websockets: Family::default(),
+            handshakes: Family::default(),
+            websocket_closes: Family::default(),
+            relayed_bytes: Family::default(),
+            plugin_call_duration: Family::new_with_constructor(|| Histogram::new(PLUGIN_BUCKETS)),
+            reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by listener, pool (empty: none) and status class",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's head to its response's head, by listener",
+            metrics.request_duration.clone(),
+        );
+        registry.register(
+            "upstream_connect_errors",
+            "Failed connections to servers, by pool and kind (connect, tls, timeout)",
+            metrics.upstream_errors.clone(),
+        );
+        registry.register(
+            "websockets_active",
+            "WebSockets being relayed, by listener and pool",
+            metrics.websockets.clone(),
+        );
+        registry.register(
+            "websocket_handshakes",
+            "WebSocket handshakes, by listener and result",
+            metrics.handshakes.clone(),
+        );
+        registry.register(
+            "websocket_closes",
+            "Relayed WebSockets ended, by who ended them and why",
+            metrics.websocket_closes.clone(),
+        );
+        registry.register(
+            "websocket_relayed_bytes",
+            "Bytes relayed on ended WebSockets, by direction",
+            metrics.relayed_bytes.clone(),
+        );
+        registry.register(
+            "plugin_call_duration_seconds",
+            "Duration of plugin calls, by plugin",
+            metrics.plugin_call_duration.clone(),
+        );
+        registry.register("reloads", "Config reloads, by result", metrics.reloads.clone());
+        Metrics { registry, ..metrics }
+    }
+}
+
+/// The class label of a status: `2xx`, `4xx`...
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+impl Metrics {
+    /// The duration histogram of `plugin`'s calls (kept across its versions).
+    pub fn plugin_timing(&self, plugin: &str) -> Histogram {
+        self.plugin_call_duration.get_or_create(&PluginLabel { plugin: plugin.into() }).clone()
+    }
+
+    /// The whole exposition (OpenMetrics text): the event metrics, then the
+    /// live state of `view` and the plugin registry.
+    pub fn encode(&self, view: Arc<View>, plugins: Arc<crate::plugin::Registry>) -> String {
+        let mut text = String::new();
+        let mut live = Registry::with_prefix("wasmgate");
+        live.register_collector(Box::new(LiveState { view, plugins }));
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode_registry(&mut text, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut text, &live);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut text);
+        text
+    }
+}
+
+/// State read at scrape time.
+struct LiveState {
+    view: Arc<View>,
+    plugins: Arc<crate::plugin::Registry>,
+}
+
+impl std::fmt::Debug for LiveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveState").field("view", &self.view).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabels {
+    pool: Arc<str>,
+    server: String,
+}
+
+impl Collector for LiveState {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut health = encoder.encode_descriptor(
+            "server_healthy",
+            "1 if the server takes traffic, 0 if not, by pool and server",
+            None,
+            MetricType::Gauge,
+        )?;
+        for pool in self.view.pools.all() {
+            for server in &pool.servers {
+                let labels = ServerLabels { pool: pool.label.clone(), server: server.address.clone() };
+                ConstGauge::new(i64::from(server.is_healthy())).encode(health.encode_family(&labels)?)?;
+            }
+        }
+        let config =
+            encoder.encode_descriptor("config_version", "Version of the config in force", None, MetricType::Gauge)?;
+        ConstGauge::new(self.view.version as i64).encode(config)?;
+
+        let plugins = self.plugins.all();
+        type Field = fn(&crate::plugin::PluginStats) -> u64;
+        let counters: [(&str, &str, Field); 4] = [
+            ("plugin_calls", "Calls into the plugin's current version", |s| s.calls),
+            ("plugin_errors", "Failed calls (traps, timeouts, invalid output)", |s| s.errors),
+            ("plugin_timeouts", "Calls stopped at their deadline", |s| s.timeouts),
+            ("plugin_quarantines", "Times the crash-loop breaker quarantined the plugin", |s| s.quarantines),
+        ];
+        let stats: Vec<_> =
+            plugins.iter().map(|p| (PluginLabel { plugin: p.name.as_str().into() }, p.stats())).collect();
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, stats) in &stats {
+                ConstCounter::new(value(stats)).encode(family.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
