@@ -187,3 +187,62 @@ async fn metrics_move_as_the_traffic_says() {
     assert_eq!(status["listeners"][0]["websockets"], 2);
     assert_eq!(status["config_version"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_request_and_per_closed_websocket() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("guard", "handshake-guard", "[config]\ndeny_paths = \"/blocked*\"\n");
+    let lines = |file: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(file).unwrap_or_default().lines().map(str::to_owned).collect()
+    };
+    for format in ["json", "text"] {
+        let file = plugins.path().join(format!("access-{format}.log"));
+        let config = format!(
+            "[log]\naccess = \"{format}\"\naccess_file = \"{}\"\n\
+             [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"guard\"]\n\
+             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+            file.display(),
+            app.addr
+        );
+        let gateway = start_gateway(&config, &plugins).await;
+        let web = web(&gateway);
+        assert_eq!(get(web, "/hello?x=1").await.status, StatusCode::OK);
+        assert_eq!(get(web, "/blocked").await.status, StatusCode::FORBIDDEN);
+        let (mut ws, _) = ws_connect(web, "/ws/chat", &[]).await;
+        futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::text("hi")).await.unwrap();
+        next_message(&mut ws).await;
+        ws.close(None).await.unwrap();
+        while futures_util::StreamExt::next(&mut ws).await.is_some() {}
+        drop(ws);
+        wait_until("four access lines", Duration::from_secs(5), || lines(&file).len() >= 4).await;
+        let lines = lines(&file);
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        if format == "text" {
+            assert!(lines[0].contains(" web 127.0.0.1:") && lines[0].contains("\"GET /hello\" 200"), "{}", lines[0]);
+            assert!(lines[1].contains("\"GET /blocked\" 403") && lines[1].contains("error=waf-deny"), "{}", lines[1]);
+            assert!(lines[3].contains("\"WEBSOCKET /ws/chat\"") && lines[3].contains("close=client"), "{}", lines[3]);
+            continue;
+        }
+        let json: Vec<serde_json::Value> =
+            lines.iter().map(|l| serde_json::from_str(l).expect("one JSON object a line")).collect();
+        let hello = &json[0];
+        assert_eq!(
+            (hello["kind"].as_str(), hello["method"].as_str(), hello["path"].as_str()),
+            (Some("request"), Some("GET"), Some("/hello"))
+        );
+        assert_eq!((hello["status"].as_u64(), hello["pool"].as_str()), (Some(200), Some("app")));
+        assert_eq!(hello["server"], app.addr.to_string());
+        assert_eq!(hello["listener"], "web");
+        assert!(hello["bytes"].as_u64().unwrap() > 10 && hello["duration_ms"].as_f64().unwrap() > 0.0);
+        assert!(hello["time"].as_str().unwrap().starts_with("20"), "RFC 3339: {hello}");
+        assert_eq!(
+            (json[1]["status"].as_u64(), json[1]["error"].as_str(), json[1]["pool"].as_str()),
+            (Some(403), Some("waf-deny"), Some(""))
+        );
+        assert_eq!((json[2]["status"].as_u64(), json[2]["path"].as_str()), (Some(101), Some("/ws/chat")));
+        let closed = &json[3];
+        assert_eq!((closed["kind"].as_str(), closed["close"].as_str()), (Some("websocket"), Some("client")));
+        assert_eq!((closed["path"].as_str(), closed["pool"].as_str()), (Some("/ws/chat"), Some("app")));
+        assert!(closed["client_to_server"].as_u64().unwrap() > 0 && closed["server_to_client"].as_u64().unwrap() > 0);
+    }
+}

@@ -87,6 +87,8 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     /// The file this was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub source: PathBuf,
@@ -484,6 +486,28 @@ impl Default for WebSocketConfig {
     }
 }
 
+/// `[log]`: the access log.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// One line per request and per closed WebSocket: `off` (default),
+    /// `text` or `json`.
+    #[serde(default)]
+    pub access: AccessFormat,
+    /// Where access lines go (relative to the config file); standard output
+    /// without it.
+    pub access_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    #[default]
+    Off,
+    Text,
+    Json,
+}
+
 /// `[limits]`: what one client may hold, and how many the process takes.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -602,6 +626,9 @@ impl Config {
             if let Some(ca) = &pool.ca {
                 pool.ca = Some(base.join(ca));
             }
+        }
+        if let Some(file) = &config.log.access_file {
+            config.log.access_file = Some(base.join(file));
         }
         config.validate().map_err(|e| e.with_line(&text))?;
         Ok(config)

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::access_log::AccessLog;
 use crate::admin::AdminState;
 use crate::config::{Config, ListenerProtocol};
 use crate::counter::Counters;
@@ -86,7 +87,9 @@ impl Gateway {
         } else {
             None
         };
-        let shared = Arc::new(Shared { registry, drain: Arc::new(Drain::default()), metrics: Default::default() });
+        let access_log = AccessLog::open(&config.log)?.map(Arc::new);
+        let shared =
+            Arc::new(Shared { registry, drain: Arc::new(Drain::default()), metrics: Default::default(), access_log });
         let cap = Arc::new(ConnectionCap::new(config.limits.max_connections, shared.drain.clone()));
         let control = Arc::new(Control::new(shared, loader, services, cap, config.clone()));
         let started = control.apply(config.clone()).await;

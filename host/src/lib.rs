@@ -2,6 +2,7 @@
 //! WebAssembly components. See `ARCHITECTURE.md` for the codemap; read
 //! [`proxy`] for the life of a request.
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod counter;

@@ -32,6 +32,7 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 
+use crate::access_log::{self, AccessLog, RequestEntry};
 use crate::config::{ListenerConfig, OnError};
 use crate::error::{ERROR_HEADER, GatewayError};
 use crate::forward::{self, SendError};
@@ -43,7 +44,7 @@ use crate::plugin::{PluginError, Registry, validate};
 use crate::pool::{Pool, Pools, Server};
 use crate::relay::RelayLimits;
 use crate::shutdown::{Drain, Spread};
-use crate::websocket::{self, ClientHandshake, Relaying, WebSocketSlot};
+use crate::websocket::{self, ClientHandshake, Relaying, WebSocketLog, WebSocketSlot};
 
 /// The body of every response the gateway sends: a backend's streamed body,
 /// or one the gateway or a plugin made.
@@ -71,6 +72,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub drain: Arc<Drain>,
     pub metrics: Arc<Metrics>,
+    /// `None` when `[log] access = "off"`.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// Where a routed request went, riding in its response's extensions for the
@@ -167,15 +170,31 @@ impl ListenerProxy {
         let _in_flight = self.shared.drain.request();
         let started = Instant::now();
         let handshake = req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT;
-        // Only copied when the per-request debug log is on.
-        let logged =
-            tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), req.uri().path().to_owned()));
+        // Only copied when a log line will be written.
+        let logged = (self.shared.access_log.is_some() || tracing::enabled!(tracing::Level::DEBUG))
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let rules = self.rules.load_full();
         let response = match self.pass(&rules, req, client).await {
             Ok(response) | Err(response) => response,
         };
-        self.count(&response, handshake, started.elapsed());
-        if let Some((method, path)) = logged {
+        let elapsed = started.elapsed();
+        self.count(&response, handshake, elapsed);
+        if let (Some(access_log), Some((method, path))) = (&self.shared.access_log, &logged) {
+            let served = response.extensions().get::<Served>();
+            access_log.request(&RequestEntry {
+                listener: &self.name,
+                client: client.addr,
+                method: method.as_str(),
+                path,
+                status: response.status().as_u16(),
+                pool: served.map_or("", |s| s.pool.name.as_str()),
+                server: served.and_then(|s| s.server.as_ref()).map_or("", |s| s.address.as_str()),
+                duration_ms: access_log::millis(elapsed),
+                bytes: response.body().size_hint().exact(),
+                error: response.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()),
+            });
+        }
+        if let Some((method, path)) = logged.filter(|_| tracing::enabled!(tracing::Level::DEBUG)) {
             tracing::debug!(
                 listener = %self.name,
                 %method,
@@ -253,6 +272,11 @@ impl ListenerProxy {
         let slot = WebSocketSlot::try_take(&self.live_websockets, rules.max_websockets)
             .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() })?;
         let client_upgrade = hyper::upgrade::on(&mut req);
+        let log = self.shared.access_log.clone().map(|access| WebSocketLog {
+            access,
+            client: client.addr,
+            path: req.uri().path().to_owned(),
+        });
         let (mut parts, _body) = req.into_parts();
         forward::prepare_upstream(&mut parts, route, client)?;
         let (timeout, tls) = (route.pool.request_timeout, route.pool.tls.as_ref());
@@ -281,6 +305,7 @@ impl ListenerProxy {
                 listener_removal,
                 metrics,
                 listener,
+                log,
             },
         )?;
         response.extensions_mut().insert(served);

@@ -374,6 +374,9 @@ impl Control {
             if started.limits != config.limits {
                 restart_required.push("limits".to_owned());
             }
+            if started.log != config.log {
+                restart_required.push("log".to_owned());
+            }
         }
 
         running.version += 1;

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use crate::access_log::{self, AccessLog, WebSocketEntry};
 use crate::error::GatewayError;
 use crate::forward::{self, SendError, error_chain};
 use crate::metrics::{DirectionLabel, ListenerPoolLabels, Metrics, ReasonLabel};
@@ -194,6 +195,15 @@ pub struct Relaying {
     pub metrics: Arc<Metrics>,
     /// The listener's name, as a metrics label.
     pub listener: Arc<str>,
+    /// Set when the access log is on.
+    pub log: Option<WebSocketLog>,
+}
+
+/// What the access log line of a WebSocket needs beyond the relay's end.
+pub struct WebSocketLog {
+    pub access: Arc<AccessLog>,
+    pub client: std::net::SocketAddr,
+    pub path: String,
 }
 
 /// Turns the server's answer into the client's: a 101 (after checking the
@@ -211,6 +221,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
         listener_removal,
         metrics,
         listener,
+        log,
     } = relaying;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server declined the upgrade: its answer is the client's answer.
@@ -253,7 +264,8 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
             }
         };
         let _live = drain.websocket();
-        let labels = ListenerPoolLabels { listener, pool: server.pool.as_str().into() };
+        let started = std::time::Instant::now();
+        let labels = ListenerPoolLabels { listener: listener.clone(), pool: server.pool.as_str().into() };
         let active_gauge = metrics.websockets.get_or_create(&labels).clone();
         active_gauge.inc();
         let (ejected, drained) = (server.ejected(), drain.my_turn());
@@ -280,6 +292,19 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
             .inc_by(end.server_to_client);
         let (pool, address) = (&server.pool, &server.address);
         let (up, down) = (end.client_to_server, end.server_to_client);
+        if let Some(log) = log {
+            log.access.websocket(&WebSocketEntry {
+                listener: &listener,
+                client: log.client,
+                path: &log.path,
+                pool,
+                server: address,
+                duration_ms: access_log::millis(started.elapsed()),
+                client_to_server: up,
+                server_to_client: down,
+                close: reason,
+            });
+        }
         match &end.cause {
             EndCause::Error(e) => {
                 tracing::debug!(%pool, server = %address, error = %e, up, down, "websocket relay error")
