@@ -4,6 +4,9 @@
 //! `?access_token=<token>`); without one, only the read-only endpoints
 //! answer, so no local process can reload an unprotected gateway.
 //!
+//! - `GET /`: the live dashboard, one self-contained page (`dashboard.html`,
+//!   embedded in the binary) fed by `GET /events`: Server-Sent Events
+//!   carrying the `/status` document once a second.
 //! - `GET /healthz`: 200 while the process serves.
 //! - `GET /readyz`: 200, or 503 once draining (so a balancer stops sending).
 //! - `GET /status`: JSON — config version, listeners, pools with each
@@ -13,13 +16,15 @@
 //!   (JSON) lists what changed, or why the file was refused (400).
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Instant, UNIX_EPOCH};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::{Either, Full};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -59,7 +64,16 @@ fn presents(req: &Request<Incoming>, token: &str) -> bool {
     query.split('&').any(|pair| pair.strip_prefix("access_token=") == Some(token))
 }
 
-async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The page `GET /` serves.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// How often `/events` sends the status.
+const EVENT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// An admin response's body: a whole one, or the endless event stream.
+type AdminBody = Either<Full<Bytes>, EventStream>;
+
+async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<AdminBody> {
     match &state.token {
         Some(token) if !presents(&req, token) => {
             return text(StatusCode::UNAUTHORIZED, "a bearer token is required\n");
@@ -71,6 +85,14 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
     }
     let drain = &state.control.shared().drain;
     match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/") => whole(StatusCode::OK, "text/html; charset=utf-8", Bytes::from_static(DASHBOARD.as_bytes())),
+        ("GET", "/events") => {
+            let stream = EventStream { state: state.clone(), interval: tokio::time::interval(EVENT_INTERVAL) };
+            let mut response = Response::new(Either::Right(stream));
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
         ("GET", "/healthz") => text(StatusCode::OK, "ok\n"),
         ("GET", "/readyz") if drain.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         ("GET", "/readyz") => text(StatusCode::OK, "ready\n"),
@@ -78,42 +100,66 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
         ("GET", "/metrics") => {
             let shared = state.control.shared();
             let text = shared.metrics.encode(state.control.view(), shared.registry.clone());
-            let mut response = Response::new(Full::new(Bytes::from(text)));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            );
-            response
+            whole(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", Bytes::from(text))
         }
         ("POST", "/reload") => {
             let report = state.control.reload().await;
             let code = if report.applied() { StatusCode::OK } else { StatusCode::BAD_REQUEST };
             json_response(code, &serde_json::to_value(&report).unwrap_or_default())
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz, /status, /metrics or POST /reload\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /, /healthz, /readyz, /status, /metrics or POST /reload\n"),
     }
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+/// Server-Sent Events: the status document, now and then once a second,
+/// until the client goes away.
+pub struct EventStream {
+    state: Arc<AdminState>,
+    interval: tokio::time::Interval,
+}
+
+impl hyper::body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.interval.poll_tick(cx) {
+            Poll::Ready(_) => {
+                let event = format!("data: {}\n\n", status(&self.state));
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn whole(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<AdminBody> {
+    let mut response = Response::new(Either::Left(Full::new(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    response
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<AdminBody> {
+    whole(status, "application/json", Bytes::from(value.to_string()))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<AdminBody> {
+    whole(status, "text/plain; charset=utf-8", Bytes::from_static(body.as_bytes()))
 }
 
 /// The live state as JSON.
 pub fn status(state: &AdminState) -> serde_json::Value {
-    let (view, drain) = (state.control.view(), &state.control.shared().drain);
+    let (view, shared) = (state.control.view(), state.control.shared());
+    let (drain, metrics) = (&shared.drain, &shared.metrics);
     let mut pools: Vec<_> = view.pools.all().collect();
     pools.sort_by(|a, b| a.name.cmp(&b.name));
+    let unix_ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let micros = |seconds: Option<f64>| seconds.map(|s| (s * 1e6).round());
     json!({
         "config_version": view.version,
+        "requests_total": metrics.answered.load(std::sync::atomic::Ordering::Relaxed),
+        "errors_total": metrics.failed.load(std::sync::atomic::Ordering::Relaxed),
         "uptime_s": state.started.elapsed().as_secs(),
         "draining": drain.is_draining(),
         "requests_in_flight": drain.in_flight(),
@@ -126,15 +172,26 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "pools": pools.iter().map(|pool| json!({
             "name": pool.name,
             "balance": format!("{:?}", pool.balance),
-            "servers": pool.servers.iter().map(|s| json!({
-                "address": s.address,
-                "healthy": s.is_healthy(),
-                "last_reason": s.last_reason(),
-                "active": s.active(),
-            })).collect::<Vec<_>>(),
+            "websockets": pool.servers.iter().map(|s| s.websockets()).sum::<usize>(),
+            "servers": pool.servers.iter().map(|s| {
+                let probe = s.last_probe();
+                json!({
+                    "address": s.address,
+                    "healthy": s.is_healthy(),
+                    "last_reason": s.last_reason(),
+                    "active": s.active(),
+                    "websockets": s.websockets(),
+                    "last_probe": probe.map(|(at, failure)| json!({
+                        "at_unix_ms": unix_ms(at),
+                        "ok": failure.is_none(),
+                        "detail": failure.unwrap_or_else(|| "passed".into()),
+                    })),
+                })
+            }).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "plugins": state.control.shared().registry.all().iter().map(|p| {
+        "plugins": shared.registry.all().iter().map(|p| {
             let (id, stats) = (&p.identity, p.stats());
+            let timing = metrics.plugin_timing(&id.name);
             json!({
                 "name": id.name,
                 "kind": id.kind.to_string(),
@@ -147,6 +204,8 @@ pub fn status(state: &AdminState) -> serde_json::Value {
                 "timeouts": stats.timeouts,
                 "quarantines": stats.quarantines,
                 "quarantined": stats.quarantined,
+                "p50_us": micros(timing.quantile(0.5)),
+                "p99_us": micros(timing.quantile(0.99)),
             })
         }).collect::<Vec<_>>(),
         "reloads": state.control.history(),

@@ -187,6 +187,9 @@ pub struct Metrics {
     pub relayed_bytes: Family<DirectionLabel, Counter>,
     pub plugin_call_duration: HistogramFamily<PluginLabel>,
     pub reloads: Family<ResultLabel, Counter>,
+    /// All requests answered, and those answered 5xx (the dashboard's rates).
+    pub answered: AtomicU64,
+    pub failed: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -202,6 +205,8 @@ impl Default for Metrics {
             relayed_bytes: Family::default(),
             plugin_call_duration: Family::new_with_constructor(|| Histogram::new(PLUGIN_BUCKETS)),
             reloads: Family::default(),
+            answered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
             registry: Registry::default(),
         };
         registry.register(

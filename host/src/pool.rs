@@ -34,6 +34,11 @@ pub struct Server {
     healthy: AtomicBool,
     /// In-flight requests plus live WebSockets.
     active: AtomicUsize,
+    /// Live WebSockets alone (for status and the dashboard).
+    websockets: AtomicUsize,
+    /// The outcome of the latest probe: when, and `None` if it passed or
+    /// why it failed.
+    last_probe: Mutex<Option<(std::time::SystemTime, Option<String>)>>,
     /// Why the server last changed state (for status and logs).
     last_reason: Mutex<String>,
     /// Flips to `true` when the server turns unhealthy in a pool that closes
@@ -56,6 +61,17 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Holds a server's WebSocket count up while a relay lives.
+pub struct WebSocketGuard {
+    server: Arc<Server>,
+}
+
+impl Drop for WebSocketGuard {
+    fn drop(&mut self) {
+        self.server.websockets.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Server {
     fn new(address: &str, pool: &PoolConfig) -> Server {
         Server {
@@ -63,6 +79,8 @@ impl Server {
             pool: pool.name.clone(),
             healthy: AtomicBool::new(pool.probe.start_healthy),
             active: AtomicUsize::new(0),
+            websockets: AtomicUsize::new(0),
+            last_probe: Mutex::new(None),
             last_reason: Mutex::new(if pool.probe.start_healthy { "starting" } else { "not probed yet" }.into()),
             eject: watch::channel(false).0,
             close_on_unhealthy: AtomicBool::new(pool.close_on_unhealthy),
@@ -95,6 +113,28 @@ impl Server {
     /// In-flight requests plus live WebSockets.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
+    }
+
+    /// Live WebSockets relayed to this server.
+    pub fn websockets(&self) -> usize {
+        self.websockets.load(Ordering::Acquire)
+    }
+
+    /// Counts a relayed WebSocket until the guard drops.
+    pub fn websocket(self: &Arc<Self>) -> WebSocketGuard {
+        self.websockets.fetch_add(1, Ordering::AcqRel);
+        WebSocketGuard { server: self.clone() }
+    }
+
+    /// Notes a probe's outcome (`Err` with why it failed).
+    pub fn record_probe(&self, outcome: &Result<(), String>) {
+        let failure = outcome.as_ref().err().cloned();
+        *self.last_probe.lock().unwrap_or_else(|p| p.into_inner()) = Some((std::time::SystemTime::now(), failure));
+    }
+
+    /// The latest probe: when, and why it failed (`None`: it passed).
+    pub fn last_probe(&self) -> Option<(std::time::SystemTime, Option<String>)> {
+        self.last_probe.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Counts a request or WebSocket on this server until the guard drops.

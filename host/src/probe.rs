@@ -105,6 +105,7 @@ struct Streak {
 
 impl Streak {
     fn record(&mut self, server: &Server, config: &ProbeConfig, outcome: Result<(), String>) {
+        server.record_probe(&outcome);
         let healthy = server.is_healthy();
         if self.was_healthy.is_some_and(|was| was != healthy) {
             (self.passes, self.failures) = (0, 0);

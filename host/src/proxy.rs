@@ -217,6 +217,10 @@ impl ListenerProxy {
         let class = metrics::status_class(status);
         metrics.requests.get_or_create(&RequestLabels { listener: self.label.clone(), pool, class }).inc();
         self.duration.observe(elapsed);
+        metrics.answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if status >= 500 {
+            metrics.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if handshake {
             let error = response.headers().get(ERROR_HEADER).map(|v| v.as_bytes());
             let result = match (status, error) {

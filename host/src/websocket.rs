@@ -264,6 +264,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
             }
         };
         let _live = drain.websocket();
+        let _on_server = server.websocket();
         let started = std::time::Instant::now();
         let labels = ListenerPoolLabels { listener: listener.clone(), pool: server.pool.as_str().into() };
         let active_gauge = metrics.websockets.get_or_create(&labels).clone();

@@ -404,7 +404,10 @@ pub async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("http handshake");
     tokio::spawn(connection);
-    let mut builder = Request::builder().method(method).uri(target).header("host", format!("gw.test:{}", addr.port()));
+    let mut builder = Request::builder().method(method).uri(target);
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+        builder = builder.header("host", format!("gw.test:{}", addr.port()));
+    }
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
