@@ -254,15 +254,47 @@ impl Default for Metrics {
     }
 }
 
-/// The class label of a status: `2xx`, `4xx`...
-pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+/// The status classes, as labels.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The results of a WebSocket handshake, as labels.
+pub const HANDSHAKE_RESULTS: [&str; 5] = ["upgraded", "waf_denied", "at_capacity", "refused", "error"];
+
+/// One listener's request counters by pool and status class, made when
+/// its rules are, so that counting a request takes no lock.
+pub struct RequestCounters {
+    /// By pool name; `""` for requests that reached no pool.
+    by_pool: std::collections::HashMap<Arc<str>, [Counter; 5]>,
+}
+
+impl RequestCounters {
+    pub fn new<'a>(metrics: &Metrics, listener: &str, pools: impl Iterator<Item = &'a Arc<str>>) -> RequestCounters {
+        let listener: Arc<str> = listener.into();
+        let counters = |pool: Arc<str>| {
+            CLASSES.map(|class| {
+                let labels = RequestLabels { listener: listener.clone(), pool: pool.clone(), class };
+                metrics.requests.get_or_create(&labels).clone()
+            })
+        };
+        let mut by_pool: std::collections::HashMap<Arc<str>, [Counter; 5]> =
+            pools.map(|pool| (pool.clone(), counters(pool.clone()))).collect();
+        by_pool.insert("".into(), counters("".into()));
+        RequestCounters { by_pool }
     }
+
+    /// Counts a response of `status` from `pool` (`""`: none).
+    pub fn count(&self, pool: &str, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        if let Some(counters) = self.by_pool.get(pool) {
+            counters[class].inc();
+        }
+    }
+}
+
+/// One listener's handshake counters, by [`HANDSHAKE_RESULTS`].
+pub fn handshake_counters(metrics: &Metrics, listener: &str) -> [Counter; 5] {
+    HANDSHAKE_RESULTS
+        .map(|result| metrics.handshakes.get_or_create(&HandshakeLabels { listener: listener.into(), result }).clone())
 }
 
 impl Metrics {

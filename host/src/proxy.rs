@@ -38,13 +38,14 @@ use crate::error::{ERROR_HEADER, GatewayError};
 use crate::forward::{self, SendError};
 use crate::head;
 use crate::listener::ConnInfo;
-use crate::metrics::{self, ConnectErrorLabels, HandshakeLabels, Histogram, ListenerLabel, Metrics, RequestLabels};
+use crate::metrics::{self, ConnectErrorLabels, Histogram, ListenerLabel, Metrics, RequestCounters};
 use crate::plugin::bindings::{RequestHead, RouteDecision, Verdict};
 use crate::plugin::{PluginError, Registry, validate};
 use crate::pool::{Pool, Pools, Server};
 use crate::relay::RelayLimits;
 use crate::shutdown::{Drain, Spread};
 use crate::websocket::{self, ClientHandshake, Relaying, WebSocketLog, WebSocketSlot};
+use prometheus_client::metrics::counter::Counter;
 
 /// The body of every response the gateway sends: a backend's streamed body,
 /// or one the gateway or a plugin made.
@@ -96,6 +97,7 @@ pub struct ListenerRules {
     redirect_to_https: Option<u16>,
     pools: Arc<Pools>,
     relay_limits: RelayLimits,
+    requests: RequestCounters,
 }
 
 impl ListenerRules {
@@ -107,7 +109,9 @@ impl ListenerRules {
         metrics: &Metrics,
     ) -> ListenerRules {
         let timed = |name: &String| (name.clone(), metrics.plugin_timing(name));
+        let requests = RequestCounters::new(metrics, &config.name, pools.all().map(|p| &p.label));
         ListenerRules {
+            requests,
             waf: config.waf.iter().map(timed).collect(),
             router: config.router.as_ref().map(timed),
             default_pool: config.default_pool.as_deref().and_then(|p| pools.get(p).cloned()),
@@ -126,6 +130,8 @@ pub struct ListenerProxy {
     /// The name as a metrics label, and this listener's duration histogram.
     label: Arc<str>,
     duration: Histogram,
+    /// By [`metrics::HANDSHAKE_RESULTS`].
+    handshakes: [Counter; 5],
     rules: ArcSwap<ListenerRules>,
     live_websockets: Arc<AtomicUsize>,
     /// Set when a reload removes the listener: its WebSockets close over it.
@@ -143,6 +149,7 @@ impl ListenerProxy {
             name: name.to_owned(),
             label: name.into(),
             duration,
+            handshakes: metrics::handshake_counters(&shared.metrics, name),
             rules: ArcSwap::from_pointee(rules),
             live_websockets: Arc::new(AtomicUsize::new(0)),
             removal: Arc::new(Spread::default()),
@@ -178,7 +185,7 @@ impl ListenerProxy {
             Ok(response) | Err(response) => response,
         };
         let elapsed = started.elapsed();
-        self.count(&response, handshake, elapsed);
+        self.count(&rules, &response, handshake, elapsed);
         if let (Some(access_log), Some((method, path))) = (&self.shared.access_log, &logged) {
             let served = response.extensions().get::<Served>();
             access_log.request(&RequestEntry {
@@ -209,13 +216,17 @@ impl ListenerProxy {
     }
 
     /// Counts a response in the metrics.
-    fn count(&self, response: &Response<ResponseBody>, handshake: bool, elapsed: std::time::Duration) {
+    fn count(
+        &self,
+        rules: &ListenerRules,
+        response: &Response<ResponseBody>,
+        handshake: bool,
+        elapsed: std::time::Duration,
+    ) {
         let metrics = &self.shared.metrics;
         let status = response.status().as_u16();
         let served = response.extensions().get::<Served>();
-        let pool = served.map(|s| s.pool.label.clone()).unwrap_or_else(|| "".into());
-        let class = metrics::status_class(status);
-        metrics.requests.get_or_create(&RequestLabels { listener: self.label.clone(), pool, class }).inc();
+        rules.requests.count(served.map_or("", |s| &s.pool.name), status);
         self.duration.observe(elapsed);
         metrics.answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if status >= 500 {
@@ -223,15 +234,16 @@ impl ListenerProxy {
         }
         if handshake {
             let error = response.headers().get(ERROR_HEADER).map(|v| v.as_bytes());
+            // Indexes into metrics::HANDSHAKE_RESULTS.
             let result = match (status, error) {
-                (101, _) => "upgraded",
-                (200, None) if served.is_some_and(|s| s.server.is_some()) => "upgraded",
-                (_, Some(b"waf-deny")) => "waf_denied",
-                (_, Some(b"at-capacity")) => "at_capacity",
-                (_, Some(_)) => "error",
-                _ => "refused",
+                (101, _) => 0,
+                (200, None) if served.is_some_and(|s| s.server.is_some()) => 0,
+                (_, Some(b"waf-deny")) => 1,
+                (_, Some(b"at-capacity")) => 2,
+                (_, Some(_)) => 4,
+                _ => 3,
             };
-            metrics.handshakes.get_or_create(&HandshakeLabels { listener: self.label.clone(), result }).inc();
+            self.handshakes[result].inc();
         }
     }
 
