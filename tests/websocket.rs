@@ -155,16 +155,19 @@ async fn busy_websocket_gets_a_close_frame_at_its_maximum_lifetime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_capacity_listener_answers_503_with_retry_after() {
     let app = Backend::start("app").await;
-    let config = config(&app, "").replace("default_pool = \"app\"", "default_pool = \"app\"\nmax_websockets = 2");
+    let config = config(&app, "").replace("default_pool = \"app\"", "default_pool = \"app\"\nmax_websockets = 10");
     let gateway = start_gateway(&config, &PluginDir::new()).await;
-    let (first, _) = ws_connect(web(&gateway), "/ws", &[]).await;
-    let (_second, _) = ws_connect(web(&gateway), "/ws", &[]).await;
+    let mut open = Vec::new();
+    for _ in 0..10 {
+        open.push(ws_connect(web(&gateway), "/ws", &[]).await.0);
+    }
+    // The 11th is refused.
     let refused = ws_refused(web(&gateway), "/ws", &[]).await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(refused.header("x-wasmgate-error"), Some("at-capacity"));
     assert!(refused.header("retry-after").is_some());
 
-    drop(first);
+    drop(open.pop());
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match tokio_tungstenite::connect_async(ws_request(web(&gateway), "/ws", &[])).await {
