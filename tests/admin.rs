@@ -60,7 +60,7 @@ async fn a_token_file_guards_every_admin_endpoint() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new();
     let token = plugins.path().join("admin-token");
-    std::fs::write(&token, "s3cret-token\n").unwrap();
+    std::fs::write(&token, "s3cret+/token=\n").unwrap();
     let config = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\
          [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
@@ -73,8 +73,19 @@ async fn a_token_file_guards_every_admin_endpoint() {
     assert_eq!(get(admin, "/status").await.status, StatusCode::UNAUTHORIZED);
     let wrong = request(admin, "GET", "/status", &[("authorization", "Bearer nope")], vec![]).await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
-    let right = request(admin, "GET", "/status", &[("authorization", "Bearer s3cret-token")], vec![]).await;
+    let right = request(admin, "GET", "/status", &[("authorization", "Bearer s3cret+/token=")], vec![]).await;
     assert_eq!(right.status, StatusCode::OK);
+    // A browser passes it percent-encoded in the query (the dashboard does).
+    assert_eq!(get(admin, "/status?access_token=s3cret%2B%2Ftoken%3D").await.status, StatusCode::OK);
+    assert_eq!(get(admin, "/status?access_token=s3cret").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(get(admin, "/status?access_token=").await.status, StatusCode::UNAUTHORIZED);
+
+    // An empty token file would guard nothing: the gateway refuses to start.
+    std::fs::write(&token, "\n").unwrap();
+    let mut config = wasmgate::Config::from_toml(std::path::Path::new("test.toml"), &config).unwrap();
+    config.plugins.dir = plugins.path().to_owned();
+    let error = wasmgate::Gateway::start(config).await.err().expect("refused").to_string();
+    assert!(error.contains("is empty"), "{error}");
 }
 
 /// A metric's value from a parsed scrape: the sum of the samples named

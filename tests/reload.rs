@@ -315,3 +315,59 @@ async fn a_removed_server_has_its_websockets_closed_with_1001_over_drain_s() {
     assert_eq!(b.handshakes(), before);
     assert!(gateway.log_text().contains("server") && gateway.log_text().contains("removed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_are_added_and_removed_and_a_removed_one_ends_politely() {
+    let (a, one, two) = (Backend::start("a").await, Backend::start("one").await, Backend::start("two").await);
+    let setup = Setup::new();
+    let extra: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let base = format!("{}[websocket]\ndrain_s = 1\n", pools(&[&a], &one, &two));
+    let with_extra = format!("{base}[[listener]]\nname = \"extra\"\nbind = \"{extra}\"\ndefault_pool = \"app\"\n");
+    setup.write(&[], "router-a", &base);
+    let _gateway = setup.start().await;
+    assert!(tokio::net::TcpStream::connect(extra).await.is_err(), "not bound yet");
+
+    // Added: bound by the reload.
+    setup.write(&[], "router-a", &with_extra);
+    let (status, report) = setup.reload().await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert!(report["changes"].to_string().contains("listener `extra` added"), "{report}");
+    assert_eq!(get(extra, "/").await.status, StatusCode::OK);
+
+    // On it: a WebSocket, a kept-alive connection, and a slow request.
+    let (mut ws, _) = ws_connect(extra, "/ws", &[]).await;
+    let stream = tokio::net::TcpStream::connect(extra).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let first = http::Request::get("/").header("host", "extra").body(String::new()).unwrap();
+    assert_eq!(sender.send_request(first).await.unwrap().status(), StatusCode::OK);
+    let slow = tokio::spawn(async move { get(extra, "/slow").await.status });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Removed.
+    setup.write(&[], "router-a", &base);
+    let (status, report) = setup.reload().await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert!(report["changes"].to_string().contains("listener `extra` removed"), "{report}");
+    // The accept loop stops right after the answer.
+    let stopping = Instant::now();
+    while tokio::net::TcpStream::connect(extra).await.is_ok() {
+        assert!(stopping.elapsed() < Duration::from_secs(1), "still accepting 1 s after the reload");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The kept-alive connection is closed by the gateway.
+    tokio::time::timeout(Duration::from_secs(2), connection).await.expect("keep-alive connection closed").unwrap().ok();
+    // The WebSocket gets its Close 1001 within drain_s.
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(3), ws.next()).await.expect("a Close within drain_s") {
+            Some(Ok(Message::Close(Some(frame)))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a Close frame, got {other:?}"),
+        }
+    };
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1001, "removed by a config reload"));
+    // The request in flight finished.
+    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+    assert_eq!(serving(setup.web).await, Some('A'), "the other listener serves on");
+}

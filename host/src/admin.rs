@@ -54,14 +54,20 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     }
 }
 
-/// True if `req` presents `token` (header, or `access_token` query parameter).
+/// True if `req` presents `token`: `Authorization: Bearer`, or the
+/// `access_token` query parameter (percent-decoded) for a browser.
 fn presents(req: &Request<Incoming>, token: &str) -> bool {
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if header.and_then(|h| h.strip_prefix("Bearer ")) == Some(token) {
+    if header.and_then(|h| h.strip_prefix("Bearer ")).is_some_and(|t| same(t.as_bytes(), token.as_bytes())) {
         return true;
     }
-    let query = req.uri().query().unwrap_or("");
-    query.split('&').any(|pair| pair.strip_prefix("access_token=") == Some(token))
+    let query = req.uri().query().unwrap_or("").as_bytes();
+    form_urlencoded::parse(query).any(|(key, value)| key == "access_token" && same(value.as_bytes(), token.as_bytes()))
+}
+
+/// Compares in time that does not depend on where the bytes differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// The page `GET /` serves.
@@ -123,6 +129,10 @@ impl hyper::body::Body for EventStream {
     type Error = Infallible;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.state.control.is_stopped() {
+            // The gateway is gone: end the stream (and the connection).
+            return Poll::Ready(None);
+        }
         match self.interval.poll_tick(cx) {
             Poll::Ready(_) => {
                 let event = format!("data: {}\n\n", status(&self.state));

@@ -702,9 +702,12 @@ impl Config {
             if pool.servers.is_empty() {
                 return Err(invalid(key("servers"), format!("pool `{}` has no servers", pool.name)));
             }
-            for server in &pool.servers {
+            for (j, server) in pool.servers.iter().enumerate() {
                 check_server_address(server)
                     .map_err(|reason| invalid(key("servers"), format!("`{server}`: {reason}")))?;
+                if pool.servers[..j].contains(server) {
+                    return Err(invalid(key("servers"), format!("`{server}` is listed twice")));
+                }
             }
             if !(1..=MAX_TIMEOUT_S).contains(&pool.request_timeout_s) {
                 return Err(invalid(key("request_timeout_s"), "must be between 1 second and 30 days".into()));

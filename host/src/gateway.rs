@@ -78,6 +78,19 @@ pub async fn prepare(config: Config) -> anyhow::Result<Prepared> {
     Ok(Prepared { config, registry, loader, services })
 }
 
+/// The admin bearer token in `file` (trimmed); an empty one is an error,
+/// since it would guard nothing.
+fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(file)
+        .with_context(|| format!("admin: reading token_file {}", file.display()))?
+        .trim()
+        .to_owned();
+    if token.is_empty() {
+        anyhow::bail!("admin: token_file {} is empty", file.display());
+    }
+    Ok(token)
+}
+
 impl Gateway {
     /// Prepares `config`, binds its listeners and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
@@ -87,35 +100,36 @@ impl Gateway {
         } else {
             None
         };
-        let access_log = AccessLog::open(&config.log)?.map(Arc::new);
-        let shared =
-            Arc::new(Shared { registry, drain: Arc::new(Drain::default()), metrics: Default::default(), access_log });
-        let cap = Arc::new(ConnectionCap::new(config.limits.max_connections, shared.drain.clone()));
-        let control = Arc::new(Control::new(shared, loader, services, cap, config.clone()));
-        let started = control.apply(config.clone()).await;
-        if let Some(error) = started.error {
-            anyhow::bail!("{error}");
-        }
-
-        let (admin, admin_task) = match &config.admin {
-            None => (None, None),
+        // The admin socket and token first: nothing is served if they fail.
+        let admin_socket = match &config.admin {
+            None => None,
             Some(admin_config) => {
                 let token = match &admin_config.token_file {
-                    Some(file) => Some(
-                        std::fs::read_to_string(file)
-                            .with_context(|| format!("admin: reading token_file {}", file.display()))?
-                            .trim()
-                            .to_owned(),
-                    ),
+                    Some(file) => Some(read_token(file)?),
                     None => None,
                 };
                 let socket = TcpListener::bind(admin_config.listen)
                     .await
                     .with_context(|| format!("admin: cannot bind {}", admin_config.listen))?;
+                Some((socket, token))
+            }
+        };
+        let access_log = AccessLog::open(&config.log)?.map(Arc::new);
+        let shared =
+            Arc::new(Shared { registry, drain: Arc::new(Drain::default()), metrics: Default::default(), access_log });
+        let cap = Arc::new(ConnectionCap::new(config.limits.max_connections, shared.drain.clone()));
+        let control = Arc::new(Control::new(shared, loader, services, cap, config.clone()));
+        let started = control.apply(config).await;
+        if let Some(error) = started.error {
+            anyhow::bail!("{error}");
+        }
+        let (admin, admin_task) = match admin_socket {
+            None => (None, None),
+            Some((socket, token)) => {
                 let addr = socket.local_addr()?;
                 let state =
                     Arc::new(AdminState { control: control.clone(), token, started: std::time::Instant::now() });
-                tracing::info!(%addr, "admin listening (/healthz, /readyz, /status, POST /reload)");
+                tracing::info!(%addr, "admin listening (dashboard at /, /healthz, /readyz, /status, /metrics, POST /reload)");
                 (Some(addr), Some(tokio::spawn(crate::admin::serve(socket, state))))
             }
         };

@@ -225,11 +225,38 @@ async fn serve_http<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
+    // Requests of this connection being handled (up to their response head).
+    let handling = Arc::new(AtomicUsize::new(0));
     let service = service_fn(|req| {
-        let (proxy, conn) = (proxy.clone(), conn.clone());
-        async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
+        let (proxy, conn, handling) = (proxy.clone(), conn.clone(), handling.clone());
+        async move {
+            handling.fetch_add(1, Ordering::AcqRel);
+            let response = proxy.handle(req, &conn).await;
+            handling.fetch_sub(1, Ordering::AcqRel);
+            Ok::<_, Infallible>(response)
+        }
     });
-    if let Err(error) = builder.serve_connection_with_upgrades(io, service).await {
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    // A listener a reload removed ends its connections politely: once no
+    // request is being handled, HTTP/1.1 closes and HTTP/2 sends GOAWAY
+    // (responses under way are finished either way).
+    let retired = proxy.retired();
+    tokio::pin!(retired);
+    let (mut retiring, mut shut) = (false, false);
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            _ = &mut retired, if !retiring => retiring = true,
+            _ = tokio::time::sleep(Duration::from_millis(20)), if retiring && !shut => {
+                if handling.load(Ordering::Acquire) == 0 {
+                    connection.as_mut().graceful_shutdown();
+                    shut = true;
+                }
+            }
+        }
+    };
+    if let Err(error) = result {
         tracing::debug!(listener = %proxy.name, client = %conn.addr, %error, "client connection ended with an error");
     }
 }

@@ -170,10 +170,22 @@ impl Server {
                 tracing::warn!(pool = %self.pool, server = %self.address, %reason, "server unhealthy");
             }
         }
-        if self.close_on_unhealthy.load(Ordering::Relaxed) {
-            self.eject.send_replace(!healthy);
-        }
+        self.update_eject();
         changed
+    }
+
+    /// Sets whether the server's WebSockets close while it is unhealthy (a
+    /// reload may change it for a kept server).
+    pub fn set_close_on_unhealthy(&self, close: bool) {
+        self.close_on_unhealthy.store(close, Ordering::Release);
+        self.update_eject();
+    }
+
+    /// Ejected exactly while unhealthy in a pool that closes WebSockets of
+    /// unhealthy servers.
+    fn update_eject(&self) {
+        let eject = self.close_on_unhealthy.load(Ordering::Acquire) && !self.is_healthy();
+        self.eject.send_if_modified(|ejected| std::mem::replace(ejected, eject) != eject);
     }
 
     /// A connection to the server failed: it takes no new traffic until
@@ -213,10 +225,9 @@ impl Pool {
     fn reusing(config: &PoolConfig, old: Option<&Pool>) -> Result<Pool, String> {
         let tls = PoolTls::for_pool(config).map_err(|e| format!("pool `{}`: {e}", config.name))?;
         let server = |address: &String| match old.and_then(|old| old.servers.iter().find(|s| &s.address == address)) {
-            Some(kept) => {
-                kept.close_on_unhealthy.store(config.close_on_unhealthy, Ordering::Relaxed);
-                kept.clone()
-            }
+            // Its settings change when the new pools are committed
+            // ([`Pools::commit`]), not before: a refused config changes nothing.
+            Some(kept) => kept.clone(),
             None => Arc::new(Server::new(address, config)),
         };
         Ok(Pool {
@@ -347,6 +358,16 @@ impl Pools {
         Ok((Pools { by_name }, changes))
     }
 
+    /// Puts these pools' settings into effect on their servers (a server
+    /// kept by a reload may have new ones).
+    pub fn commit(&self) {
+        for pool in self.by_name.values() {
+            for server in &pool.servers {
+                server.set_close_on_unhealthy(pool.config.close_on_unhealthy);
+            }
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
         self.by_name.get(name)
     }
@@ -420,6 +441,30 @@ mod tests {
         }
         // About a third of the keys move to the third server.
         assert!((800..1200).contains(&moved), "{moved} of 3000 keys moved");
+    }
+
+    #[test]
+    fn a_reload_keeps_servers_and_applies_their_settings_only_when_committed() {
+        let configs = |close: bool| -> Vec<PoolConfig> {
+            let text = format!("name = \"app\"\nservers = [\"a:1\"]\nclose_on_unhealthy = {close}\n");
+            vec![toml::from_str(&text).unwrap()]
+        };
+        let strict = Pools::new(&configs(true)).unwrap();
+        let server = strict.get("app").unwrap().servers[0].clone();
+        server.set_healthy(false, "down");
+        assert!(*server.eject.borrow(), "ejected while unhealthy");
+
+        let (relaxed, changes) = strict.update(&configs(false)).unwrap();
+        assert_eq!(changes.changed, ["app"]);
+        assert!(changes.servers_removed.is_empty() && changes.servers_added.is_empty());
+        assert!(Arc::ptr_eq(&relaxed.get("app").unwrap().servers[0], &server), "the same server, health and all");
+        assert!(!server.is_healthy());
+        assert!(*server.eject.borrow(), "an uncommitted (maybe refused) config changes nothing");
+        relaxed.commit();
+        assert!(!*server.eject.borrow(), "no longer ejected once the new setting is in force");
+        server.set_healthy(true, "up");
+        server.set_healthy(false, "down again");
+        assert!(!*server.eject.borrow());
     }
 
     #[test]

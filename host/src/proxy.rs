@@ -167,6 +167,11 @@ impl ListenerProxy {
         self.removal.begin(window);
     }
 
+    /// Resolves once a reload removed this listener.
+    pub fn retired(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.removal.started()
+    }
+
     /// WebSockets relayed for this listener now.
     pub fn live_websockets(&self) -> usize {
         self.live_websockets.load(std::sync::atomic::Ordering::Acquire)
@@ -177,6 +182,7 @@ impl ListenerProxy {
         let _in_flight = self.shared.drain.request();
         let started = Instant::now();
         let handshake = req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT;
+        let version_1x = req.version() < http::Version::HTTP_2;
         // Only copied when a log line will be written.
         let logged = (self.shared.access_log.is_some() || tracing::enabled!(tracing::Level::DEBUG))
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
@@ -186,6 +192,11 @@ impl ListenerProxy {
         };
         let elapsed = started.elapsed();
         self.count(&rules, &response, handshake, elapsed);
+        let mut response = response;
+        if self.removal.has_begun() && response.status() != http::StatusCode::SWITCHING_PROTOCOLS && version_1x {
+            // The listener was removed: this is the connection's last response.
+            response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let (Some(access_log), Some((method, path))) = (&self.shared.access_log, &logged) {
             let served = response.extensions().get::<Served>();
             access_log.request(&RequestEntry {
@@ -235,9 +246,8 @@ impl ListenerProxy {
         if handshake {
             let error = response.headers().get(ERROR_HEADER).map(|v| v.as_bytes());
             // Indexes into metrics::HANDSHAKE_RESULTS.
-            let result = match (status, error) {
-                (101, _) => 0,
-                (200, None) if served.is_some_and(|s| s.server.is_some()) => 0,
+            let result = match (response.extensions().get::<websocket::Upgraded>(), error) {
+                (Some(_), _) => 0,
                 (_, Some(b"waf-deny")) => 1,
                 (_, Some(b"at-capacity")) => 2,
                 (_, Some(_)) => 4,

@@ -228,6 +228,9 @@ where
     let mut closing: Option<(CloseReason, Instant)> = None;
     // Who sent the first Close frame, else the first EOF.
     let mut first: Option<Side> = None;
+    // The gateway began closing before either peer had (only then is the
+    // end the gateway's).
+    let mut gateway_first = false;
     tokio::pin!(stop);
     let end = |cause: EndCause, up: &Direction, down: &Direction| RelayEnd {
         cause,
@@ -243,24 +246,36 @@ where
                 first = Some(Side::Server);
             }
         }
+        // Who ended it: a peer that started closing before the gateway did
+        // keeps the credit.
+        let cause = |error: Option<io::Error>| {
+            let peer = first.filter(|_| closing.is_none() || !gateway_first);
+            match (peer, closing, error) {
+                (Some(Side::Client), _, _) => EndCause::Client,
+                (Some(Side::Server), _, _) => EndCause::Server,
+                (None, Some((reason, _)), _) => EndCause::Gateway(reason),
+                (None, None, Some(error)) => EndCause::Error(error),
+                (None, None, None) => EndCause::Server,
+            }
+        };
         if up.ended && down.ended {
-            let cause = match (closing, first) {
-                (Some((reason, _)), _) => EndCause::Gateway(reason),
-                (None, Some(Side::Client)) => EndCause::Client,
-                (None, _) => EndCause::Server,
-            };
-            return end(cause, &up, &down);
+            return end(cause(None), &up, &down);
         }
         // Deliver the gateway's Close on each side as soon as its stream is
-        // between frames.
+        // between frames — unless that side already got a Close from its
+        // peer, which must not be followed by a second one.
         if let Some((reason, _)) = closing {
             if !up.closed && up.frames.at_boundary() {
                 up.closed = true;
-                let _ = server_wr.write_all(&close_frame(reason, true)).await;
+                if !up.frames.saw_close {
+                    let _ = server_wr.write_all(&close_frame(reason, true)).await;
+                }
             }
             if !down.closed && down.frames.at_boundary() {
                 down.closed = true;
-                let _ = client_wr.write_all(&close_frame(reason, false)).await;
+                if !down.frames.saw_close {
+                    let _ = client_wr.write_all(&close_frame(reason, false)).await;
+                }
             }
         }
         let deadline = match closing {
@@ -270,22 +285,27 @@ where
         tokio::select! {
             read = client_rd.read(&mut up_buf), if !up.ended => {
                 if let Err(e) = up.pass_on(read, &up_buf, &mut server_wr, &mut last_activity).await {
-                    return end(EndCause::Error(e), &up, &down);
+                    return end(cause(Some(e)), &up, &down);
                 }
             }
             read = server_rd.read(&mut down_buf), if !down.ended => {
                 if let Err(e) = down.pass_on(read, &down_buf, &mut client_wr, &mut last_activity).await {
-                    return end(EndCause::Error(e), &up, &down);
+                    return end(cause(Some(e)), &up, &down);
                 }
             }
-            reason = &mut stop, if closing.is_none() => closing = Some((reason, Instant::now())),
+            reason = &mut stop, if closing.is_none() => {
+                gateway_first = first.is_none();
+                closing = Some((reason, Instant::now()));
+            }
             _ = tokio::time::sleep_until(deadline) => match closing {
                 // The grace is over: cut what is left.
-                Some((reason, _)) => return end(EndCause::Gateway(reason), &up, &down),
+                Some(_) => return end(cause(None), &up, &down),
                 None if Instant::now() >= started + limits.max_lifetime => {
+                    gateway_first = first.is_none();
                     closing = Some((CloseReason::MaxLifetime, Instant::now()));
                 }
                 None if Instant::now() >= last_activity + limits.idle_timeout => {
+                    gateway_first = first.is_none();
                     closing = Some((CloseReason::IdleTimeout, Instant::now()));
                 }
                 None => {}

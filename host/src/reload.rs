@@ -100,6 +100,8 @@ pub struct Control {
     running: tokio::sync::Mutex<Running>,
     view: ArcSwap<View>,
     history: Mutex<VecDeque<ReloadReport>>,
+    /// Set when the gateway is dropped: nothing may start again.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 /// What a config started, kept to be changed by the next one.
@@ -110,6 +112,14 @@ struct Running {
     pools: Arc<Pools>,
     listeners: BTreeMap<String, RunningListener>,
     probers: HashMap<String, Prober>,
+}
+
+impl Running {
+    /// Stops every accept loop and prober.
+    fn clear(&mut self) {
+        self.listeners.clear();
+        self.probers.clear();
+    }
 }
 
 struct RunningListener {
@@ -170,6 +180,7 @@ impl Control {
             started_with,
             running: tokio::sync::Mutex::default(),
             history: Mutex::default(),
+            stopped: Default::default(),
         }
     }
 
@@ -190,10 +201,17 @@ impl Control {
     /// Stops every listener's accept loop and every prober (the gateway is
     /// dropped); connections already accepted carry on.
     pub fn stop(&self) {
+        self.stopped.store(true, std::sync::atomic::Ordering::Release);
+        // A reload under way holds the lock; it clears up after itself once
+        // it sees `stopped` (see `apply`).
         if let Ok(mut running) = self.running.try_lock() {
-            running.listeners.clear();
-            running.probers.clear();
+            running.clear();
         }
+    }
+
+    /// True once the gateway was dropped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Reads the config file again and applies it (SIGHUP, `POST /reload`).
@@ -211,7 +229,11 @@ impl Control {
     /// Applies `config` whole, or refuses it and changes nothing.
     pub async fn apply(&self, config: Config) -> ReloadReport {
         let mut running = self.running.lock().await;
-        let report = match self.try_apply(&mut running, config) {
+        let outcome = self.try_apply(&mut running, config);
+        if self.is_stopped() {
+            running.clear();
+        }
+        let report = match outcome {
             Ok((changes, restart_required)) => {
                 for change in &changes {
                     tracing::info!(version = running.version, "config: {change}");
@@ -252,7 +274,7 @@ impl Control {
 
     /// Step 1 (may fail, changes nothing), then step 2 (commits).
     fn try_apply(&self, running: &mut Running, config: Config) -> Result<(Vec<String>, Vec<String>), String> {
-        if self.shared.drain.is_draining() {
+        if self.shared.drain.is_draining() || self.is_stopped() {
             return Err("the gateway is shutting down".into());
         }
         proxy::check_plugin_roles(&config, &self.shared.registry)?;
@@ -273,6 +295,7 @@ impl Control {
             idle_timeout: Duration::from_secs(config.websocket.idle_timeout_s),
             max_lifetime: Duration::from_secs(config.websocket.max_lifetime_s),
         };
+        pools.commit();
         self.services.pools.store(pools.clone());
         self.loader.set_roles(roles);
         let addr_of = |name: &str| {
@@ -302,6 +325,8 @@ impl Control {
                 (Some(opened), old) => {
                     let addr = opened.addr;
                     match &old {
+                        Some(old) if old.addr == addr => changes
+                            .push(format!("listener `{}` rebound on {addr} (protocol or TLS changed)", config.name)),
                         Some(old) => {
                             changes.push(format!("listener `{}` moved from {} to {addr}", config.name, old.addr))
                         }

@@ -19,6 +19,8 @@ use hyper_util::rt::TokioIo;
 use crate::access_log::{self, AccessLog, WebSocketEntry};
 use crate::error::GatewayError;
 use crate::forward::{self, SendError, error_chain};
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::metrics::{DirectionLabel, ListenerPoolLabels, Metrics, ReasonLabel};
 use crate::plugin::bindings::WebsocketHandshake;
 use crate::pool::{ActiveGuard, Server};
@@ -199,6 +201,26 @@ pub struct Relaying {
     pub log: Option<WebSocketLog>,
 }
 
+/// Holds a gauge one higher while it lives.
+struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn up(gauge: Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Marks (in its extensions) a response that upgraded the client.
+#[derive(Clone, Copy)]
+pub struct Upgraded;
+
 /// What the access log line of a WebSocket needs beyond the relay's end.
 pub struct WebSocketLog {
     pub access: Arc<AccessLog>,
@@ -252,6 +274,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
     } else {
         *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     }
+    answer.extensions_mut().insert(Upgraded);
 
     tokio::spawn(async move {
         let _slot = slot;
@@ -267,8 +290,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
         let _on_server = server.websocket();
         let started = std::time::Instant::now();
         let labels = ListenerPoolLabels { listener: listener.clone(), pool: server.pool.as_str().into() };
-        let active_gauge = metrics.websockets.get_or_create(&labels).clone();
-        active_gauge.inc();
+        let _counted = GaugeGuard::up(metrics.websockets.get_or_create(&labels).clone());
         let (ejected, drained) = (server.ejected(), drain.my_turn());
         let (server_removed, listener_removed) = (server.removed(), listener_removal.my_turn());
         let stop = async move {
@@ -280,7 +302,6 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Re
             }
         };
         let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, stop).await;
-        active_gauge.dec();
         let reason = end.cause.label();
         metrics.websocket_closes.get_or_create(&ReasonLabel { reason }).inc();
         metrics
