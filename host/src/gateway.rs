@@ -14,9 +14,10 @@ use crate::access_log::AccessLog;
 use crate::admin::AdminState;
 use crate::config::{Config, ListenerProtocol};
 use crate::counter::Counters;
+use crate::file_watch::FileWatch;
 use crate::listener::ConnectionCap;
 use crate::plugin::host_api::HostServices;
-use crate::plugin::watcher::{self, Watcher};
+use crate::plugin::watcher;
 use crate::plugin::{Loader, Registry, Runtime};
 use crate::pool::{Pool, Pools};
 use crate::proxy::{self, Shared};
@@ -36,7 +37,7 @@ pub struct Gateway {
     control: Arc<Control>,
     admin: Option<SocketAddr>,
     admin_task: Option<tokio::task::JoinHandle<()>>,
-    _watcher: Option<Watcher>,
+    _watcher: Option<FileWatch>,
 }
 
 impl Drop for Gateway {

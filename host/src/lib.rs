@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod counter;
 pub mod error;
+pub mod file_watch;
 pub mod forward;
 pub mod gateway;
 pub mod head;

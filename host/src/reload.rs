@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, ListenerConfig, ListenerProtocol};
+use crate::file_watch::FileWatch;
 use crate::listener::{self, ConnectionCap, ConnectionLimits};
 use crate::metrics::ResultLabel;
 use crate::plugin::Loader;
@@ -133,7 +134,7 @@ struct RunningListener {
 /// already accepted carry on).
 struct AcceptLoop {
     _stop: oneshot::Sender<()>,
-    _cert_watcher: Option<notify::RecommendedWatcher>,
+    _cert_watcher: Option<FileWatch>,
 }
 
 /// A pool's probing task; dropping it stops probing.
@@ -150,7 +151,7 @@ impl Drop for Prober {
 struct Opened {
     socket: tokio::net::TcpListener,
     addr: SocketAddr,
-    tls: Option<(Arc<CertStore>, notify::RecommendedWatcher)>,
+    tls: Option<(Arc<CertStore>, FileWatch)>,
 }
 
 impl Control {

@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::ServerConfig;
@@ -18,9 +17,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::sync::mpsc;
 
 use crate::config::{CertificateConfig, ListenerConfig, UnknownSni};
+use crate::file_watch::{self, FileWatch};
 
 /// One certificate and the names it serves.
 #[derive(Debug)]
@@ -157,34 +156,15 @@ pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
 }
 
 /// Reloads `store` whenever one of its files changes. Dropping the returned
-/// watcher stops it.
-pub fn watch(store: Arc<CertStore>) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
+/// watch stops it.
+pub fn watch(store: Arc<CertStore>) -> notify::Result<FileWatch> {
     let files = store.files();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let watched = files.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        use notify::EventKind::Access;
-        use notify::event::{AccessKind, AccessMode};
-        // Our own reads are not changes; a write (or create, rename, remove) is.
-        if let Ok(event) = event
-            && (!matches!(event.kind, Access(_)) || matches!(event.kind, Access(AccessKind::Close(AccessMode::Write))))
-            && event.paths.iter().any(|p| watched.iter().any(|w| p.file_name() == w.file_name()))
-        {
-            let _ = tx.send(());
-        }
-    })?;
     let mut dirs: Vec<PathBuf> = files.iter().map(|f| f.parent().unwrap_or(Path::new(".")).to_owned()).collect();
     dirs.sort();
     dirs.dedup();
-    for dir in dirs {
-        watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    }
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {}
-            store.reload();
-        }
-    });
-    Ok(watcher)
+    let relevant = move |path: &Path| files.iter().any(|f| path.file_name() == f.file_name());
+    file_watch::watch("certificates", &dirs, relevant, move || {
+        let store = store.clone();
+        async move { store.reload() }
+    })
 }
