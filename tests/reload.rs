@@ -299,7 +299,10 @@ async fn a_removed_server_has_its_websockets_closed_with_1001_over_drain_s() {
     }
     times.sort();
     eprintln!("b's closes after SIGHUP: first {:?}, last {:?}", times[0], times[9]);
-    assert!(times[9] < Duration::from_millis(2800), "within drain_s (2 s) of the reload: {:?}", times[9]);
+    // Measured from kill(1): a busy machine may take a while to handle the
+    // signal, so the window's 2 s are checked from the first close.
+    assert!(times[0] < Duration::from_secs(2), "the drain began: {:?}", times[0]);
+    assert!(times[9] - times[0] < Duration::from_millis(2100), "within drain_s (2 s): {times:?}");
     assert!(times[9] - times[0] > Duration::from_millis(300), "spread, not one burst: {times:?}");
 
     // a's WebSockets are untouched and b gets nothing new.
