@@ -89,14 +89,15 @@ async fn a_token_file_guards_every_admin_endpoint() {
 }
 
 /// A metric's value from a parsed scrape: the sum of the samples named
-/// `name` whose labels include all of `labels` (0 if there is none); for a
+/// `name` whose labels include all of `labels` (there must be one); for a
 /// histogram, its count of observations.
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     use prometheus_parse::Value;
     let matching =
         scrape.samples.iter().filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
-    let (mut sum, mut histogram_count) = (0.0, 0.0f64);
+    let (mut sum, mut histogram_count, mut found) = (0.0, 0.0f64, false);
     for s in matching {
+        found = true;
         match &s.value {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => sum += v,
             // One sample per bucket line, each holding the cumulative counts.
@@ -106,6 +107,7 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
             Value::Summary(_) => panic!("no summaries here"),
         }
     }
+    assert!(found, "no sample {name} with {labels:?}");
     sum + histogram_count
 }
 

@@ -161,11 +161,6 @@ impl Gateway {
         self.control.reload().await
     }
 
-    /// Applies `config` as a reload would.
-    pub async fn apply(&self, config: Config) -> ReloadReport {
-        self.control.apply(config).await
-    }
-
     /// Serves until SIGINT or SIGTERM, then drains (see [`crate::shutdown`]);
     /// SIGHUP reloads the config file.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {

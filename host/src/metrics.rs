@@ -65,10 +65,6 @@ impl Buckets {
         self.sum_ns.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    pub fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
-    }
-
     /// The `q` quantile (0-1), as the upper bound of the bucket it falls in
     /// (`None` with no observation; the largest bound for the +Inf bucket).
     pub fn quantile(&self, q: f64) -> Option<f64> {
@@ -250,6 +246,9 @@ impl Default for Metrics {
             metrics.plugin_call_duration.clone(),
         );
         registry.register("reloads", "Config reloads, by result", metrics.reloads.clone());
+        for result in ["applied", "refused"] {
+            metrics.reloads.get_or_create_owned(&ResultLabel { result });
+        }
         Metrics { registry, ..metrics }
     }
 }

@@ -47,7 +47,6 @@ pub struct Server {
     close_on_unhealthy: AtomicBool,
     /// Set when a reload removes the server: its WebSockets close over it.
     removal: Spread,
-    retired: AtomicBool,
 }
 
 /// Holds a server's connection count up while a request or WebSocket lives.
@@ -85,14 +84,12 @@ impl Server {
             eject: watch::channel(false).0,
             close_on_unhealthy: AtomicBool::new(pool.close_on_unhealthy),
             removal: Spread::default(),
-            retired: AtomicBool::new(false),
         }
     }
 
     /// Takes no new traffic from now on, and closes its WebSockets, each at
     /// a random moment of `window`.
     pub fn retire(&self, window: Duration) {
-        self.retired.store(true, Ordering::Release);
         self.removal.begin(window);
     }
 
@@ -103,7 +100,7 @@ impl Server {
     }
 
     fn takes_traffic(&self) -> bool {
-        self.is_healthy() && !self.retired.load(Ordering::Acquire)
+        self.is_healthy() && !self.removal.has_begun()
     }
 
     pub fn is_healthy(&self) -> bool {

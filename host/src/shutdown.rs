@@ -6,7 +6,7 @@
 //! exits at once.
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -18,23 +18,26 @@ use tokio::sync::watch;
 pub struct Spread {
     /// `Some(window)` once closing started.
     window: watch::Sender<Option<Duration>>,
+    /// The same fact as an atomic, for the request path (no lock).
+    begun: AtomicBool,
     seed: AtomicU64,
 }
 
 impl Default for Spread {
     fn default() -> Self {
-        Spread { window: watch::channel(None).0, seed: AtomicU64::new(0) }
+        Spread { window: watch::channel(None).0, begun: AtomicBool::new(false), seed: AtomicU64::new(0) }
     }
 }
 
 impl Spread {
     /// Starts closing over `window`.
     pub fn begin(&self, window: Duration) {
+        self.begun.store(true, Ordering::Release);
         self.window.send_replace(Some(window));
     }
 
     pub fn has_begun(&self) -> bool {
-        self.window.borrow().is_some()
+        self.begun.load(Ordering::Acquire)
     }
 
     /// Resolves once closing has started.
