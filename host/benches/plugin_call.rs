@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use wasmgate::config::PluginsConfig;
-use wasmgate::counter::Counters;
 use wasmgate::plugin::bindings::{Header, RequestHead, TlsInfo, WebsocketHandshake};
+use wasmgate::plugin::counter::Counters;
 use wasmgate::plugin::host_api::HostServices;
 use wasmgate::plugin::{LoadedPlugin, Loader, Runtime};
 

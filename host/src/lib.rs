@@ -1,28 +1,31 @@
 //! wasmgate: an edge gateway whose routing and WAF decisions run in
-//! WebAssembly components. See `ARCHITECTURE.md` for the codemap; read
-//! [`proxy`] for the life of a request.
+//! WebAssembly components. See `ARCHITECTURE.md` for the codemap and the
+//! rules on which folder may import which; read [`request::proxy`] for the
+//! life of a request.
+//!
+//! The folders, top floor first (a module imports only from floors below
+//! its own):
+//!
+//! - [`control`]: starting and changing the running gateway.
+//! - [`edge`]: where clients come in (listeners, TLS).
+//! - [`request`]: the life of a request, phases in order.
+//! - [`websocket`]: handshakes, sessions and the relay.
+//! - [`plugin`]: the sandbox.
+//! - [`upstream`]: backends (pools, probes, connections).
+//! - [`telemetry`]: metrics and the access log.
+//! - [`http`], [`config`], [`shutdown`], [`file_watch`]: the ground floor.
 
-pub mod access_log;
-pub mod admin;
 pub mod config;
-pub mod counter;
-pub mod error;
+pub mod control;
+pub mod edge;
 pub mod file_watch;
-pub mod forward;
-pub mod gateway;
-pub mod head;
-pub mod listener;
-pub mod metrics;
+pub mod http;
 pub mod plugin;
-pub mod pool;
-pub mod probe;
-pub mod proxy;
-pub mod relay;
-pub mod reload;
+pub mod request;
 pub mod shutdown;
-pub mod tls;
+pub mod telemetry;
 pub mod upstream;
 pub mod websocket;
 
 pub use config::Config;
-pub use gateway::Gateway;
+pub use control::Gateway;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use wasmgate::gateway::{Gateway, prepare};
+use wasmgate::control::gateway::{Gateway, prepare};
 use wasmgate::{Config, config};
 
 #[derive(Parser)]
@@ -112,7 +112,7 @@ async fn reload(admin: std::net::SocketAddr, token_file: PathBuf) -> anyhow::Res
     use anyhow::Context;
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading the token file {}", token_file.display()))?;
-    let (status, body) = wasmgate::admin::post(admin, "/reload", token.trim())
+    let (status, body) = wasmgate::control::admin::post(admin, "/reload", token.trim())
         .await
         .with_context(|| format!("asking the gateway at {admin} to reload"))?;
     match serde_json::from_str::<serde_json::Value>(&body) {

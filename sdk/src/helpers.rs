@@ -93,6 +93,16 @@ pub fn count(key: &str, window_ms: u32) -> u64 {
     host::count(key, window_ms)
 }
 
+/// Logs at `trace` through the gateway's log (with the plugin's name).
+pub fn log_trace(message: &str) {
+    host::log(Level::Trace, message)
+}
+
+/// Logs at `debug` through the gateway's log.
+pub fn log_debug(message: &str) {
+    host::log(Level::Debug, message)
+}
+
 /// Logs at `info` through the gateway's log.
 pub fn log_info(message: &str) {
     host::log(Level::Info, message)
@@ -101,4 +111,34 @@ pub fn log_info(message: &str) {
 /// Logs at `warn` through the gateway's log.
 pub fn log_warn(message: &str) {
     host::log(Level::Warn, message)
+}
+
+/// Logs at `error` through the gateway's log.
+pub fn log_error(message: &str) {
+    host::log(Level::Error, message)
+}
+
+/// The plugin's settings, parsed by `parse` on the first call of this
+/// instance and kept in `cell` for the calls after it.
+///
+/// A configuration `parse` refuses is logged at `error` (with the plugin's
+/// name, by the gateway) and the call traps, so the gateway applies the
+/// plugin's `on_error` policy rather than run on a half-read config.
+///
+/// ```ignore
+/// static ROUTES: OnceLock<Vec<Route>> = OnceLock::new();
+/// let routes = parsed_config(&ROUTES, || parse_routes(&config("routes").unwrap_or_default()));
+/// ```
+pub fn parsed_config<T, E: std::fmt::Display>(
+    cell: &'static std::sync::OnceLock<T>,
+    parse: impl FnOnce() -> Result<T, E>,
+) -> &'static T {
+    cell.get_or_init(|| match parse() {
+        Ok(value) => value,
+        Err(problem) => {
+            let message = format!("bad config: {problem}");
+            log_error(&message);
+            panic!("{message}");
+        }
+    })
 }

@@ -15,8 +15,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{Level, host, types};
-use crate::counter::Counters;
-use crate::pool::Pools;
+use super::counter::Counters;
+use crate::upstream::Pools;
 
 /// Gateway services shared by every plugin.
 pub struct HostServices {

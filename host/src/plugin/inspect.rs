@@ -8,12 +8,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use wasmtime::component::Component;
 
+use super::counter::Counters;
 use super::host_api::{HostServices, PluginContext};
-use super::loaded::{LoadedPlugin, PluginLimits, PluginSource, kind_of};
+use super::loaded::{LoadedPlugin, PluginLimits, PluginSource, Pre};
 use super::registry::hex;
 use super::runtime::Runtime;
-use crate::config::PluginsConfig;
-use crate::counter::Counters;
+use crate::config::{PluginKind, PluginSettings, PluginsConfig};
 
 /// The findings about one file.
 pub struct Inspection {
@@ -77,11 +77,11 @@ pub async fn inspect(file: &Path) -> anyhow::Result<Inspection> {
     let ty = component.component_type();
     inspection.imports = ty.imports(runtime.engine()).map(|(name, _)| name.to_owned()).collect();
     inspection.exports = ty.exports(runtime.engine()).map(|(name, _)| name.to_owned()).collect();
-    match kind_of(&runtime, &component) {
-        Ok(kind) => {
-            inspection.world = Some(match kind {
-                super::PluginKind::Router => "wasmgate:plugin/router-plugin",
-                super::PluginKind::Waf => "wasmgate:plugin/waf-plugin",
+    match Pre::new(&runtime, &component) {
+        Ok(pre) => {
+            inspection.world = Some(match pre.kind() {
+                PluginKind::Router => "wasmgate:plugin/router-plugin",
+                PluginKind::Waf => "wasmgate:plugin/waf-plugin",
             })
         }
         Err(error) => {
@@ -89,15 +89,7 @@ pub async fn inspect(file: &Path) -> anyhow::Result<Inspection> {
             return Ok(inspection);
         }
     }
-    let defaults = PluginsConfig::default();
-    let limits = PluginLimits {
-        call_timeout: std::time::Duration::from_millis(defaults.call_timeout_ms),
-        memory_limit_bytes: (defaults.memory_limit_mb as usize) << 20,
-        on_error: defaults.on_error,
-        quarantine_after_failures: defaults.quarantine_after_failures,
-        quarantine_initial: std::time::Duration::from_millis(defaults.quarantine_initial_ms),
-        quarantine_max: std::time::Duration::from_millis(defaults.quarantine_max_ms),
-    };
+    let limits = PluginLimits::new(&PluginsConfig::default(), &PluginSettings::default());
     let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned();
     let context = Arc::new(PluginContext { name, config: Default::default(), services });

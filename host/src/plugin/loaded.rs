@@ -8,15 +8,10 @@
 //!
 //! A call that runs longer than one epoch tick yields to the async runtime at
 //! every tick, so a slow or looping plugin never holds a worker thread for its
-//! whole deadline; at the deadline it is interrupted.
-//!
-//! The crash-loop breaker: after `quarantine_after_failures` consecutive
-//! failures the plugin is quarantined (its `on_error` outcome applies without
-//! calling it) for a backoff that doubles with each quarantine up to a cap. The
-//! first call after a quarantine is a trial: a failure quarantines it again,
-//! a success closes the breaker.
+//! whole deadline; at the deadline it is interrupted. Failures feed the
+//! plugin's crash-loop [`Breaker`].
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,9 +19,10 @@ use wasmtime::component::Component;
 use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
 
 use super::bindings::{RequestHead, RouteDecision, RouterPlugin, RouterPluginPre, Verdict, WafPlugin, WafPluginPre};
+use super::breaker::{Breaker, BreakerLimits};
 use super::host_api::{HostState, PluginContext};
 use super::runtime::Runtime;
-use crate::config::OnError;
+use crate::config::{OnError, PluginKind};
 
 /// Idle instances kept per plugin; more are created under load and dropped
 /// when the pool is full.
@@ -34,28 +30,6 @@ const MAX_IDLE_INSTANCES: usize = 16;
 
 /// Elements one table of a plugin may grow to (a Rust plugin uses hundreds).
 const MAX_TABLE_ELEMENTS: usize = 100_000;
-
-/// Which contract a component implements, read from its exports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PluginKind {
-    Router,
-    Waf,
-}
-
-impl PluginKind {
-    pub fn role(self) -> crate::config::PluginRole {
-        match self {
-            PluginKind::Router => crate::config::PluginRole::Router,
-            PluginKind::Waf => crate::config::PluginRole::Waf,
-        }
-    }
-}
-
-impl std::fmt::Display for PluginKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.role().fmt(f)
-    }
-}
 
 /// Why a plugin call produced no decision.
 #[derive(Debug, thiserror::Error)]
@@ -98,9 +72,7 @@ pub struct PluginLimits {
     pub call_timeout: Duration,
     pub memory_limit_bytes: usize,
     pub on_error: OnError,
-    pub quarantine_after_failures: u32,
-    pub quarantine_initial: Duration,
-    pub quarantine_max: Duration,
+    pub breaker: BreakerLimits,
 }
 
 /// Who a loaded plugin is.
@@ -128,9 +100,42 @@ pub struct PluginStats {
     pub quarantined: bool,
 }
 
-enum Pre {
+/// A component linked and checked against one of the two plugin worlds.
+pub(crate) enum Pre {
     Router(RouterPluginPre<HostState>),
     Waf(WafPluginPre<HostState>),
+}
+
+impl Pre {
+    /// Links `component` and finds which world it implements: the one whose
+    /// generated bindings accept its exports (names, versions and types).
+    pub(crate) fn new(runtime: &Runtime, component: &Component) -> anyhow::Result<Pre> {
+        let instance_pre = runtime.linker.instantiate_pre(component)?;
+        let router = RouterPluginPre::new(instance_pre.clone());
+        let waf = WafPluginPre::new(instance_pre);
+        match (router, waf) {
+            (Ok(router), Err(_)) => Ok(Pre::Router(router)),
+            (Err(_), Ok(waf)) => Ok(Pre::Waf(waf)),
+            (Ok(_), Ok(_)) => anyhow::bail!(
+                "exports both `wasmgate:plugin/router` and `wasmgate:plugin/waf`; a plugin is one or the other"
+            ),
+            (Err(router), Err(waf)) => {
+                let exports: Vec<String> =
+                    component.component_type().exports(runtime.engine()).map(|(name, _)| name.to_owned()).collect();
+                anyhow::bail!(
+                    "implements neither the router-plugin nor the waf-plugin world (its exports: {}; as a router: {router:#}; as a WAF: {waf:#})",
+                    if exports.is_empty() { "none".to_owned() } else { exports.join(", ") }
+                )
+            }
+        }
+    }
+
+    pub(crate) fn kind(&self) -> PluginKind {
+        match self {
+            Pre::Router(_) => PluginKind::Router,
+            Pre::Waf(_) => PluginKind::Waf,
+        }
+    }
 }
 
 enum Bindings {
@@ -148,16 +153,6 @@ struct Counters {
     calls: AtomicU64,
     errors: AtomicU64,
     timeouts: AtomicU64,
-    quarantines: AtomicU64,
-    consecutive_failures: AtomicU32,
-    /// Quarantines since the last success: the backoff doubles with each.
-    backoff_level: AtomicU32,
-    /// Milliseconds after `born` until which calls are refused (0: none).
-    quarantined_until_ms: AtomicU64,
-    /// When (ms after `born`, +1) the trial call after a quarantine started;
-    /// 0: none under way. A trial older than a call's deadline was abandoned
-    /// (its request went away), so another may start.
-    trial_started_ms: AtomicU64,
 }
 
 /// A compiled, validated plugin ready to be called.
@@ -173,7 +168,7 @@ pub struct LoadedPlugin {
     pre: Pre,
     idle: Mutex<Vec<Instance>>,
     counters: Counters,
-    born: Instant,
+    breaker: Breaker,
 }
 
 /// What [`LoadedPlugin::new`] needs besides the component.
@@ -185,8 +180,8 @@ pub struct PluginSource {
 }
 
 impl LoadedPlugin {
-    /// Links `component`, reads its kind from its exports, and instantiates it
-    /// once to prove it starts (that instance is kept for the first call).
+    /// Links `component`, finds its world, and instantiates it once to prove
+    /// it starts (that instance is kept for the first call).
     pub async fn new(
         runtime: Arc<Runtime>,
         component: Component,
@@ -194,12 +189,8 @@ impl LoadedPlugin {
         context: Arc<PluginContext>,
         limits: PluginLimits,
     ) -> anyhow::Result<LoadedPlugin> {
-        let kind = kind_of(&runtime, &component)?;
-        let instance_pre = runtime.linker.instantiate_pre(&component)?;
-        let pre = match kind {
-            PluginKind::Router => Pre::Router(RouterPluginPre::new(instance_pre)?),
-            PluginKind::Waf => Pre::Waf(WafPluginPre::new(instance_pre)?),
-        };
+        let pre = Pre::new(&runtime, &component)?;
+        let kind = pre.kind();
         let identity = PluginIdentity {
             name: context.name.clone(),
             kind,
@@ -219,7 +210,7 @@ impl LoadedPlugin {
             pre,
             idle: Mutex::new(Vec::new()),
             counters: Counters::default(),
-            born: Instant::now(),
+            breaker: Breaker::new(limits.breaker),
         };
         let first = plugin.instantiate().await.map_err(anyhow::Error::from)?;
         plugin.put_back(first);
@@ -259,8 +250,8 @@ impl LoadedPlugin {
             calls: c.calls.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             timeouts: c.timeouts.load(Ordering::Relaxed),
-            quarantines: c.quarantines.load(Ordering::Relaxed),
-            quarantined: self.now_ms() < c.quarantined_until_ms.load(Ordering::Relaxed),
+            quarantines: self.breaker.quarantines(),
+            quarantined: self.breaker.is_open(),
         }
     }
 
@@ -320,61 +311,33 @@ impl LoadedPlugin {
         PluginError::Trap { plugin: self.name.clone(), message }
     }
 
-    fn now_ms(&self) -> u64 {
-        self.born.elapsed().as_millis() as u64
-    }
-
     fn succeeded(&self) {
-        let c = &self.counters;
-        c.consecutive_failures.store(0, Ordering::Relaxed);
-        if c.backoff_level.swap(0, Ordering::Relaxed) != 0 {
-            c.quarantined_until_ms.store(0, Ordering::Relaxed);
-            c.trial_started_ms.store(0, Ordering::Release);
+        if self.breaker.succeeded() {
             tracing::info!(plugin = %self.name, version = self.identity.version, "plugin recovered; quarantine over");
         }
     }
 
     fn failed(&self, error: &PluginError) {
-        let c = &self.counters;
-        let failures = c.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < self.limits.quarantine_after_failures {
-            return;
+        if let Some(tripped) = self.breaker.failed() {
+            tracing::warn!(
+                plugin = %self.name,
+                version = self.identity.version,
+                consecutive_failures = tripped.consecutive_failures,
+                backoff_ms = tripped.backoff.as_millis() as u64,
+                last_error = %error,
+                "plugin quarantined; its on_error policy applies until the backoff ends"
+            );
         }
-        let level = c.backoff_level.fetch_add(1, Ordering::Relaxed).min(20);
-        let backoff = self.limits.quarantine_initial.saturating_mul(1 << level).min(self.limits.quarantine_max);
-        c.quarantined_until_ms.store(self.now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
-        // After the quarantine one more failure is enough to re-trip.
-        c.consecutive_failures.store(self.limits.quarantine_after_failures.saturating_sub(1), Ordering::Relaxed);
-        c.quarantines.fetch_add(1, Ordering::Relaxed);
-        c.trial_started_ms.store(0, Ordering::Release);
-        tracing::warn!(
-            plugin = %self.name,
-            version = self.identity.version,
-            consecutive_failures = failures,
-            backoff_ms = backoff.as_millis() as u64,
-            last_error = %error,
-            "plugin quarantined; its on_error policy applies until the backoff ends"
-        );
     }
 
     async fn take(&self, expected: PluginKind) -> Result<Instance, PluginError> {
         if self.kind != expected {
             return Err(PluginError::WrongKind { plugin: self.name.clone(), actual: self.kind, expected });
         }
-        let c = &self.counters;
-        let until = c.quarantined_until_ms.load(Ordering::Relaxed);
-        // After a quarantine, one trial call at a time until one succeeds.
-        if until != 0 {
-            let now = self.now_ms();
-            let started = c.trial_started_ms.load(Ordering::Acquire);
-            let abandoned = started != 0 && now + 1 > started + self.limits.call_timeout.as_millis() as u64 * 2;
-            let may_try = now >= until
-                && (started == 0 || abandoned)
-                && c.trial_started_ms.compare_exchange(started, now + 1, Ordering::AcqRel, Ordering::Acquire).is_ok();
-            if !may_try {
-                return Err(PluginError::Quarantined { plugin: self.name.clone() });
-            }
+        if !self.breaker.admit(self.limits.call_timeout) {
+            return Err(PluginError::Quarantined { plugin: self.name.clone() });
         }
+        let c = &self.counters;
         c.calls.fetch_add(1, Ordering::Relaxed);
         let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         match idle {
@@ -432,24 +395,5 @@ impl LoadedPlugin {
             Ok(bindings) => Ok(Instance { store, bindings }),
             Err(err) => Err(PluginError::Instantiate { plugin: self.name.clone(), message: format!("{err:#}") }),
         }
-    }
-}
-
-/// The kind of a component, read from its exports.
-pub fn kind_of(runtime: &Runtime, component: &Component) -> anyhow::Result<PluginKind> {
-    let ty = component.component_type();
-    let exports: Vec<String> = ty.exports(runtime.engine()).map(|(name, _)| name.to_owned()).collect();
-    let router = exports.iter().any(|e| e.starts_with("wasmgate:plugin/router@"));
-    let waf = exports.iter().any(|e| e.starts_with("wasmgate:plugin/waf@"));
-    match (router, waf) {
-        (true, false) => Ok(PluginKind::Router),
-        (false, true) => Ok(PluginKind::Waf),
-        (true, true) => anyhow::bail!(
-            "exports both `wasmgate:plugin/router` and `wasmgate:plugin/waf`; a plugin is one or the other"
-        ),
-        (false, false) => anyhow::bail!(
-            "exports neither `wasmgate:plugin/router` nor `wasmgate:plugin/waf` (its exports: {})",
-            if exports.is_empty() { "none".to_owned() } else { exports.join(", ") }
-        ),
     }
 }

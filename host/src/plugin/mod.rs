@@ -1,29 +1,33 @@
-//! Plugins: WebAssembly components that make the gateway's decisions.
+//! Plugins: WebAssembly components that make the gateway's decisions. This
+//! floor is the sandbox; it never sees a socket or a response, and never
+//! imports the request path (which calls into it).
 //!
 //! - [`bindings`]: the host side of the WIT contract, generated from `wit/`.
 //! - [`runtime`]: the wasmtime engine, the linker (WASI with nothing granted,
 //!   plus the `host` interface) and the epoch ticker behind call deadlines.
 //! - [`host_api`]: what a plugin can ask of the gateway (`log`, `config`,
-//!   `healthy-servers`, `count`).
+//!   `healthy-servers`, `count`), with [`counter`] behind `count`.
 //! - [`loaded`]: one compiled plugin, its pool of reusable instances, and the
 //!   guarded call (deadline, memory cap, trap containment).
+//! - [`breaker`]: the crash-loop breaker that quarantines a failing plugin.
 //! - [`registry`]: the plugins by name, swappable as a whole, and the loader
 //!   that turns the plugin directory into them.
 //! - [`cache`]: compiled components kept by content hash across restarts.
 //! - [`inspect`]: `wasmgate plugin inspect`.
 //! - [`watcher`]: reconciles the registry with the directory as it changes.
-//! - [`validate`]: checks on everything a plugin returns.
 
 pub mod bindings;
+pub mod breaker;
 pub mod cache;
+pub mod counter;
 pub mod host_api;
 pub mod inspect;
 pub mod loaded;
 pub mod registry;
 pub mod runtime;
-pub mod validate;
 pub mod watcher;
 
-pub use loaded::{LoadedPlugin, PluginError, PluginIdentity, PluginKind, PluginStats};
+pub use crate::config::PluginKind;
+pub use loaded::{LoadedPlugin, PluginError, PluginIdentity, PluginStats};
 pub use registry::{Loader, Registry};
 pub use runtime::Runtime;

@@ -24,11 +24,12 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
+use super::breaker::BreakerLimits;
 use super::cache::ArtifactCache;
 use super::host_api::{HostServices, PluginContext};
 use super::loaded::{LoadedPlugin, PluginLimits, PluginSource};
 use super::runtime::Runtime;
-use crate::config::{OnError, PluginRole, PluginSettings, PluginsConfig};
+use crate::config::{Config, OnError, PluginKind, PluginSettings, PluginsConfig};
 
 /// A plugin file that could not be loaded, and why.
 #[derive(Debug, Clone)]
@@ -52,7 +53,7 @@ pub struct Loader {
     services: Arc<HostServices>,
     cache: Option<ArtifactCache>,
     /// The role each plugin is used in by the config, and the key saying so.
-    roles: ArcSwap<HashMap<String, (PluginRole, String)>>,
+    roles: ArcSwap<HashMap<String, (PluginKind, String)>>,
 }
 
 impl Loader {
@@ -60,7 +61,7 @@ impl Loader {
         runtime: Arc<Runtime>,
         defaults: PluginsConfig,
         services: Arc<HostServices>,
-        roles: HashMap<String, (PluginRole, String)>,
+        roles: HashMap<String, (PluginKind, String)>,
     ) -> Loader {
         let cache_dir = defaults.cache_dir.clone().or_else(ArtifactCache::default_dir);
         let cache = match (defaults.cache, cache_dir) {
@@ -81,7 +82,7 @@ impl Loader {
     }
 
     /// The roles of a reloaded config, for the loads from now on.
-    pub fn set_roles(&self, roles: HashMap<String, (PluginRole, String)>) {
+    pub fn set_roles(&self, roles: HashMap<String, (PluginKind, String)>) {
         self.roles.store(Arc::new(roles));
     }
 
@@ -116,25 +117,33 @@ impl Loader {
             }
         };
 
-        let d = &self.defaults;
-        let limits = PluginLimits {
-            call_timeout: Duration::from_millis(settings.call_timeout_ms.unwrap_or(d.call_timeout_ms)),
-            memory_limit_bytes: (settings.memory_limit_mb.unwrap_or(d.memory_limit_mb) as usize) << 20,
-            on_error: settings.on_error.unwrap_or(d.on_error),
-            quarantine_after_failures: d.quarantine_after_failures,
-            quarantine_initial: Duration::from_millis(d.quarantine_initial_ms),
-            quarantine_max: Duration::from_millis(d.quarantine_max_ms),
-        };
+        let limits = PluginLimits::new(&self.defaults, &settings);
         let context =
             Arc::new(PluginContext { name: name.clone(), config: settings.config, services: self.services.clone() });
         let source = PluginSource { sha256, source_hash, version, from_cache };
         let plugin = LoadedPlugin::new(self.runtime.clone(), component, source, context, limits).await?;
         if let Some((role, key)) = self.roles.load().get(&name)
-            && plugin.kind.role() != *role
+            && plugin.kind != *role
         {
             anyhow::bail!("this component is a {} plugin, but `{key}` uses `{name}` as a {role}", plugin.kind);
         }
         Ok(plugin)
+    }
+}
+
+impl PluginLimits {
+    /// The `[plugins]` defaults, overridden by a plugin's `NAME.toml`.
+    pub fn new(defaults: &PluginsConfig, settings: &PluginSettings) -> PluginLimits {
+        PluginLimits {
+            call_timeout: Duration::from_millis(settings.call_timeout_ms.unwrap_or(defaults.call_timeout_ms)),
+            memory_limit_bytes: (settings.memory_limit_mb.unwrap_or(defaults.memory_limit_mb) as usize) << 20,
+            on_error: settings.on_error.unwrap_or(defaults.on_error),
+            breaker: BreakerLimits {
+                quarantine_after_failures: defaults.quarantine_after_failures,
+                quarantine_initial: Duration::from_millis(defaults.quarantine_initial_ms),
+                quarantine_max: Duration::from_millis(defaults.quarantine_max_ms),
+            },
+        }
     }
 }
 
@@ -189,6 +198,31 @@ impl Registry {
     pub fn missing_policy(&self, name: &str) -> OnError {
         let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         history.get(name).map_or(self.default_on_error, |h| h.on_error)
+    }
+
+    /// Checks that every plugin `config` names is loaded, with the kind the
+    /// config uses it as.
+    pub fn check_roles(&self, config: &Config) -> Result<(), String> {
+        for (name, key, role) in config.referenced_plugins() {
+            match self.get(&name) {
+                None => {
+                    return Err(format!(
+                        "{}: `{key}`: plugin `{name}` is not loaded (no valid {name}.wasm in {})",
+                        config.source.display(),
+                        config.plugins.dir.display()
+                    ));
+                }
+                Some(plugin) if plugin.kind != role => {
+                    return Err(format!(
+                        "{}: `{key}`: plugin `{name}` is a {} plugin, not a {role}",
+                        config.source.display(),
+                        plugin.kind
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Makes the registry match the plugin directory.

@@ -26,14 +26,7 @@ struct HandshakeGuard;
 static RULES: OnceLock<Rules> = OnceLock::new();
 
 fn rules() -> &'static Rules {
-    RULES.get_or_init(|| match Rules::from_config(config) {
-        Ok(rules) => rules,
-        Err(problem) => {
-            host::log(Level::Error, &format!("bad config: {problem}"));
-            // Trapping makes the gateway apply this plugin's on_error policy.
-            panic!("bad config: {problem}");
-        }
-    })
+    parsed_config(&RULES, || Rules::from_config(config))
 }
 
 impl Waf for HandshakeGuard {

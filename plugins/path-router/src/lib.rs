@@ -36,17 +36,10 @@ struct PathRouter;
 static ROUTES: OnceLock<Vec<Route>> = OnceLock::new();
 
 fn routes() -> &'static [Route] {
-    ROUTES.get_or_init(|| {
-        let text = config("routes").unwrap_or_default();
-        match parse_routes(&text) {
-            Ok(routes) => routes,
-            Err(problem) => {
-                host::log(Level::Error, &format!("bad `routes` config: {problem}"));
-                // Trapping makes the gateway apply this plugin's on_error policy.
-                panic!("bad `routes` config: {problem}");
-            }
-        }
-    })
+    let routes: &'static Vec<Route> = parsed_config(&ROUTES, || {
+        parse_routes(&config("routes").unwrap_or_default()).map_err(|e| format!("`routes`: {e}"))
+    });
+    routes
 }
 
 impl Router for PathRouter {

@@ -1,0 +1,72 @@
+//! Metrics of live state, read when `/metrics` is scraped rather than
+//! counted as events: each server's health, the config version in force,
+//! and each plugin's counters (kept by the plugin registry).
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use super::reload::View;
+use crate::plugin::{PluginStats, Registry};
+use crate::telemetry::metrics::PluginLabel;
+
+/// The live state `/metrics` reads at scrape time: server health, the
+/// config version, and the plugin registry's counters.
+pub struct LiveState {
+    pub view: Arc<View>,
+    pub plugins: Arc<Registry>,
+}
+
+impl std::fmt::Debug for LiveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveState").field("view", &self.view).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabels {
+    pool: Arc<str>,
+    server: String,
+}
+
+impl Collector for LiveState {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut health = encoder.encode_descriptor(
+            "server_healthy",
+            "1 if the server takes traffic, 0 if not, by pool and server",
+            None,
+            MetricType::Gauge,
+        )?;
+        for pool in self.view.pools.all() {
+            for server in &pool.servers {
+                let labels = ServerLabels { pool: pool.label.clone(), server: server.address.clone() };
+                ConstGauge::new(i64::from(server.is_healthy())).encode(health.encode_family(&labels)?)?;
+            }
+        }
+        let config =
+            encoder.encode_descriptor("config_version", "Version of the config in force", None, MetricType::Gauge)?;
+        ConstGauge::new(self.view.version as i64).encode(config)?;
+
+        let plugins = self.plugins.all();
+        type Field = fn(&PluginStats) -> u64;
+        let counters: [(&str, &str, Field); 4] = [
+            ("plugin_calls", "Calls into the plugin's current version", |s| s.calls),
+            ("plugin_errors", "Failed calls (traps, timeouts, invalid output)", |s| s.errors),
+            ("plugin_timeouts", "Calls stopped at their deadline", |s| s.timeouts),
+            ("plugin_quarantines", "Times the crash-loop breaker quarantined the plugin", |s| s.quarantines),
+        ];
+        let stats: Vec<_> =
+            plugins.iter().map(|p| (PluginLabel { plugin: p.name.as_str().into() }, p.stats())).collect();
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, stats) in &stats {
+                ConstCounter::new(value(stats)).encode(family.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

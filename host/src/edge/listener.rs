@@ -1,0 +1,241 @@
+//! Listeners: accept TCP connections (and the TLS handshake on `https`
+//! listeners), serve HTTP/1.1 and HTTP/2 on them, and hand each request to
+//! the listener's [`ListenerProxy`]. Upgrades (HTTP/1.1) and extended CONNECT
+//! (HTTP/2, RFC 8441) are enabled on every connection, so WebSocket works on
+//! every listener with no switch.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::request::{ConnInfo, ListenerProxy, TlsDetails};
+use crate::shutdown::Drain;
+
+/// Open files kept free of client connections (plugins, cache, logs, probes).
+const FD_HEADROOM: u64 = 256;
+
+/// The process-wide cap on client connections plus WebSockets, so the
+/// gateway never runs out of file descriptors: past it, new connections are
+/// closed at once, logged once per burst.
+#[derive(Debug)]
+pub struct ConnectionCap {
+    cap: usize,
+    live: AtomicUsize,
+    refusing: AtomicBool,
+    drain: Arc<Drain>,
+}
+
+/// Holds a place under the cap while a connection lives.
+pub struct Admitted(Arc<ConnectionCap>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnectionCap {
+    /// The cap from config, or from the open-file limit: the soft limit is
+    /// raised to the hard one, and each connection may need two descriptors
+    /// (client and server).
+    pub fn new(configured: Option<usize>, drain: Arc<Drain>) -> ConnectionCap {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let mut limit = getrlimit(Resource::Nofile);
+        if limit.current != limit.maximum {
+            limit.current = limit.maximum;
+            if let Err(error) = setrlimit(Resource::Nofile, limit) {
+                tracing::warn!(%error, "could not raise the open-file limit to its hard limit");
+                limit = getrlimit(Resource::Nofile);
+            }
+        }
+        let files = limit.current.unwrap_or(1 << 20);
+        let derived = (files.saturating_sub(FD_HEADROOM) / 2).max(1) as usize;
+        let cap = configured.unwrap_or(derived);
+        tracing::info!(open_file_limit = files, max_connections = cap, "connection cap");
+        ConnectionCap { cap, live: AtomicUsize::new(0), refusing: AtomicBool::new(false), drain }
+    }
+
+    /// A place for a new client connection, or `None` past the cap.
+    fn admit(self: &Arc<Self>) -> Option<Admitted> {
+        let live = self.live.fetch_add(1, Ordering::AcqRel) + 1;
+        if live + self.drain.websockets() <= self.cap {
+            if self.refusing.load(Ordering::Relaxed) && (live + self.drain.websockets()) * 10 < self.cap * 9 {
+                self.refusing.store(false, Ordering::Relaxed);
+                tracing::info!(max_connections = self.cap, "below the connection cap again; accepting");
+            }
+            return Some(Admitted(self.clone()));
+        }
+        self.live.fetch_sub(1, Ordering::AcqRel);
+        if !self.refusing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(max_connections = self.cap, "connection cap reached; refusing new connections");
+        }
+        None
+    }
+}
+
+/// How each connection is served: timeouts and size caps from `[limits]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// Binds `addr` with `SO_REUSEPORT`, so a new gateway process (a new binary
+/// or config) can bind the same port while this one drains: the kernel
+/// spreads new connections over both until this one stops accepting.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Accepts connections on `listener` until the task is dropped; with `tls`,
+/// each connection starts with a TLS handshake.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<ListenerProxy>,
+    tls: Option<TlsAcceptor>,
+    limits: ConnectionLimits,
+    cap: Arc<ConnectionCap>,
+    stop: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut stop => {
+                // Serve the connections already queued, then close: with
+                // SO_REUSEPORT a successor takes every new one.
+                while let Ok(Ok((stream, addr))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+                    let Some(admitted) = cap.admit() else { continue };
+                    let handshake_timeout = limits.header_read_timeout;
+                    tokio::spawn(connection(stream, addr, proxy.clone(), tls.clone(), builder.clone(), handshake_timeout, admitted));
+                }
+                tracing::info!(listener = %proxy.name, "stopped accepting");
+                return;
+            }
+        };
+        let (stream, addr) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::warn!(listener = %proxy.name, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Past the cap the connection is closed at once (dropped).
+        let Some(admitted) = cap.admit() else { continue };
+        let _ = stream.set_nodelay(true);
+        let handshake_timeout = limits.header_read_timeout;
+        tokio::spawn(connection(
+            stream,
+            addr,
+            proxy.clone(),
+            tls.clone(),
+            builder.clone(),
+            handshake_timeout,
+            admitted,
+        ));
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    proxy: Arc<ListenerProxy>,
+    tls: Option<TlsAcceptor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handshake_timeout: Duration,
+    _admitted: Admitted,
+) {
+    let Some(acceptor) = tls else {
+        let conn = Arc::new(ConnInfo { addr, tls: None });
+        return serve_http(TokioIo::new(stream), conn, proxy, &builder).await;
+    };
+    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(listener = %proxy.name, client = %addr, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(listener = %proxy.name, client = %addr, "TLS handshake timed out");
+            return;
+        }
+    };
+    let session = stream.get_ref().1;
+    let details = TlsDetails {
+        sni: session.server_name().map(str::to_owned),
+        alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+    };
+    let conn = Arc::new(ConnInfo { addr, tls: Some(details) });
+    serve_http(TokioIo::new(stream), conn, proxy, &builder).await;
+}
+
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    conn: Arc<ConnInfo>,
+    proxy: Arc<ListenerProxy>,
+    builder: &auto::Builder<TokioExecutor>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    // Requests of this connection being handled (up to their response head).
+    let handling = Arc::new(AtomicUsize::new(0));
+    let service = service_fn(|req| {
+        let (proxy, conn, handling) = (proxy.clone(), conn.clone(), handling.clone());
+        async move {
+            handling.fetch_add(1, Ordering::AcqRel);
+            let response = proxy.handle(req, &conn).await;
+            handling.fetch_sub(1, Ordering::AcqRel);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    // A listener a reload removed ends its connections politely: once no
+    // request is being handled, HTTP/1.1 closes and HTTP/2 sends GOAWAY
+    // (responses under way are finished either way).
+    let retired = proxy.retired();
+    tokio::pin!(retired);
+    let (mut retiring, mut shut) = (false, false);
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            _ = &mut retired, if !retiring => retiring = true,
+            _ = tokio::time::sleep(Duration::from_millis(20)), if retiring && !shut => {
+                if handling.load(Ordering::Acquire) == 0 {
+                    connection.as_mut().graceful_shutdown();
+                    shut = true;
+                }
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(listener = %proxy.name, client = %conn.addr, %error, "client connection ended with an error");
+    }
+}

@@ -1,0 +1,119 @@
+//! Responses the gateway makes itself. Each carries a short text body and an
+//! `x-wasmgate-error` header naming the cause, so a client (or an operator
+//! reading a curl trace) can tell a gateway answer from a backend's.
+
+use super::body::{self, ResponseBody};
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// The header naming why the gateway answered.
+pub const ERROR_HEADER: &str = "x-wasmgate-error";
+
+/// Why the gateway answered a request itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// 308: this listener sends plain-HTTP clients to HTTPS.
+    #[error("moved to {location}")]
+    RedirectToHttps { location: String },
+    /// 400: the request could not be understood.
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    /// 400: an `Upgrade: websocket` request that breaks RFC 6455 §4.2.1.
+    #[error("malformed WebSocket handshake: {0}")]
+    BadHandshake(&'static str),
+    /// 426: a WebSocket version other than 13.
+    #[error("unsupported WebSocket version; this gateway speaks version 13")]
+    UnsupportedWebSocketVersion,
+    /// 404: neither the router nor a default pool took the request.
+    #[error("no route for this request")]
+    NoRoute,
+    /// 502: the server refused or dropped the connection.
+    #[error("backend {server} of pool `{pool}` is unreachable")]
+    BackendUnreachable { pool: String, server: String },
+    /// 502: the server answered the WebSocket handshake wrongly.
+    #[error("backend {server} of pool `{pool}` answered the WebSocket handshake wrongly: {reason}")]
+    BadBackendHandshake { pool: String, server: String, reason: &'static str },
+    /// 502: the TLS handshake with the server failed.
+    #[error("TLS to backend {server} of pool `{pool}` failed: {reason}")]
+    BackendTls { pool: String, server: String, reason: String },
+    /// 503: the pool has no server to take the request.
+    #[error("no healthy server in pool `{pool}`")]
+    NoHealthyServer { pool: String },
+    /// 503: the listener has as many WebSockets as it may hold.
+    #[error("listener `{listener}` is at its WebSocket capacity")]
+    AtCapacity { listener: String },
+    /// 503: a plugin failed and fails closed.
+    #[error("plugin `{plugin}` is unavailable")]
+    PluginUnavailable { plugin: String },
+    /// 504: the server took longer than the pool's `request_timeout_s`.
+    #[error("backend {server} of pool `{pool}` did not answer in time")]
+    BackendTimeout { pool: String, server: String },
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::RedirectToHttps { .. } => StatusCode::PERMANENT_REDIRECT,
+            GatewayError::BadRequest(_) | GatewayError::BadHandshake(_) => StatusCode::BAD_REQUEST,
+            GatewayError::UnsupportedWebSocketVersion => StatusCode::UPGRADE_REQUIRED,
+            GatewayError::NoRoute => StatusCode::NOT_FOUND,
+            GatewayError::BackendUnreachable { .. }
+            | GatewayError::BadBackendHandshake { .. }
+            | GatewayError::BackendTls { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::NoHealthyServer { .. }
+            | GatewayError::AtCapacity { .. }
+            | GatewayError::PluginUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The value of `x-wasmgate-error`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::RedirectToHttps { .. } => "redirect-to-https",
+            GatewayError::BadRequest(_) => "bad-request",
+            GatewayError::BadHandshake(_) => "bad-handshake",
+            GatewayError::UnsupportedWebSocketVersion => "unsupported-websocket-version",
+            GatewayError::NoRoute => "no-route",
+            GatewayError::BackendUnreachable { .. } => "backend-unreachable",
+            GatewayError::BadBackendHandshake { .. } => "bad-backend-handshake",
+            GatewayError::BackendTls { .. } => "backend-tls",
+            GatewayError::NoHealthyServer { .. } => "no-healthy-server",
+            GatewayError::AtCapacity { .. } => "at-capacity",
+            GatewayError::PluginUnavailable { .. } => "plugin-unavailable",
+            GatewayError::BackendTimeout { .. } => "backend-timeout",
+        }
+    }
+
+    /// The response a client gets. Backend addresses are not shown to clients.
+    pub fn response(&self) -> Response<ResponseBody> {
+        let body = match self {
+            GatewayError::BackendUnreachable { pool, .. } => format!("backend of pool `{pool}` is unreachable"),
+            GatewayError::BadBackendHandshake { pool, .. } => {
+                format!("backend of pool `{pool}` answered the WebSocket handshake wrongly")
+            }
+            GatewayError::BackendTimeout { pool, .. } => format!("backend of pool `{pool}` did not answer in time"),
+            GatewayError::BackendTls { pool, .. } => format!("TLS to the backend of pool `{pool}` failed"),
+            other => other.to_string(),
+        };
+        let mut response = Response::new(body::whole(body + "\n"));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        match self {
+            GatewayError::UnsupportedWebSocketVersion => {
+                headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            GatewayError::AtCapacity { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            GatewayError::RedirectToHttps { location } => {
+                if let Ok(location) = HeaderValue::from_str(location) {
+                    headers.insert(header::LOCATION, location);
+                }
+            }
+            _ => {}
+        }
+        response
+    }
+}

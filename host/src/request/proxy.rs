@@ -1,0 +1,520 @@
+//! The life of a request, one phase after another, in the order
+//! [`ListenerProxy::handle`] runs them. Each phase is a method below, in the
+//! same order; each may end the request with its [`Answer`].
+//!
+//! 1. [`handshake`](ListenerProxy::handshake): is it a WebSocket handshake,
+//!    and a valid one (400/426)?
+//! 2. [`redirect`](ListenerProxy::redirect): on a listener with
+//!    `redirect_to_https`, a plain request without a body is answered 308
+//!    to the same URL on the HTTPS listener.
+//! 3. [`head::request_head`]: the view of the request plugins get.
+//! 4. [`waf`](ListenerProxy::waf): the listener's WAF plugins, in order; a
+//!    deny answers the client.
+//! 5. [`route`](ListenerProxy::route): the router plugin (or the default
+//!    pool) picks a pool, or answers the client itself.
+//! 6. [`forward`](ListenerProxy::forward) a plain request, or
+//!    [`upgrade`](ListenerProxy::upgrade) a handshake: a healthy server of
+//!    the pool (another if it cannot be reached and the request can be sent
+//!    again, [`try_servers`](ListenerProxy::try_servers)), then its answer;
+//!    an upgrade starts the relay.
+//! 7. [`log`](ListenerProxy::log): the outcome counted in the metrics and
+//!    written to the access log.
+//!
+//! The detail of each phase lives in the file named for it; the logic here
+//! is sequencing and failure policy (`on_error`).
+
+// A phase that ends the request early returns the client's answer as its
+// error; it is moved once per request, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::HeaderValue;
+use http::{Method, Request, Response};
+use http_body_util::{Either, Empty};
+use hyper::body::Body as _;
+use hyper::body::Incoming;
+
+use super::forward;
+use super::head::{self, ConnInfo};
+use super::outcome::{Answer, Outcome};
+use super::route::Route;
+use super::validate;
+use crate::config::{ListenerConfig, OnError};
+use crate::http::{ERROR_HEADER, GatewayError, ResponseBody};
+use crate::plugin::bindings::{RequestHead, RouteDecision, Verdict};
+use crate::plugin::{PluginError, Registry};
+use crate::shutdown::{Drain, Spread};
+use crate::telemetry::access_log::{self, AccessLog, RequestEntry};
+use crate::telemetry::metrics::{
+    ConnectErrorLabels, HandshakeCounters, Histogram, ListenerLabel, Metrics, RequestCounters,
+};
+use crate::upstream::{Pool, Pools, SendError, Server};
+use crate::websocket::ClientHandshake;
+use crate::websocket::relay::RelayLimits;
+use crate::websocket::session::{self, ClientAnswer, Relaying, WebSocketLog, WebSocketSlot};
+
+/// What the gateway as a whole shares between listeners.
+pub struct Shared {
+    pub registry: Arc<Registry>,
+    pub drain: Arc<Drain>,
+    pub metrics: Arc<Metrics>,
+    /// `None` when `[log] access = "off"`.
+    pub access_log: Option<Arc<AccessLog>>,
+}
+
+/// One listener's rules under the config in force, with the pools they
+/// name. A reload replaces them whole, so a request sees one config.
+pub struct ListenerRules {
+    /// Each plugin with its call-duration histogram.
+    waf: Vec<(String, Histogram)>,
+    router: Option<(String, Histogram)>,
+    default_pool: Option<Arc<Pool>>,
+    max_websockets: usize,
+    /// Port of the HTTPS listener plain requests are redirected to.
+    redirect_to_https: Option<u16>,
+    pools: Arc<Pools>,
+    relay_limits: RelayLimits,
+    requests: RequestCounters,
+}
+
+impl ListenerRules {
+    pub fn new(
+        config: &ListenerConfig,
+        pools: Arc<Pools>,
+        relay_limits: RelayLimits,
+        redirect_to_https: Option<u16>,
+        metrics: &Metrics,
+    ) -> ListenerRules {
+        let timed = |name: &String| (name.clone(), metrics.plugin_timing(name));
+        let requests = RequestCounters::new(metrics, &config.name, pools.all().map(|p| &p.label));
+        ListenerRules {
+            requests,
+            waf: config.waf.iter().map(timed).collect(),
+            router: config.router.as_ref().map(timed),
+            default_pool: config.default_pool.as_deref().and_then(|p| pools.get(p).cloned()),
+            max_websockets: config.max_websockets,
+            redirect_to_https: if config.redirect_to_https { redirect_to_https } else { None },
+            pools,
+            relay_limits,
+        }
+    }
+}
+
+/// One listener: its rules, applied to each of its requests, and what
+/// outlives a reload (its count of live WebSockets).
+pub struct ListenerProxy {
+    pub name: String,
+    /// The name as a metrics label, and this listener's duration histogram.
+    label: Arc<str>,
+    duration: Histogram,
+    handshakes: HandshakeCounters,
+    rules: ArcSwap<ListenerRules>,
+    live_websockets: Arc<AtomicUsize>,
+    /// Set when a reload removes the listener: its WebSockets close over it.
+    removal: Arc<Spread>,
+    shared: Arc<Shared>,
+}
+
+/// The outcome of one phase that may end the request early.
+type Step<T> = Result<T, Answer>;
+
+/// What the logging phase knows of the request once its head is gone.
+struct Asked {
+    started: Instant,
+    handshake: bool,
+    /// Method and path, copied only when a log line will be written.
+    logged: Option<(Method, String)>,
+}
+
+impl ListenerProxy {
+    pub fn new(name: &str, rules: ListenerRules, shared: Arc<Shared>) -> ListenerProxy {
+        let duration = shared.metrics.request_duration.get_or_create(&ListenerLabel { listener: name.into() }).clone();
+        ListenerProxy {
+            name: name.to_owned(),
+            label: name.into(),
+            duration,
+            handshakes: HandshakeCounters::new(&shared.metrics, name),
+            rules: ArcSwap::from_pointee(rules),
+            live_websockets: Arc::new(AtomicUsize::new(0)),
+            removal: Arc::new(Spread::default()),
+            shared,
+        }
+    }
+
+    /// Applies new rules to the requests that start from now on.
+    pub fn set_rules(&self, rules: ListenerRules) {
+        self.rules.store(Arc::new(rules));
+    }
+
+    /// The listener was removed: its WebSockets close over `window`.
+    pub fn retire(&self, window: Duration) {
+        self.removal.begin(window);
+    }
+
+    /// Resolves once a reload removed this listener.
+    pub fn retired(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.removal.started()
+    }
+
+    /// WebSockets relayed for this listener now.
+    pub fn live_websockets(&self) -> usize {
+        self.live_websockets.load(Ordering::Acquire)
+    }
+
+    /// Handles one request from `client` and returns the client's response.
+    pub async fn handle(&self, req: Request<Incoming>, client: &ConnInfo) -> Response<ResponseBody> {
+        let _in_flight = self.shared.drain.request();
+        let version_1x = req.version() < http::Version::HTTP_2;
+        let asked = Asked {
+            started: Instant::now(),
+            handshake: req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT,
+            logged: (self.shared.access_log.is_some() || tracing::enabled!(tracing::Level::DEBUG))
+                .then(|| (req.method().clone(), req.uri().path().to_owned())),
+        };
+        let rules = self.rules.load_full();
+        let answer = match self.pass(&rules, req, client).await {
+            Ok(answer) | Err(answer) => answer,
+        };
+        self.log(&rules, &answer, client, asked);
+        let mut response = answer.response;
+        if self.removal.has_begun() && !matches!(answer.outcome, Outcome::Upgraded) && version_1x {
+            // The listener was removed: this is the connection's last response.
+            response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    /// Phases 1 to 6, in order.
+    async fn pass(&self, rules: &ListenerRules, req: Request<Incoming>, client: &ConnInfo) -> Step<Answer> {
+        let handshake = Self::handshake(&req)?;
+        Self::redirect(rules, &req, handshake.is_some())?;
+        let head = head::request_head(&req, client, &self.name, handshake.as_ref());
+        self.waf(rules, &head).await?;
+        let route = self.route(rules, &head).await?;
+        let answer = match handshake {
+            None => self.forward(req, &route, client).await,
+            Some(handshake) => self.upgrade(rules, req, handshake, &route, client).await,
+        };
+        answer.map_err(|error| Answer::from(error).routed_to(&route.pool))
+    }
+
+    /// Phase 1: reads the WebSocket handshake, if the request asks for one.
+    fn handshake(req: &Request<Incoming>) -> Step<Option<ClientHandshake>> {
+        Ok(ClientHandshake::from_request(req)?)
+    }
+
+    /// Phase 2: the 308 to the same URL on the HTTPS listener's port, for a
+    /// plain request without a body on a listener that redirects.
+    fn redirect(rules: &ListenerRules, req: &Request<Incoming>, handshake: bool) -> Step<()> {
+        let Some(port) = rules.redirect_to_https else { return Ok(()) };
+        if handshake || !req.body().is_end_stream() {
+            return Ok(());
+        }
+        let authority = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let host = match authority.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => authority,
+        };
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let location =
+            if port == 443 { format!("https://{host}{target}") } else { format!("https://{host}:{port}{target}") };
+        Err(GatewayError::RedirectToHttps { location }.into())
+    }
+
+    /// Phase 4: runs the WAF plugins in order; the first deny ends the request.
+    async fn waf(&self, rules: &ListenerRules, head: &RequestHead) -> Step<()> {
+        for (name, timing) in &rules.waf {
+            let registry = &self.shared.registry;
+            let Some(plugin) = registry.get(name) else {
+                let error = PluginError::Missing { plugin: name.clone() };
+                self.plugin_failed(error, registry.missing_policy(name))?;
+                continue;
+            };
+            let policy = plugin.limits.on_error;
+            let started = Instant::now();
+            let verdict = plugin.inspect(head).await;
+            timing.observe(started.elapsed());
+            let denial = match verdict {
+                Ok(Verdict::Allow) => continue,
+                Ok(Verdict::Deny(denial)) => denial,
+                Err(error) => {
+                    self.plugin_failed(error, policy)?;
+                    continue;
+                }
+            };
+            match validate::response(name, denial) {
+                Ok(mut response) => {
+                    response.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static("waf-deny"));
+                    return Err(Answer::new(response, Outcome::WafDenied));
+                }
+                Err(error) => {
+                    plugin.record_failure(&error);
+                    self.plugin_failed(error, policy)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Phase 5: asks the router plugin (if any) where the request goes.
+    async fn route(&self, rules: &ListenerRules, head: &RequestHead) -> Step<Route> {
+        let Some((name, timing)) = &rules.router else {
+            return Self::default_route(rules);
+        };
+        let registry = &self.shared.registry;
+        let Some(plugin) = registry.get(name) else {
+            let error = PluginError::Missing { plugin: name.clone() };
+            return self.router_failed(rules, error, registry.missing_policy(name));
+        };
+        let policy = plugin.limits.on_error;
+        let started = Instant::now();
+        let decision = plugin.route(head).await;
+        timing.observe(started.elapsed());
+        let decided = match decision {
+            Ok(RouteDecision::Forward(upstream)) => validate::upstream(name, upstream, &rules.pools).map(Ok),
+            Ok(RouteDecision::Respond(response)) => {
+                validate::response(name, response).map(|r| Err(Answer::new(r, Outcome::PluginAnswered)))
+            }
+            Ok(RouteDecision::NoRoute) => return Self::default_route(rules),
+            Err(error) => return self.router_failed(rules, error, policy),
+        };
+        match decided {
+            Ok(step) => step,
+            Err(error) => {
+                plugin.record_failure(&error);
+                self.router_failed(rules, error, policy)
+            }
+        }
+    }
+
+    /// A failed router fails open only if there is a default pool to open to.
+    fn router_failed(&self, rules: &ListenerRules, error: PluginError, policy: OnError) -> Step<Route> {
+        let policy = if rules.default_pool.is_some() { policy } else { OnError::Deny };
+        self.plugin_failed(error, policy)?;
+        Self::default_route(rules)
+    }
+
+    fn default_route(rules: &ListenerRules) -> Step<Route> {
+        match &rules.default_pool {
+            Some(pool) => Ok(Route::to_pool(pool.clone())),
+            None => Err(GatewayError::NoRoute.into()),
+        }
+    }
+
+    /// Applies a failed plugin's policy: `deny` ends the request with 503
+    /// `plugin-unavailable`; `allow` lets it go on (a WAF is skipped, a router
+    /// falls back to the default pool).
+    fn plugin_failed(&self, error: PluginError, policy: OnError) -> Step<()> {
+        match policy {
+            OnError::Allow => {
+                tracing::warn!(listener = %self.name, %error, "plugin failed; failing open");
+                Ok(())
+            }
+            OnError::Deny => {
+                tracing::warn!(listener = %self.name, %error, "plugin failed; failing closed");
+                Err(GatewayError::PluginUnavailable { plugin: error.plugin().to_owned() }.into())
+            }
+        }
+    }
+
+    /// Phase 6 for a plain request. Without a body it can be sent again to
+    /// another server if the first cannot be reached.
+    async fn forward(&self, req: Request<Incoming>, route: &Route, client: &ConnInfo) -> Result<Answer, GatewayError> {
+        let (mut parts, body) = req.into_parts();
+        forward::prepare_upstream(&mut parts, route, client)?;
+        let replayable = body.is_end_stream();
+        let idempotent = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        );
+        let mut body = (!replayable).then_some(body);
+        let timeout = route.pool.request_timeout;
+        let forwarder = &route.pool.forwarder;
+        let attempt = |server: Arc<Server>| {
+            let body = match body.take() {
+                Some(body) => Either::Left(body),
+                None => Either::Right(Empty::new()),
+            };
+            let head = forward::copy_head(&parts);
+            async move {
+                let _active = server.begin();
+                forwarder.send(head, body, &server.address, timeout).await
+            }
+        };
+        let (response, server) = self.try_servers(route, replayable && idempotent, attempt).await?;
+        Ok(Answer::served(response, Outcome::Served, &route.pool, server))
+    }
+
+    /// Phase 6 for a WebSocket handshake: a place under the listener's cap,
+    /// the handshake to a server (another if it cannot be reached), then the
+    /// client's answer and the relay.
+    async fn upgrade(
+        &self,
+        rules: &ListenerRules,
+        mut req: Request<Incoming>,
+        handshake: ClientHandshake,
+        route: &Route,
+        client: &ConnInfo,
+    ) -> Result<Answer, GatewayError> {
+        let slot = WebSocketSlot::try_take(&self.live_websockets, rules.max_websockets)
+            .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() })?;
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let log = self.shared.access_log.clone().map(|access| WebSocketLog {
+            access,
+            client: client.addr,
+            path: req.uri().path().to_owned(),
+        });
+        let (mut parts, _body) = req.into_parts();
+        forward::prepare_upstream(&mut parts, route, client)?;
+        let (timeout, tls) = (route.pool.request_timeout, route.pool.tls.as_ref());
+        let attempt = |server: Arc<Server>| {
+            let (head, handshake) = (forward::copy_head(&parts), &handshake);
+            async move {
+                // Counted on its server from the handshake on (least-connections).
+                let active = server.begin();
+                let answer = handshake.send(head, &server.address, tls, timeout).await;
+                answer.map(|response| (response, active))
+            }
+        };
+        let ((response, active), server) = self.try_servers(route, true, attempt).await?;
+        let relaying = Relaying {
+            client_upgrade,
+            handshake,
+            server: server.clone(),
+            active,
+            limits: rules.relay_limits,
+            slot,
+            drain: self.shared.drain.clone(),
+            listener_removal: self.removal.clone(),
+            metrics: self.shared.metrics.clone(),
+            listener: self.label.clone(),
+            log,
+        };
+        Ok(match session::answer(response, relaying)? {
+            ClientAnswer::Upgraded(response) => Answer::served(response, Outcome::Upgraded, &route.pool, server),
+            ClientAnswer::Declined(response) => Answer::served(response, Outcome::Served, &route.pool, server),
+        })
+    }
+
+    /// Phase 6's choice of server: picks a healthy one and sends to it. A
+    /// server that cannot be connected to is marked unhealthy and, if
+    /// `retryable` (nothing reached any server and the request can be sent
+    /// again), another is tried, up to the pool's `retries`.
+    async fn try_servers<T, F, Fut>(
+        &self,
+        route: &Route,
+        retryable: bool,
+        mut attempt: F,
+    ) -> Result<(T, Arc<Server>), GatewayError>
+    where
+        F: FnMut(Arc<Server>) -> Fut,
+        Fut: Future<Output = Result<T, SendError>>,
+    {
+        let pool = &route.pool;
+        let mut tried: Vec<Arc<Server>> = Vec::new();
+        let mut last_error = None;
+        loop {
+            let Some(server) = pool.pick(route.affinity_key.as_deref(), &tried) else {
+                // Nothing (else) to try: the last failure, or no server at all.
+                return Err(last_error.unwrap_or_else(|| GatewayError::NoHealthyServer { pool: pool.name.clone() }));
+            };
+            let may_retry = retryable && tried.len() < pool.retries as usize;
+            let unreachable =
+                GatewayError::BackendUnreachable { pool: pool.name.clone(), server: server.address.clone() };
+            let outcome = attempt(server.clone()).await;
+            if let Err(error) = &outcome {
+                let kind = match error {
+                    SendError::Connect(_) => Some("connect"),
+                    SendError::Tls(_) => Some("tls"),
+                    SendError::Timeout => Some("timeout"),
+                    SendError::Failed(_) => None,
+                };
+                if let Some(kind) = kind {
+                    let labels = ConnectErrorLabels { pool: pool.label.clone(), kind };
+                    self.shared.metrics.upstream_errors.get_or_create(&labels).inc();
+                }
+            }
+            match outcome {
+                Ok(value) => return Ok((value, server)),
+                Err(SendError::Timeout) => {
+                    return Err(GatewayError::BackendTimeout {
+                        pool: pool.name.clone(),
+                        server: server.address.clone(),
+                    });
+                }
+                Err(SendError::Tls(reason)) => {
+                    tracing::warn!(pool = %pool.name, server = %server.address, %reason, "TLS to the server failed");
+                    return Err(GatewayError::BackendTls {
+                        pool: pool.name.clone(),
+                        server: server.address.clone(),
+                        reason,
+                    });
+                }
+                Err(SendError::Connect(error)) => {
+                    tracing::warn!(pool = %pool.name, server = %server.address, %error, retry = may_retry, "connect failed");
+                    server.connect_failed(&error);
+                }
+                Err(SendError::Failed(error)) => {
+                    tracing::warn!(pool = %pool.name, server = %server.address, %error, retry = may_retry, "upstream request failed");
+                }
+            }
+            if !may_retry {
+                return Err(unreachable);
+            }
+            last_error = Some(unreachable);
+            tried.push(server);
+        }
+    }
+
+    /// Phase 7: counts the answer in the metrics and writes its access-log
+    /// line (and a debug line).
+    fn log(&self, rules: &ListenerRules, answer: &Answer, client: &ConnInfo, asked: Asked) {
+        let elapsed = asked.started.elapsed();
+        let status = answer.response.status().as_u16();
+        let pool = answer.pool.as_ref().map_or("", |p| p.name.as_str());
+        let metrics = &self.shared.metrics;
+        rules.requests.count(pool, status);
+        self.duration.observe(elapsed);
+        metrics.answered.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            metrics.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        if asked.handshake {
+            self.handshakes.count(answer.outcome.handshake_result());
+        }
+        let Some((method, path)) = &asked.logged else { return };
+        let error = answer.outcome.error_code();
+        if let Some(access_log) = &self.shared.access_log {
+            access_log.request(&RequestEntry {
+                listener: &self.name,
+                client: client.addr,
+                method: method.as_str(),
+                path,
+                status,
+                pool,
+                server: answer.server.as_ref().map_or("", |s| s.address.as_str()),
+                duration_ms: access_log::millis(elapsed),
+                bytes: answer.response.body().size_hint().exact(),
+                error,
+            });
+        }
+        tracing::debug!(
+            listener = %self.name,
+            %method,
+            %path,
+            status,
+            error = error.unwrap_or(""),
+            elapsed_us = elapsed.as_micros() as u64,
+            "request"
+        );
+    }
+}

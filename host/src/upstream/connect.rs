@@ -1,0 +1,163 @@
+//! Connections to backend servers, by address: one-off HTTP/1.1 connections
+//! (plain or TLS) for WebSocket handshakes and probes, and the pooled client
+//! plain requests are forwarded with.
+//!
+//! Everything here takes a server's `host:port`, never a pool's `Server`:
+//! what a failure means for the server's health is decided by the caller.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::tls::{PoolTls, is_tls_error};
+use crate::http::ResponseBody;
+use crate::http::headers::remove_hop_by_hop;
+
+/// How long a connection to a server may take to open (at most): a server
+/// that does not answer the connection is skipped like one that refuses it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connect timeout of a pool: 5 s, or less if its request timeout is.
+pub fn connect_timeout(request_timeout: Duration) -> Duration {
+    CONNECT_TIMEOUT.min(request_timeout / 2)
+}
+
+/// Why one attempt to send to a server failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection: nothing reached the server.
+    Connect(String),
+    /// The server did not answer within the pool's `request_timeout_s`.
+    Timeout,
+    /// The connection broke after the request may have reached the server.
+    Failed(String),
+    /// The TLS handshake with the server failed (certificate, name, protocol).
+    Tls(String),
+}
+
+/// A byte stream to a server, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Opens a connection to `address` (TLS if `tls` is set) for an HTTP/1.1
+/// exchange: a WebSocket handshake or a probe.
+pub async fn connect(
+    address: &str,
+    tls: Option<&PoolTls>,
+    connect_timeout: Duration,
+) -> Result<Box<dyn Io>, SendError> {
+    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(address)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
+        Err(_) => return Err(SendError::Connect(format!("no connection within {connect_timeout:?}"))),
+    };
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(Box::new(stream));
+    };
+    let name = tls.name_for(address).map_err(SendError::Tls)?;
+    let connector = TlsConnector::from(tls.http1_config.clone());
+    match connector.connect(name, stream).await {
+        Ok(stream) => Ok(Box::new(stream)),
+        Err(e) => Err(SendError::Tls(error_chain(&e))),
+    }
+}
+
+/// The body of a forwarded request: the client's, or none (for requests
+/// without one, so they can be sent again to another server).
+pub type ForwardBody = Either<Incoming, Empty<Bytes>>;
+
+/// The pooled client a pool's plain requests are forwarded with.
+#[derive(Debug)]
+pub enum Forwarder {
+    Plain(Client<HttpConnector, ForwardBody>),
+    /// HTTP/1.1 or HTTP/2 (by ALPN) over TLS.
+    Tls(Client<HttpsConnector<HttpConnector>, ForwardBody>),
+}
+
+impl Forwarder {
+    /// A client for a pool with these TLS settings (`None`: plain HTTP/1.1).
+    pub fn new(tls: Option<&PoolTls>, connect_timeout: Duration) -> Forwarder {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let builder = Client::builder(TokioExecutor::new());
+        let Some(tls) = tls else {
+            return Forwarder::Plain(builder.build(connector));
+        };
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((*tls.config).clone()).https_only();
+        let https = match &tls.server_name {
+            Some(name) => https.with_server_name_resolver(FixedServerNameResolver::new(name.clone())),
+            None => https,
+        };
+        Forwarder::Tls(builder.build(https.enable_all_versions().wrap_connector(connector)))
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self {
+            Forwarder::Plain(_) => "http",
+            Forwarder::Tls(_) => "https",
+        }
+    }
+
+    /// Sends a request head made for upstream (origin-form target) to the
+    /// server at `address` and returns its response head, hop-by-hop headers
+    /// removed, the body still streaming.
+    pub async fn send(
+        &self,
+        mut parts: Parts,
+        body: ForwardBody,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<Response<ResponseBody>, SendError> {
+        parts.uri = absolute(&parts.uri, self.scheme(), address).map_err(|e| SendError::Failed(e.to_string()))?;
+        let request = Request::from_parts(parts, body);
+        let sent = async {
+            match self {
+                Forwarder::Plain(client) => client.request(request).await,
+                Forwarder::Tls(client) => client.request(request).await,
+            }
+        };
+        let response = match tokio::time::timeout(timeout, sent).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) if is_tls_error(&err) => return Err(SendError::Tls(error_chain(&err))),
+            Ok(Err(err)) if err.is_connect() => return Err(SendError::Connect(error_chain(&err))),
+            Ok(Err(err)) => return Err(SendError::Failed(error_chain(&err))),
+            Err(_) => return Err(SendError::Timeout),
+        };
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+}
+
+/// `uri` (origin-form) made absolute for the server at `address`.
+fn absolute(uri: &Uri, scheme: &str, address: &str) -> Result<Uri, http::Error> {
+    let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder().scheme(scheme).authority(address).path_and_query(path).build()
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

@@ -1,0 +1,205 @@
+//! A WebSocket session after the server's answer: the place it holds under
+//! its listener's cap, the client's answer (101, or 200 over HTTP/2), and the
+//! background task that relays both upgraded connections until they close,
+//! then counts and logs the session.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http::header;
+use http::{Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::handshake::{ClientHandshake, check_server_handshake};
+use super::relay::{self, CloseReason, EndCause, RelayLimits};
+use crate::http::headers::remove_hop_by_hop;
+use crate::http::{GatewayError, ResponseBody};
+use crate::shutdown::{Drain, Spread};
+use crate::telemetry::access_log::{self, AccessLog, WebSocketEntry};
+use crate::telemetry::metrics::{DirectionLabel, ListenerPoolLabels, Metrics, ReasonLabel};
+use crate::upstream::Server;
+use crate::upstream::pool::ActiveGuard;
+
+/// A held place in a listener's WebSocket capacity, given back on drop.
+pub struct WebSocketSlot {
+    live: Arc<AtomicUsize>,
+}
+
+impl WebSocketSlot {
+    /// Takes a place if fewer than `max` WebSockets are live.
+    pub fn try_take(live: &Arc<AtomicUsize>, max: usize) -> Option<WebSocketSlot> {
+        live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(WebSocketSlot { live: live.clone() })
+    }
+}
+
+impl Drop for WebSocketSlot {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a successful upgrade needs to keep while it relays.
+pub struct Relaying {
+    pub client_upgrade: OnUpgrade,
+    pub handshake: ClientHandshake,
+    pub server: Arc<Server>,
+    /// Counts the connection on its server (for least-connections) from the
+    /// handshake until the relay ends.
+    pub active: ActiveGuard,
+    pub limits: RelayLimits,
+    pub slot: WebSocketSlot,
+    /// Shutdown: when it drains, this WebSocket gets its Close.
+    pub drain: Arc<Drain>,
+    /// Set when a reload removes the listener.
+    pub listener_removal: Arc<Spread>,
+    pub metrics: Arc<Metrics>,
+    /// The listener's name, as a metrics label.
+    pub listener: Arc<str>,
+    /// Set when the access log is on.
+    pub log: Option<WebSocketLog>,
+}
+
+/// Holds a gauge one higher while it lives.
+struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn up(gauge: Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The client's answer to its handshake.
+pub enum ClientAnswer {
+    /// The server upgraded: the client gets its 101 (200 over HTTP/2) and
+    /// the relay runs in the background.
+    Upgraded(Response<ResponseBody>),
+    /// The server declined the upgrade: its answer is the client's.
+    Declined(Response<ResponseBody>),
+}
+
+/// What the access log line of a WebSocket needs beyond the relay's end.
+pub struct WebSocketLog {
+    pub access: Arc<AccessLog>,
+    pub client: std::net::SocketAddr,
+    pub path: String,
+}
+
+/// Turns the server's answer into the client's: a 101 (after checking the
+/// accept key) with the relay started in the background, or the server's
+/// own refusal passed through.
+pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<ClientAnswer, GatewayError> {
+    let Relaying {
+        client_upgrade,
+        handshake,
+        server,
+        active,
+        limits,
+        slot,
+        drain,
+        listener_removal,
+        metrics,
+        listener,
+        log,
+    } = relaying;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The server declined the upgrade: its answer is the client's answer.
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::UPGRADE);
+        return Ok(ClientAnswer::Declined(Response::from_parts(parts, Either::Left(body))));
+    }
+    if let Err(reason) = check_server_handshake(response.headers(), &handshake) {
+        return Err(GatewayError::BadBackendHandshake {
+            pool: server.pool.clone(),
+            server: server.address.clone(),
+            reason,
+        });
+    }
+
+    let server_upgrade = hyper::upgrade::on(&mut response);
+    let mut answer = Response::new(Either::Right(Default::default()));
+    *answer.headers_mut() = response.headers().clone();
+    if handshake.over_h2 {
+        // RFC 8441: a 200 opens the stream; HTTP/2 has no connection-level
+        // headers and no accept key.
+        *answer.status_mut() = StatusCode::OK;
+        let headers = answer.headers_mut();
+        remove_hop_by_hop(headers);
+        headers.remove(header::UPGRADE);
+        headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+    } else {
+        *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    }
+
+    tokio::spawn(async move {
+        let _slot = slot;
+        let _active = active;
+        let (client_io, server_io) = match tokio::try_join!(client_upgrade, server_upgrade) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(pool = %server.pool, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let _live = drain.websocket();
+        let _on_server = server.websocket();
+        let started = std::time::Instant::now();
+        let labels = ListenerPoolLabels { listener: listener.clone(), pool: server.pool.as_str().into() };
+        let _counted = GaugeGuard::up(metrics.websockets.get_or_create(&labels).clone());
+        let (ejected, drained) = (server.ejected(), drain.my_turn());
+        let (server_removed, listener_removed) = (server.removed(), listener_removal.my_turn());
+        let stop = async move {
+            tokio::select! {
+                _ = ejected => CloseReason::ServerUnhealthy,
+                _ = drained => CloseReason::Shutdown,
+                _ = server_removed => CloseReason::Removed,
+                _ = listener_removed => CloseReason::Removed,
+            }
+        };
+        let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, stop).await;
+        let reason = end.cause.label();
+        metrics.websocket_closes.get_or_create(&ReasonLabel { reason }).inc();
+        metrics
+            .relayed_bytes
+            .get_or_create(&DirectionLabel { direction: "client_to_server" })
+            .inc_by(end.client_to_server);
+        metrics
+            .relayed_bytes
+            .get_or_create(&DirectionLabel { direction: "server_to_client" })
+            .inc_by(end.server_to_client);
+        let (pool, address) = (&server.pool, &server.address);
+        let (up, down) = (end.client_to_server, end.server_to_client);
+        if let Some(log) = log {
+            log.access.websocket(&WebSocketEntry {
+                listener: &listener,
+                client: log.client,
+                path: &log.path,
+                pool,
+                server: address,
+                duration_ms: access_log::millis(started.elapsed()),
+                client_to_server: up,
+                server_to_client: down,
+                close: reason,
+            });
+        }
+        match &end.cause {
+            EndCause::Error(e) => {
+                tracing::debug!(%pool, server = %address, error = %e, up, down, "websocket relay error")
+            }
+            _ => tracing::debug!(%pool, server = %address, reason, up, down, "websocket closed"),
+        }
+    });
+    Ok(ClientAnswer::Upgraded(answer))
+}

@@ -1,0 +1,259 @@
+//! The admin listener: liveness, readiness that turns false while draining,
+//! and a status document that matches the live state.
+
+use std::time::Duration;
+
+use crate::common::*;
+use http::StatusCode;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_live_state_and_readyz_turns_false_while_draining() {
+    let app = Backend::start("app").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"handshake-guard\"]\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\", \"{closed}\"]\n\
+         [pool.probe]\ninterval_s = 0.2\ntimeout_s = 0.1\nunhealthy_threshold = 1\n",
+        app.addr
+    );
+    let plugins = PluginDir::new().add("handshake-guard", "handshake-guard", "");
+    let gateway = start_gateway(&config, &plugins).await;
+    let admin = gateway.admin_addr().expect("admin listener");
+    let closed_text = closed.to_string();
+    wait_until("the closed server marked down", Duration::from_secs(3), || {
+        gateway.pool("app").unwrap().servers.iter().any(|s| s.address == closed_text && !s.is_healthy())
+    })
+    .await;
+    let (_a, _) = ws_connect(web(&gateway), "/ws", &[]).await;
+    let (_b, _) = ws_connect(web(&gateway), "/ws", &[]).await;
+
+    assert_eq!(get(admin, "/healthz").await.status, StatusCode::OK);
+    assert_eq!(get(admin, "/readyz").await.status, StatusCode::OK);
+    let status: serde_json::Value = serde_json::from_str(&get(admin, "/status").await.body).expect("JSON");
+    assert_eq!(status["listeners"][0]["name"], "web");
+    assert_eq!(status["listeners"][0]["addr"], web(&gateway).to_string());
+    assert_eq!(status["websockets"], 2);
+    let servers = status["pools"][0]["servers"].as_array().unwrap();
+    let server = |addr: &str| servers.iter().find(|s| s["address"] == addr).unwrap().clone();
+    assert_eq!(server(&app.addr.to_string())["healthy"], true);
+    assert_eq!(server(&app.addr.to_string())["active"], 2, "the two WebSockets");
+    assert_eq!(server(&closed_text)["healthy"], false);
+    assert!(server(&closed_text)["last_reason"].as_str().unwrap().contains("connect"), "{status}");
+    let plugin = &status["plugins"][0];
+    assert_eq!(plugin["name"], "handshake-guard");
+    assert_eq!(plugin["kind"], "waf");
+    assert_eq!(plugin["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(plugin["version"], 1);
+    assert_eq!(plugin["calls"], 2, "one call per handshake");
+
+    gateway.drain().await;
+    let ready = get(admin, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "not ready while draining");
+    assert_eq!(get(admin, "/healthz").await.status, StatusCode::OK, "still alive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_guards_every_admin_endpoint() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new();
+    let token = plugins.path().join("admin-token");
+    std::fs::write(&token, "s3cret+/token=\n").unwrap();
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        token.display(),
+        app.addr
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    let admin = gateway.admin_addr().unwrap();
+    assert_eq!(get(admin, "/status").await.status, StatusCode::UNAUTHORIZED);
+    let wrong = request(admin, "GET", "/status", &[("authorization", "Bearer nope")], vec![]).await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let right = request(admin, "GET", "/status", &[("authorization", "Bearer s3cret+/token=")], vec![]).await;
+    assert_eq!(right.status, StatusCode::OK);
+    // A browser passes it percent-encoded in the query (the dashboard does).
+    assert_eq!(get(admin, "/status?access_token=s3cret%2B%2Ftoken%3D").await.status, StatusCode::OK);
+    assert_eq!(get(admin, "/status?access_token=s3cret").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(get(admin, "/status?access_token=").await.status, StatusCode::UNAUTHORIZED);
+
+    // An empty token file would guard nothing: the gateway refuses to start.
+    std::fs::write(&token, "\n").unwrap();
+    let mut config = wasmgate::Config::from_toml(std::path::Path::new("test.toml"), &config).unwrap();
+    config.plugins.dir = plugins.path().to_owned();
+    let error = wasmgate::Gateway::start(config).await.err().expect("refused").to_string();
+    assert!(error.contains("is empty"), "{error}");
+}
+
+/// A metric's value from a parsed scrape: the sum of the samples named
+/// `name` whose labels include all of `labels` (there must be one); for a
+/// histogram, its count of observations.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus_parse::Value;
+    let matching =
+        scrape.samples.iter().filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
+    let (mut sum, mut histogram_count, mut found) = (0.0, 0.0f64, false);
+    for s in matching {
+        found = true;
+        match &s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => sum += v,
+            // One sample per bucket line, each holding the cumulative counts.
+            Value::Histogram(buckets) => {
+                histogram_count = buckets.iter().map(|b| b.count).fold(histogram_count, f64::max)
+            }
+            Value::Summary(_) => panic!("no summaries here"),
+        }
+    }
+    assert!(found, "no sample {name} with {labels:?}");
+    sum + histogram_count
+}
+
+async fn scrape(admin: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    let got = get(admin, "/metrics").await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(got.header("content-type").unwrap().starts_with("application/openmetrics-text"));
+    assert!(got.body.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    prometheus_parse::Scrape::parse(got.body.lines().map(|l| Ok(l.to_owned()))).expect("a valid exposition")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_the_traffic_says() {
+    let app = Backend::start("app").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nwaf = [\"guard\"]\nrouter = \"router\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n\
+         [[pool]]\nname = \"dead\"\nservers = [\"{closed}\"]\n[pool.probe]\ninterval_s = 60\n",
+        app.addr
+    );
+    let plugins = PluginDir::new().add("guard", "handshake-guard", "[config]\ndeny_paths = \"/blocked*\"\n").add(
+        "router",
+        "path-router",
+        "[config]\nroutes = \"\"\"\n* /dead pool=dead\n* / pool=app\n\"\"\"\n",
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    let (admin, web) = (gateway.admin_addr().unwrap(), web(&gateway));
+
+    for _ in 0..5 {
+        assert_eq!(get(web, "/hello").await.status, StatusCode::OK);
+    }
+    for _ in 0..2 {
+        assert_eq!(get(web, "/blocked").await.status, StatusCode::FORBIDDEN);
+    }
+    assert_eq!(get(web, "/dead").await.status, StatusCode::BAD_GATEWAY);
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(ws_connect(web, "/ws", &[]).await.0);
+    }
+    assert_eq!(ws_refused(web, "/blocked-ws", &[]).await.status, StatusCode::FORBIDDEN);
+    // One WebSocket carries a message and is closed by its client.
+    let mut first = sockets.remove(0);
+    futures_util::SinkExt::send(&mut first, tokio_tungstenite::tungstenite::Message::text("twelve bytes"))
+        .await
+        .unwrap();
+    next_message(&mut first).await;
+    first.close(None).await.unwrap();
+    while futures_util::StreamExt::next(&mut first).await.is_some() {}
+    drop(first);
+    wait_until("the closed WebSocket counted", Duration::from_secs(3), || {
+        gateway.pool("app").unwrap().servers[0].active() == 2
+    })
+    .await;
+
+    let m = scrape(admin).await;
+    let web_app = [("listener", "web"), ("pool", "app")];
+    assert_eq!(sample(&m, "wasmgate_requests_total", &[web_app[0], web_app[1], ("class", "2xx")]), 5.0);
+    assert_eq!(
+        sample(&m, "wasmgate_requests_total", &[("pool", ""), ("class", "4xx")]),
+        3.0,
+        "2 GET + 1 handshake denied"
+    );
+    assert_eq!(sample(&m, "wasmgate_requests_total", &[("pool", "dead"), ("class", "5xx")]), 1.0);
+    assert_eq!(sample(&m, "wasmgate_request_duration_seconds", &[("listener", "web")]), 12.0, "every request timed");
+    assert_eq!(sample(&m, "wasmgate_upstream_connect_errors_total", &[("pool", "dead"), ("kind", "connect")]), 1.0);
+    assert_eq!(sample(&m, "wasmgate_websocket_handshakes_total", &[("result", "upgraded")]), 3.0);
+    assert_eq!(sample(&m, "wasmgate_websocket_handshakes_total", &[("result", "waf_denied")]), 1.0);
+    assert_eq!(sample(&m, "wasmgate_websockets_active", &web_app), 2.0);
+    assert_eq!(sample(&m, "wasmgate_websocket_closes_total", &[("reason", "client")]), 1.0);
+    let up = sample(&m, "wasmgate_websocket_relayed_bytes_total", &[("direction", "client_to_server")]);
+    let down = sample(&m, "wasmgate_websocket_relayed_bytes_total", &[("direction", "server_to_client")]);
+    // A masked 12-byte message and the Close went up; greeting, echo and Close came down.
+    assert!((18.0..100.0).contains(&up) && (30.0..100.0).contains(&down), "up {up}, down {down}");
+    assert_eq!(sample(&m, "wasmgate_plugin_calls_total", &[("plugin", "guard")]), 12.0);
+    assert_eq!(sample(&m, "wasmgate_plugin_calls_total", &[("plugin", "router")]), 9.0, "not for WAF denials");
+    assert_eq!(sample(&m, "wasmgate_plugin_call_duration_seconds", &[("plugin", "guard")]), 12.0);
+    assert_eq!(sample(&m, "wasmgate_plugin_errors_total", &[("plugin", "guard")]), 0.0);
+    let healthy =
+        |pool: &str, addr: String| sample(&m, "wasmgate_server_healthy", &[("pool", pool), ("server", &addr)]);
+    assert_eq!(healthy("app", app.addr.to_string()), 1.0);
+    assert_eq!(healthy("dead", closed.to_string()), 0.0, "a refused connection marks it down");
+    assert_eq!(sample(&m, "wasmgate_config_version", &[]), 1.0);
+    assert_eq!(sample(&m, "wasmgate_reloads_total", &[]), 0.0, "starting is not a reload");
+
+    // /status agrees with the metrics.
+    let status: serde_json::Value = serde_json::from_str(&get(admin, "/status").await.body).unwrap();
+    assert_eq!(status["websockets"], 2);
+    assert_eq!(status["listeners"][0]["websockets"], 2);
+    assert_eq!(status["config_version"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_request_and_per_closed_websocket() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("guard", "handshake-guard", "[config]\ndeny_paths = \"/blocked*\"\n");
+    let lines = |file: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(file).unwrap_or_default().lines().map(str::to_owned).collect()
+    };
+    for format in ["json", "text"] {
+        let file = plugins.path().join(format!("access-{format}.log"));
+        let config = format!(
+            "[log]\naccess = \"{format}\"\naccess_file = \"{}\"\n\
+             [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"guard\"]\n\
+             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+            file.display(),
+            app.addr
+        );
+        let gateway = start_gateway(&config, &plugins).await;
+        let web = web(&gateway);
+        assert_eq!(get(web, "/hello?x=1").await.status, StatusCode::OK);
+        assert_eq!(get(web, "/blocked").await.status, StatusCode::FORBIDDEN);
+        let (mut ws, _) = ws_connect(web, "/ws/chat", &[]).await;
+        futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::text("hi")).await.unwrap();
+        next_message(&mut ws).await;
+        ws.close(None).await.unwrap();
+        while futures_util::StreamExt::next(&mut ws).await.is_some() {}
+        drop(ws);
+        wait_until("four access lines", Duration::from_secs(5), || lines(&file).len() >= 4).await;
+        let lines = lines(&file);
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        if format == "text" {
+            assert!(lines[0].contains(" web 127.0.0.1:") && lines[0].contains("\"GET /hello\" 200"), "{}", lines[0]);
+            assert!(lines[1].contains("\"GET /blocked\" 403") && lines[1].contains("error=waf-deny"), "{}", lines[1]);
+            assert!(lines[3].contains("\"WEBSOCKET /ws/chat\"") && lines[3].contains("close=client"), "{}", lines[3]);
+            continue;
+        }
+        let json: Vec<serde_json::Value> =
+            lines.iter().map(|l| serde_json::from_str(l).expect("one JSON object a line")).collect();
+        let hello = &json[0];
+        assert_eq!(
+            (hello["kind"].as_str(), hello["method"].as_str(), hello["path"].as_str()),
+            (Some("request"), Some("GET"), Some("/hello"))
+        );
+        assert_eq!((hello["status"].as_u64(), hello["pool"].as_str()), (Some(200), Some("app")));
+        assert_eq!(hello["server"], app.addr.to_string());
+        assert_eq!(hello["listener"], "web");
+        assert!(hello["bytes"].as_u64().unwrap() > 10 && hello["duration_ms"].as_f64().unwrap() > 0.0);
+        assert!(hello["time"].as_str().unwrap().starts_with("20"), "RFC 3339: {hello}");
+        assert_eq!(
+            (json[1]["status"].as_u64(), json[1]["error"].as_str(), json[1]["pool"].as_str()),
+            (Some(403), Some("waf-deny"), Some(""))
+        );
+        assert_eq!((json[2]["status"].as_u64(), json[2]["path"].as_str()), (Some(101), Some("/ws/chat")));
+        let closed = &json[3];
+        assert_eq!((closed["kind"].as_str(), closed["close"].as_str()), (Some("websocket"), Some("client")));
+        assert_eq!((closed["path"].as_str(), closed["pool"].as_str()), (Some("/ws/chat"), Some("app")));
+        assert!(closed["client_to_server"].as_u64().unwrap() > 0 && closed["server_to_client"].as_u64().unwrap() > 0);
+    }
+}

@@ -1,0 +1,105 @@
+//! The `wasmgate` command as an operator uses it.
+
+use std::process::Command;
+
+use crate::common::*;
+
+fn wasmgate(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmgate")).args(args).output().expect("run wasmgate");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn write_config(dir: &std::path::Path, text: &str) -> String {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+const CONFIG: &str = r#"
+[plugins]
+dir = "."
+
+[[listener]]
+name = "web"
+bind = "127.0.0.1:0"
+waf = ["handshake-guard"]
+router = "path-router"
+
+[[pool]]
+name = "app"
+servers = ["127.0.0.1:9001"]
+"#;
+
+#[test]
+fn check_accepts_a_good_config_and_lists_its_plugins() {
+    let plugins = PluginDir::new().add("path-router", "path-router", "[config]\nroutes = \"* / pool=app\"\n").add(
+        "handshake-guard",
+        "handshake-guard",
+        "",
+    );
+    let path = write_config(plugins.path(), CONFIG);
+    let (ok, out) = wasmgate(&["check", "--config", &path]);
+    assert!(ok, "{out}");
+    assert!(out.contains("plugin path-router (router)"), "{out}");
+    assert!(out.contains("plugin handshake-guard (waf)"), "{out}");
+}
+
+#[test]
+fn check_names_file_line_and_key_of_a_bad_config() {
+    let plugins = PluginDir::new();
+    let path = write_config(plugins.path(), &format!("{CONFIG}\n[websocket]\nidle_timeout = 5\n"));
+    let (ok, out) = wasmgate(&["check", "--config", &path]);
+    assert!(!ok);
+    assert!(out.contains("gateway.toml"), "{out}");
+    assert!(out.contains("line 16"), "{out}");
+    assert!(out.contains("idle_timeout"), "{out}");
+}
+
+#[test]
+fn check_refuses_a_plugin_used_in_the_wrong_role() {
+    let plugins =
+        PluginDir::new().add("path-router", "handshake-guard", "").add("handshake-guard", "handshake-guard", "");
+    let path = write_config(plugins.path(), CONFIG);
+    let (ok, out) = wasmgate(&["check", "--config", &path]);
+    assert!(!ok);
+    assert!(out.contains("listener[0].router"), "{out}");
+    assert!(out.contains("is a waf plugin"), "{out}");
+    assert!(out.contains("uses `path-router` as a router"), "{out}");
+}
+
+#[test]
+fn check_refuses_a_missing_or_broken_plugin_with_the_reason() {
+    let plugins = PluginDir::new().add("handshake-guard", "handshake-guard", "");
+    std::fs::write(plugins.path().join("path-router.wasm"), b"not wasm at all").unwrap();
+    let path = write_config(plugins.path(), CONFIG);
+    let (ok, out) = wasmgate(&["check", "--config", &path]);
+    assert!(!ok);
+    assert!(out.contains("plugin `path-router` is not loaded"), "{out}");
+    assert!(out.contains("not a valid WebAssembly component"), "{out}");
+}
+
+#[test]
+fn the_https_example_config_loads_with_its_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/https.toml");
+    std::fs::copy(&example, dir.path().join("https.toml")).unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let pki = Pki::new();
+    for (name, hosts) in [("app", &["app.example.test", "localhost"][..]), ("api", &["*.api.example.test"][..])] {
+        let (cert, key) = pki.issue(name, hosts);
+        std::fs::copy(cert, certs.join(format!("{name}.pem"))).unwrap();
+        std::fs::copy(key, certs.join(format!("{name}.key"))).unwrap();
+    }
+    std::fs::copy(&pki.ca_pem, certs.join("ca.pem")).unwrap();
+    let plugins = PluginDir::new().add("path-router", "path-router", "[config]\nroutes = \"* / pool=app\"\n").add(
+        "handshake-guard",
+        "handshake-guard",
+        "",
+    );
+    std::fs::rename(plugins.dir.path(), dir.path().join("plugins")).unwrap();
+    let (ok, out) = wasmgate(&["check", "--config", &dir.path().join("https.toml").to_string_lossy()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("2 listener(s), 2 pool(s)"), "{out}");
+}

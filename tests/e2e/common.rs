@@ -1,0 +1,637 @@
+//! What the end-to-end tests share: compiled plugins, a recording test
+//! backend (HTTP + WebSocket echo), an in-process gateway on ephemeral ports,
+//! and small real clients.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use wasmgate::{Config, Gateway};
+
+// ---------------------------------------------------------------- plugins
+
+/// The compiled component of plugin crate `krate` (built by `scripts/test`).
+pub fn plugin_wasm(krate: &str) -> PathBuf {
+    // The test binary is target/<profile>/deps/<name>; plugins are in
+    // target/wasm32-wasip2/release.
+    let exe = std::env::current_exe().expect("test executable path");
+    let target = exe.ancestors().nth(3).expect("target directory");
+    let file = target.join("wasm32-wasip2/release").join(format!("{}.wasm", krate.replace('-', "_")));
+    assert!(
+        file.exists(),
+        "{} is missing: build the plugins first (scripts/test does: cargo build --release --target wasm32-wasip2 ...)",
+        file.display()
+    );
+    file
+}
+
+/// A temporary plugin directory, with its own compiled-artifact cache.
+pub struct PluginDir {
+    pub dir: tempfile::TempDir,
+    pub cache: tempfile::TempDir,
+}
+
+impl PluginDir {
+    pub fn new() -> PluginDir {
+        PluginDir { dir: tempfile::tempdir().expect("temp dir"), cache: tempfile::tempdir().expect("temp dir") }
+    }
+
+    /// Installs plugin crate `krate` as `name`, with `settings` as `name.toml`.
+    pub fn add(self, name: &str, krate: &str, settings: &str) -> PluginDir {
+        std::fs::copy(plugin_wasm(krate), self.dir.path().join(format!("{name}.wasm"))).expect("copy plugin");
+        if !settings.is_empty() {
+            std::fs::write(self.dir.path().join(format!("{name}.toml")), settings).expect("write settings");
+        }
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+// ---------------------------------------------------------------- gateway
+
+/// Starts a gateway for `config` (TOML) with plugins from `plugins`.
+pub async fn start_gateway(config: &str, plugins: &PluginDir) -> Gateway {
+    let mut config = Config::from_toml(Path::new("test.toml"), config).expect("valid test config");
+    config.plugins.dir = plugins.path().to_owned();
+    if config.plugins.cache_dir.is_none() {
+        config.plugins.cache_dir = Some(plugins.cache.path().to_owned());
+    }
+    Gateway::start(config).await.expect("gateway starts")
+}
+
+// ---------------------------------------------------------------- processes
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the caller).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `wasmgate run` child process; killed when dropped if still running.
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl GatewayProcess {
+    /// Runs `wasmgate run --config CONFIG` with stderr to `LOG`, its cache
+    /// under the config's directory; returns once `listening_lines` lines
+    /// saying "listening" were logged.
+    pub async fn start(config: &Path, log: &Path, listening_lines: usize) -> GatewayProcess {
+        let file = std::fs::File::create(log).expect("create log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("XDG_CACHE_HOME", config.parent().unwrap())
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start wasmgate");
+        let process = GatewayProcess { child, log: log.to_owned() };
+        let started = Instant::now();
+        while process.log_text().matches("listening").count() < listening_lines {
+            assert!(started.elapsed() < Duration::from_secs(20), "wasmgate never listened:\n{}", process.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        process
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` (`TERM`, `HUP`...) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub async fn exited(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "wasmgate did not exit within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The address of listener `web`.
+pub fn web(gateway: &Gateway) -> SocketAddr {
+    gateway.listener_addr("web").expect("listener `web`")
+}
+
+// ---------------------------------------------------------------- backend
+
+/// A plain or TLS stream.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// A request as a backend received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A test backend on an ephemeral port. It answers `backend=NAME ...` to
+/// plain requests, `/health` with its settable health status, echoes
+/// WebSocket messages on `/ws...`, and records every request it receives. It
+/// can be stopped (every connection cut, like a dead process) and restarted
+/// on the same port.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// The status `/health` answers (200 unless a test changes it).
+    pub health: Arc<AtomicU16>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Resolves once `stop` turns true.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        Self::start_with(name, None).await
+    }
+
+    /// A backend that speaks TLS with `tls`.
+    pub async fn start_tls(name: &str, tls: Arc<rustls::ServerConfig>) -> Backend {
+        Self::start_with(name, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let backend = Backend {
+            name: name.to_owned(),
+            addr: listener.local_addr().unwrap(),
+            seen: Arc::new(Mutex::new(Vec::new())),
+            health: Arc::new(AtomicU16::new(200)),
+            stop: tokio::sync::watch::channel(false).0,
+            tls,
+        };
+        backend.serve(listener);
+        backend
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (name, seen, health) = (self.name.clone(), self.seen.clone(), self.health.clone());
+        let stop = self.stop.subscribe();
+        let tls = self.tls.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stopped(stop.clone()) => return,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let (name, seen, health, stop, tls) =
+                    (name.clone(), seen.clone(), health.clone(), stop.clone(), tls.clone());
+                tokio::spawn(async move {
+                    let stop_ws = stop.clone();
+                    let service = service_fn(move |req| {
+                        backend_handle(name.clone(), seen.clone(), health.clone(), stop_ws.clone(), req)
+                    });
+                    let io: Box<dyn Io> = match tls {
+                        None => Box::new(stream),
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(stream) => Box::new(stream),
+                            Err(_) => return,
+                        },
+                    };
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(io), service)
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = stopped(stop) => {}
+                    }
+                });
+            }
+        });
+    }
+
+    /// Cuts every connection and stops listening.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Listens again on the same address.
+    pub async fn restart(&self) {
+        self.stop.send_replace(false);
+        let listener = TcpListener::bind(self.addr).await.expect("rebind backend");
+        self.serve(listener);
+    }
+
+    /// Requests this backend received from clients (the gateway's own health
+    /// probes left out).
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().iter().filter(|r| r.header("user-agent") != Some("wasmgate-probe")).cloned().collect()
+    }
+
+    /// The gateway's health probes this backend received.
+    pub fn probes(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().iter().filter(|r| r.header("user-agent") == Some("wasmgate-probe")).cloned().collect()
+    }
+
+    /// Upgrade requests this backend received from clients.
+    pub fn handshakes(&self) -> usize {
+        self.requests().iter().filter(|r| r.header("upgrade").is_some()).count()
+    }
+}
+
+async fn backend_handle(
+    name: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    health: Arc<AtomicU16>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let headers = req.headers().clone();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let is_upgrade = headers.get("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+
+    if is_upgrade {
+        seen.lock().unwrap().push(Seen { method, target, headers: headers.clone(), body_len: 0 });
+        if path.starts_with("/reject-upgrade") {
+            return Ok(text(StatusCode::FORBIDDEN, "no websockets here"));
+        }
+        let key = headers.get("sec-websocket-key").map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+        let accept = if path.starts_with("/ws-bad-accept") {
+            "bm90IHRoZSByaWdodCBrZXk=".to_owned()
+        } else {
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key)
+        };
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("connection", "Upgrade".parse().unwrap());
+        h.insert("sec-websocket-accept", accept.parse().unwrap());
+        if let Some(first) =
+            headers.get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next())
+        {
+            h.insert("sec-websocket-protocol", first.trim().parse().unwrap());
+        }
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let name = name.clone();
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+                tokio::select! {
+                    _ = echo(ws, &name) => {}
+                    _ = stopped(stop) => {}
+                }
+            }
+        });
+        return Ok(response);
+    }
+
+    if path == "/health" {
+        let status = StatusCode::from_u16(health.load(Ordering::Relaxed)).unwrap_or(StatusCode::OK);
+        return Ok(text(status, &format!("backend={name} health")));
+    }
+    if path.contains("/slow") {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let body = req.into_body().collect().await?.to_bytes();
+    let checksum: u64 = body.iter().map(|&b| u64::from(b)).sum();
+    seen.lock().unwrap().push(Seen { method: method.clone(), target: target.clone(), headers, body_len: body.len() });
+    Ok(text(
+        StatusCode::OK,
+        &format!("backend={name} method={method} target={target} body_len={} checksum={checksum}", body.len()),
+    ))
+}
+
+/// Echoes every data message; `close-me` makes the server start the close.
+async fn echo<S>(mut ws: WebSocketStream<S>, name: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = ws.send(Message::text(format!("hello from {name}"))).await;
+    while let Some(Ok(message)) = ws.next().await {
+        let sent = match message {
+            Message::Text(t) if t.as_str() == "close-me" => {
+                let frame = CloseFrame { code: 1000.into(), reason: "bye".into() };
+                ws.close(Some(frame)).await
+            }
+            Message::Text(_) | Message::Binary(_) => ws.send(message).await,
+            _ => Ok(()),
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response
+}
+
+// ---------------------------------------------------------------- clients
+
+/// A response as a client got it.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends one request over a fresh HTTP/1.1 connection.
+pub async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Got {
+    let stream = TcpStream::connect(addr).await.expect("connect to gateway");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("http handshake");
+    tokio::spawn(connection);
+    let mut builder = Request::builder().method(method).uri(target);
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+        builder = builder.header("host", format!("gw.test:{}", addr.port()));
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = sender.send_request(builder.body(Full::new(Bytes::from(body))).unwrap()).await.expect("response");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    Got { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+/// A GET of `/` over a new connection that reports any failure (refused,
+/// reset, timed out) instead of panicking: for tests that count failures.
+pub async fn try_get_root(addr: SocketAddr) -> Result<(StatusCode, String), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .uri("/")
+        .header("host", "gw.test")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| format!("send: {e:?}"))?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+pub async fn get(addr: SocketAddr, target: &str) -> Got {
+    request(addr, "GET", target, &[], Vec::new()).await
+}
+
+/// Writes `raw` bytes to the gateway and reads the response head and body
+/// until the server closes or `Content-Length` bytes arrived.
+pub async fn raw_exchange(addr: SocketAddr, raw: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(raw.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => break,
+        };
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .and_then(|v| v.parse::<usize>().ok());
+            if length.is_some_and(|len| body.len() >= len) || head.starts_with("HTTP/1.1 101") {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A WebSocket handshake request for `path` on the gateway.
+pub fn ws_request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}{path}").into_client_request().expect("ws request");
+    for (name, value) in headers {
+        request.headers_mut().insert(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+    }
+    request
+}
+
+pub type Ws = WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Opens a WebSocket through the gateway and reads the backend's greeting.
+pub async fn ws_connect(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (Ws, http::Response<Option<Vec<u8>>>) {
+    let (ws, response, _) = ws_connect_greeted(addr, path, headers).await;
+    (ws, response)
+}
+
+/// [`ws_connect`], also returning the greeting (`hello from NAME`: which
+/// backend the WebSocket reached).
+pub async fn ws_connect_greeted(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (Ws, http::Response<Option<Vec<u8>>>, String) {
+    let (mut ws, response) =
+        tokio_tungstenite::connect_async(ws_request(addr, path, headers)).await.expect("websocket handshake");
+    let greeting = match next_message(&mut ws).await {
+        Message::Text(t) if t.as_str().starts_with("hello from") => t.to_string(),
+        other => panic!("expected the backend's greeting, got {other:?}"),
+    };
+    (ws, response, greeting)
+}
+
+/// The next message, within 5 s.
+pub async fn next_message(ws: &mut Ws) -> Message {
+    tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("a message within 5 s")
+        .expect("stream open")
+        .expect("valid message")
+}
+
+/// The status a refused WebSocket handshake got, with its headers and body.
+pub async fn ws_refused(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Got {
+    match tokio_tungstenite::connect_async(ws_request(addr, path, headers)).await {
+        Ok(_) => panic!("handshake to {path} unexpectedly succeeded"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Got {
+            status: response.status(),
+            headers: response.headers().clone(),
+            body: String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned(),
+        },
+        Err(other) => panic!("handshake to {path} failed without an HTTP answer: {other}"),
+    }
+}
+
+/// Waits until `condition` holds; panics with `what` after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
+// ---------------------------------------------------------------- TLS
+
+/// A private CA for tests, writing PEM files into a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pub ca_pem: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "wasmgate test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, ca.pem()).unwrap();
+        Pki { dir, ca, ca_pem }
+    }
+
+    /// Issues a certificate for `hosts`, written as `NAME.pem` and `NAME.key`.
+    pub fn issue(&self, name: &str, hosts: &[&str]) -> (PathBuf, PathBuf) {
+        let params = rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (cert_path, key_path) =
+            (self.dir.path().join(format!("{name}.pem")), self.dir.path().join(format!("{name}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    /// A rustls client trusting only this CA, offering `alpn`.
+    pub fn client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// A rustls server config for `cert`/`key` (for TLS test backends).
+    pub fn server(&self, cert: &Path, key: &Path) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert).unwrap().map(|c| c.unwrap()).collect();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// Connects to the gateway with TLS, presenting `sni`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// One HTTP/1.1 request over a fresh TLS connection.
+pub async fn https_request(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+    method: &str,
+    target: &str,
+) -> Got {
+    let stream = tls_connect(addr, sni, config).await.expect("TLS handshake");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let request =
+        Request::builder().method(method).uri(target).header("host", sni).body(Full::new(Bytes::new())).unwrap();
+    let response = sender.send_request(request).await.expect("response");
+    let (status, headers) = (response.status(), response.headers().clone());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Got { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+}

@@ -1,0 +1,115 @@
+//! The hostile plugin suite: a router that loops, sleeps, hoards memory, recurses,
+//! panics, returns a 100 MB body, injects header lines, names a pool that does
+//! not exist, answers 101, or tries to reach files, sockets and the
+//! environment. Each is contained: that request gets the plugin's `on_error`
+//! outcome within its deadline, concurrent requests are unaffected, and the
+//! gateway's memory stays bounded.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use http::StatusCode;
+
+/// Resident memory of this process (the gateway runs in it), in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hostile_plugin_is_contained() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("hostile", "hostile", "");
+    let config = format!(
+        "[plugins]\ncall_timeout_ms = 100\nquarantine_after_failures = 1000\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    let addr = web(&gateway);
+    assert_eq!(get(addr, "/fine").await.status, StatusCode::OK);
+
+    // Well-behaved traffic alongside, all the way through.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let bystander = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let counter = if get(addr, "/fine").await.status == StatusCode::OK { &ok } else { &failed };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    let rss_before = rss_kib();
+    let hostile = [
+        "/loop",
+        "/sleep",
+        "/grow",
+        "/recurse",
+        "/panic",
+        "/big-body",
+        "/crlf",
+        "/bad-header-name",
+        "/status-101",
+        "/unknown-pool",
+        "/bad-rewrite",
+    ];
+    for round in 0..3 {
+        for path in hostile {
+            let started = Instant::now();
+            let got = get(addr, path).await;
+            let took = started.elapsed();
+            assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {}", got.body);
+            assert_eq!(got.header("x-wasmgate-error"), Some("plugin-unavailable"), "{path}");
+            assert!(got.header("x-injected").is_none(), "{path}: no header was injected");
+            assert!(took < Duration::from_millis(1500), "round {round} {path}: took {took:?}");
+        }
+    }
+    let grown_kib = rss_kib().saturating_sub(rss_before);
+    eprintln!("gateway RSS grew by {grown_kib} KiB over {} hostile calls", 3 * hostile.len());
+    stop.store(true, Ordering::Relaxed);
+    bystander.await.unwrap();
+
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "bystander requests were unaffected");
+    assert!(ok.load(Ordering::Relaxed) > 10, "bystanders kept being served");
+    assert!(
+        app.requests().iter().all(|r| !hostile.contains(&r.target.as_str())),
+        "no hostile request reached the backend"
+    );
+    assert!(grown_kib < 96 * 1024, "gateway RSS grew by {grown_kib} KiB");
+    let stats = gateway.registry().get("hostile").unwrap().stats();
+    assert_eq!(stats.errors, 3 * hostile.len() as u64);
+    assert_eq!(stats.timeouts, 6, "/loop and /sleep run into the deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_reach_no_file_socket_or_environment() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("hostile", "hostile", "");
+    let config = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    // A bare listener: any TCP connection at all would show here.
+    let bait = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let got = get(web(&gateway), &format!("/escape?connect={}", bait.local_addr().unwrap())).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let report = got.body;
+    assert!(report.contains("file: Err("), "{report}");
+    assert!(report.contains("dir: Err("), "{report}");
+    assert!(report.contains("env: 0"), "{report}");
+    assert!(report.contains("args: 0"), "{report}");
+    assert!(report.contains("socket: Err("), "{report}");
+    let accepted = tokio::time::timeout(Duration::from_millis(200), bait.accept()).await;
+    assert!(accepted.is_err(), "the plugin reached a socket: {accepted:?}");
+    assert!(app.requests().is_empty(), "only the gateway's probes reached the backend, not the plugin");
+}

@@ -1,0 +1,95 @@
+//! Limits a client cannot get around: a slowloris cannot hold the gateway,
+//! oversized heads are refused, and past the connection cap new connections
+//! are refused cleanly while the ones already in keep being served.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(app: &Backend, limits: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n[limits]\n{limits}\n",
+        app.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_slowloris_connections_neither_delay_requests_nor_stay() {
+    let app = Backend::start("app").await;
+    let gateway = start_gateway(&config(&app, "header_read_timeout_s = 1"), &PluginDir::new()).await;
+    let addr = web(&gateway);
+
+    // 1,000 clients that start a request head and never finish it.
+    let mut slow = Vec::new();
+    for _ in 0..1000 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: gw.test\r\nX-Slow: ").await.unwrap();
+        slow.push(stream);
+    }
+    // Normal requests are served at once meanwhile.
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(get(addr, "/").await.status, StatusCode::OK);
+        assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    }
+    // After the header timeout every slow connection is closed.
+    let started = Instant::now();
+    for stream in &mut slow {
+        let mut buf = [0u8; 512];
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(_)) => continue, // a 408 before the close is fine
+                Err(_) => break false,
+            }
+        };
+        assert!(closed, "a slowloris connection was still open");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_head_is_refused() {
+    let app = Backend::start("app").await;
+    let gateway = start_gateway(&config(&app, "max_header_bytes = 16384"), &PluginDir::new()).await;
+    let big = "x".repeat(20_000);
+    let raw = format!("GET / HTTP/1.1\r\nHost: gw.test\r\nX-Big: {big}\r\n\r\n");
+    let answer = raw_exchange(web(&gateway), &raw).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{}", &answer[..answer.len().min(200)]);
+    assert!(app.requests().is_empty());
+    assert_eq!(get(web(&gateway), "/").await.status, StatusCode::OK, "normal heads still pass");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_new_connections_are_refused() {
+    let app = Backend::start("app").await;
+    let gateway = start_gateway(&config(&app, "max_connections = 3"), &PluginDir::new()).await;
+    let addr = web(&gateway);
+    // Three WebSockets fill the cap.
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(ws_connect(addr, "/ws", &[]).await.0);
+    }
+    // A fourth connection is closed at once, without an answer.
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = extra.write_all(b"GET / HTTP/1.1\r\nHost: gw.test\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.expect("closed promptly");
+    assert!(matches!(read, Ok(0) | Err(_)), "refused, not served: {read:?}");
+    // The ones in keep working; when one closes, a new client gets in.
+    futures_util::SinkExt::send(&mut sockets[0], tokio_tungstenite::tungstenite::Message::text("in")).await.unwrap();
+    assert_eq!(next_message(&mut sockets[0]).await, tokio_tungstenite::tungstenite::Message::text("in"));
+    drop(sockets.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(Ok((status, _))) = tokio::time::timeout(Duration::from_secs(1), try_get_root(addr)).await {
+            assert_eq!(status, StatusCode::OK);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never admitted again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,22 @@
+//! The end-to-end tests, one binary: real sockets on 127.0.0.1, real
+//! compiled plugins, a real backend and real clients (hyper,
+//! tokio-tungstenite, curl, raw TCP, headless Chromium). Each module is one
+//! area of the README; `common` holds what they share.
+
+mod common;
+
+mod admin;
+mod cli;
+mod dashboard;
+mod hostile_plugins;
+mod http_routing;
+mod layering;
+mod limits;
+mod plugin_sandbox;
+mod plugin_swap;
+mod pools;
+mod reload;
+mod shutdown;
+mod tls;
+mod waf_and_errors;
+mod websocket;

@@ -1,0 +1,120 @@
+//! A plugin that loops or traps costs one request an error, never the
+//! gateway or other requests.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use http::StatusCode;
+
+fn config(app: &Backend) -> String {
+    format!(
+        "[plugins]\ncall_timeout_ms = 50\nquarantine_after_failures = 100\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"looper\"]\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looping_plugin_is_cut_off_and_other_requests_are_served() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("looper", "looper", "");
+    let gateway = start_gateway(&config(&app), &plugins).await;
+    let addr = web(&gateway);
+
+    // Ten looping requests at once, with normal requests alongside.
+    let loops: Vec<_> = (0..10)
+        .map(|_| {
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (get(addr, "/loop").await, started.elapsed())
+            })
+        })
+        .collect();
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/fine").await.status, StatusCode::OK);
+    }
+    for handle in loops {
+        let (got, took) = handle.await.unwrap();
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(got.header("x-wasmgate-error"), Some("plugin-unavailable"));
+        assert!(took < Duration::from_secs(2), "cut off at its deadline, took {took:?}");
+    }
+    assert_eq!(app.requests().iter().filter(|r| r.target == "/loop").count(), 0);
+    assert_eq!(get(addr, "/after").await.status, StatusCode::OK, "the gateway keeps serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trapping_plugin_follows_its_failure_policy() {
+    let app = Backend::start("app").await;
+    let closed = PluginDir::new().add("looper", "looper", "");
+    let gateway = start_gateway(&config(&app), &closed).await;
+    let trapped = get(web(&gateway), "/trap").await;
+    assert_eq!(trapped.status, StatusCode::SERVICE_UNAVAILABLE, "fails closed by default");
+    assert_eq!(trapped.header("x-wasmgate-error"), Some("plugin-unavailable"));
+    assert_eq!(get(web(&gateway), "/fine").await.status, StatusCode::OK, "a fresh instance serves the next request");
+
+    let open = PluginDir::new().add("looper", "looper", "on_error = \"allow\"\n");
+    let gateway = start_gateway(&config(&app), &open).await;
+    let passed = get(web(&gateway), "/trap").await;
+    assert_eq!(passed.status, StatusCode::OK, "on_error = allow fails open");
+    assert!(passed.body.contains("target=/trap"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bomb_is_stopped_at_its_memory_cap() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("looper", "looper", "memory_limit_mb = 8\ncall_timeout_ms = 2000\n");
+    let gateway = start_gateway(&config(&app), &plugins).await;
+    let started = Instant::now();
+    let bomb = get(web(&gateway), "/grow").await;
+    assert_eq!(bomb.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(bomb.header("x-wasmgate-error"), Some("plugin-unavailable"));
+    // Refused by the cap, not by the (long) deadline.
+    assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+    assert_eq!(get(web(&gateway), "/fine").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_looping_plugin_is_quarantined_then_recovers() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("looper", "looper", "");
+    let config = config(&app).replace("quarantine_after_failures = 100\n", "").replace(
+        "call_timeout_ms = 50",
+        "call_timeout_ms = 50\nquarantine_after_failures = 3\nquarantine_initial_ms = 400\nquarantine_max_ms = 1000",
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    let addr = web(&gateway);
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/trap").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let looper = gateway.registry().get("looper").unwrap();
+    assert!(looper.stats().quarantined);
+    let calls = looper.stats().calls;
+    // Quarantined: even a good request gets the on_error outcome, and the
+    // plugin is not called.
+    let refused = get(addr, "/fine").await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(looper.stats().calls, calls, "not called while quarantined");
+
+    // The backoff ends; the trial call succeeds and the breaker closes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(addr, "/fine").await.status, StatusCode::OK);
+    assert!(!looper.stats().quarantined);
+    assert_eq!(looper.stats().quarantines, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_are_reused_but_a_trapped_one_never_is() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("looper", "looper", "");
+    let gateway = start_gateway(&config(&app), &plugins).await;
+    let addr = web(&gateway);
+    // Sequential calls run on the same pooled instance: its count goes up.
+    let first: u32 = get(addr, "/count").await.body.parse().unwrap();
+    let second: u32 = get(addr, "/count").await.body.parse().unwrap();
+    assert_eq!(second, first + 1, "the instance was reused");
+    assert_eq!(get(addr, "/trap").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    // The trapped instance is gone: the next call starts on a fresh one.
+    assert_eq!(get(addr, "/count").await.body, "1", "a fresh instance after the trap");
+}

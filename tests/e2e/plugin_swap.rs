@@ -1,0 +1,191 @@
+//! Plugins swapped while traffic flows: files replaced, broken, deleted and
+//! restored in the plugin directory, with clients watching.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use futures_util::SinkExt;
+use http::StatusCode;
+use tokio_tungstenite::tungstenite::Message;
+use wasmgate::Gateway;
+
+const ROUTES: &str = "[config]\nroutes = \"* / pool=app\"\n";
+
+fn config(app: &Backend, extra_plugins: &str) -> String {
+    format!(
+        "[plugins]\n{extra_plugins}\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"router\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    )
+}
+
+/// Which router answered: `path-router` forwards to the backend, `head-echo`
+/// answers with the request head.
+fn version_of(body: &str) -> &'static str {
+    if body.starts_with("backend=app") {
+        "path-router"
+    } else if body.starts_with("method: GET") {
+        "head-echo"
+    } else {
+        "unknown"
+    }
+}
+
+/// Replaces `dir/router.wasm` with plugin crate `krate`: in place (truncate
+/// and write, as `cp` does) or by an atomic rename, as deploy tools do.
+fn install(dir: &Path, krate: &str, atomic: bool) {
+    let target = dir.join("router.wasm");
+    if atomic {
+        let temp = dir.join(".router.wasm.partial");
+        std::fs::copy(plugin_wasm(krate), &temp).unwrap();
+        std::fs::rename(&temp, &target).unwrap();
+    } else {
+        std::fs::copy(plugin_wasm(krate), &target).unwrap();
+    }
+}
+
+/// Waits until `/` is answered by `expected`; returns how long that took.
+async fn wait_for_version(gateway: &Gateway, expected: &str, written: Instant) -> Duration {
+    loop {
+        let got = get(web(gateway), "/").await;
+        if version_of(&got.body) == expected {
+            return written.elapsed();
+        }
+        assert!(written.elapsed() < Duration::from_secs(5), "{expected} never took over; last answer: {}", got.body);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_and_requests_survive_twenty_plugin_swaps() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("router", "path-router", ROUTES);
+    let cache = tempfile::tempdir().unwrap();
+    let gateway = start_gateway(&config(&app, &format!("cache_dir = \"{}\"", cache.path().display())), &plugins).await;
+    let addr = web(&gateway);
+
+    let mut sockets = Vec::new();
+    for _ in 0..5 {
+        sockets.push(ws_connect(addr, "/ws", &[]).await.0);
+    }
+
+    // A client issuing requests back to back for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let got = get(addr, "/load").await;
+                if got.status == StatusCode::OK && version_of(&got.body) != "unknown" {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("failed request: {} {}", got.status, got.body);
+                }
+            }
+        })
+    };
+
+    let mut slowest = Duration::ZERO;
+    for swap in 0..20 {
+        let krate = if swap % 2 == 0 { "head-echo" } else { "path-router" };
+        let written = Instant::now();
+        install(plugins.path(), krate, swap % 4 < 2);
+        let took = wait_for_version(&gateway, krate, written).await;
+        slowest = slowest.max(took);
+        assert!(took < Duration::from_secs(1), "swap {swap} to {krate} took {took:?}");
+        // Every WebSocket opened before the first swap still echoes.
+        for ws in &mut sockets {
+            let text = format!("swap {swap}");
+            ws.send(Message::text(text.clone())).await.unwrap();
+            assert_eq!(next_message(ws).await, Message::text(text));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    eprintln!("slowest swap: {slowest:?}; requests ok: {}", ok.load(Ordering::Relaxed));
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed during the swaps");
+    assert!(ok.load(Ordering::Relaxed) > 20);
+    let router = gateway.registry().get("router").unwrap();
+    assert_eq!(router.identity.version, 21, "20 swaps after the first load");
+}
+
+/// Waits until the registry has reconciled at least once more than `before`.
+async fn reconciled_after(gateway: &Gateway, before: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gateway.registry().reconciles() <= before {
+        assert!(Instant::now() < deadline, "the plugin directory was never reconciled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let a burst of events settle into its last reconcile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_components_are_rejected_and_the_good_one_keeps_serving() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("router", "path-router", ROUTES);
+    let gateway = start_gateway(&config(&app, "cache = false"), &plugins).await;
+    let good = gateway.registry().get("router").unwrap().identity.clone();
+
+    let garbage = b"\0asm this is not a component".to_vec();
+    let wrong_world = std::fs::read(plugin_wasm("handshake-guard")).unwrap();
+    let traps_at_start = std::fs::read(plugin_wasm("init-trap")).unwrap();
+    for (what, bytes) in
+        [("garbage", garbage), ("a WAF as the router", wrong_world), ("a start-up trap", traps_at_start)]
+    {
+        let before = gateway.registry().reconciles();
+        std::fs::write(plugins.path().join("router.wasm"), bytes).unwrap();
+        reconciled_after(&gateway, before).await;
+        let serving = gateway.registry().get("router").unwrap();
+        assert_eq!(serving.identity.sha256, good.sha256, "{what}: the good version still serves");
+        assert_eq!(serving.identity.version, good.version, "{what}");
+        let got = get(web(&gateway), "/").await;
+        assert_eq!(version_of(&got.body), "path-router", "{what}: {}", got.body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_plugin_follows_on_error_until_it_returns() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("router", "path-router", ROUTES);
+    let gateway = start_gateway(&config(&app, "cache = false"), &plugins).await;
+    assert_eq!(get(web(&gateway), "/").await.status, StatusCode::OK);
+
+    let before = gateway.registry().reconciles();
+    std::fs::remove_file(plugins.path().join("router.wasm")).unwrap();
+    reconciled_after(&gateway, before).await;
+    assert!(gateway.registry().get("router").is_none());
+    let got = get(web(&gateway), "/").await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "on_error = deny");
+    assert_eq!(got.header("x-wasmgate-error"), Some("plugin-unavailable"));
+
+    let written = Instant::now();
+    install(plugins.path(), "path-router", true);
+    let took = wait_for_version(&gateway, "path-router", written).await;
+    assert!(took < Duration::from_secs(1), "restored in {took:?}");
+    assert_eq!(gateway.registry().get("router").unwrap().identity.version, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_unchanged_plugins_loads_them_from_the_cache() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("router", "path-router", ROUTES);
+    let cache = tempfile::tempdir().unwrap();
+    let config = config(&app, &format!("cache_dir = \"{}\"", cache.path().display()));
+
+    let first = start_gateway(&config, &plugins).await;
+    assert!(!first.registry().get("router").unwrap().identity.from_cache, "first start compiles");
+    drop(first);
+
+    let second = start_gateway(&config, &plugins).await;
+    let router = second.registry().get("router").unwrap();
+    assert!(router.identity.from_cache, "second start loads the compiled artifact");
+    assert_eq!(version_of(&get(web(&second), "/").await.body), "path-router");
+}

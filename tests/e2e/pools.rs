@@ -1,0 +1,282 @@
+//! Backend pools that heal themselves: probes, health, balancing, failover.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use futures_util::SinkExt;
+use http::StatusCode;
+use tokio_tungstenite::tungstenite::Message;
+use wasmgate::Gateway;
+
+fn pool_toml(name: &str, servers: &[String], extra: &str) -> String {
+    let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    format!("[[pool]]\nname = \"{name}\"\nservers = [{}]\n{extra}\n", servers.join(", "))
+}
+
+fn listener(default_pool: &str) -> String {
+    format!("[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"{default_pool}\"\n")
+}
+
+fn server_healthy(gateway: &Gateway, pool: &str, address: &str) -> bool {
+    let pool = gateway.pool(pool).expect("pool");
+    pool.servers.iter().find(|s| s.address == address).expect("server").is_healthy()
+}
+
+fn last_reason(gateway: &Gateway, pool: &str, address: &str) -> String {
+    let pool = gateway.pool(pool).expect("pool");
+    pool.servers.iter().find(|s| s.address == address).expect("server").last_reason()
+}
+
+const FAST_PROBE: &str = "[pool.probe]\npath = \"/health\"\ninterval_s = 0.2\ntimeout_s = 0.1\nunhealthy_threshold = 2\nhealthy_threshold = 2\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_server_leaves_the_pool_and_returns_when_it_recovers() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let config =
+        format!("{}{}", listener("app"), pool_toml("app", &[a.addr.to_string(), b.addr.to_string()], FAST_PROBE));
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let addr = web(&gateway);
+
+    let b_addr = b.addr.to_string();
+
+    // Probes alone (no traffic to notice it): removed within interval 0.2 s ×
+    // threshold 2 + timeout 0.1 s, with scheduling slack.
+    b.stop();
+    let removed =
+        wait_until("b marked unhealthy", Duration::from_secs(3), || !server_healthy(&gateway, "app", &b_addr)).await;
+    eprintln!("dead server removed by probes after {removed:?}");
+    assert!(removed < Duration::from_millis(900), "removed after {removed:?}");
+    for _ in 0..20 {
+        assert!(get(addr, "/after-death").await.body.contains("backend=a"));
+    }
+
+    b.restart().await;
+    let back = wait_until("b healthy again", Duration::from_secs(3), || server_healthy(&gateway, "app", &b_addr)).await;
+    eprintln!("recovered server back after {back:?}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !get(addr, "/back").await.body.contains("backend=b") {
+        assert!(Instant::now() < deadline, "b never got traffic again");
+    }
+
+    // Now with a client looping requests: it dies again, and the client sees
+    // no error (a refused connect is retried on the other server at once).
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let client = {
+        let (stop, failed) = (stop.clone(), failed.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if get(addr, "/work").await.status != StatusCode::OK {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.stop();
+    wait_until("b marked unhealthy", Duration::from_secs(3), || !server_healthy(&gateway, "app", &b_addr)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    client.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no client saw an error: refused connects were retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_probes_mark_servers_unhealthy_with_their_reason() {
+    let (sick, wrong, slow, no_ws, good_ws) = (
+        Backend::start("sick").await,
+        Backend::start("wrong").await,
+        Backend::start("slow").await,
+        Backend::start("no-ws").await,
+        Backend::start("good-ws").await,
+    );
+    sick.health.store(500, Ordering::Relaxed);
+    let probe =
+        |extra: &str| format!("[pool.probe]\ninterval_s = 0.2\ntimeout_s = 0.15\nunhealthy_threshold = 1\n{extra}\n");
+    let config = format!(
+        "{}{}{}{}{}{}",
+        listener("sick"),
+        pool_toml("sick", &[sick.addr.to_string()], &probe("path = \"/health\"")),
+        pool_toml("wrong", &[wrong.addr.to_string()], &probe("match_body = \"all systems go\"")),
+        pool_toml("slow", &[slow.addr.to_string()], &probe("path = \"/slow\"")),
+        pool_toml("no-ws", &[no_ws.addr.to_string()], &probe("kind = \"websocket\"\npath = \"/reject-upgrade\"")),
+        pool_toml("good-ws", &[good_ws.addr.to_string()], &probe("kind = \"websocket\"\npath = \"/ws\"")),
+    );
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    for (pool, backend, reason) in [
+        ("sick", &sick, "status 500"),
+        ("wrong", &wrong, "body does not contain \"all systems go\""),
+        ("slow", &slow, "timed out"),
+        ("no-ws", &no_ws, "upgrade refused: status 403"),
+    ] {
+        let address = backend.addr.to_string();
+        wait_until(pool, Duration::from_secs(3), || !server_healthy(&gateway, pool, &address)).await;
+        let why = last_reason(&gateway, pool, &address);
+        assert!(why.contains(reason), "{pool}: {why}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(server_healthy(&gateway, "good-ws", &good_ws.addr.to_string()), "a real WebSocket server passes");
+    let probes = good_ws.probes();
+    assert!(probes.len() >= 2, "the WebSocket probe made real handshakes");
+    assert!(probes.iter().all(|p| p.header("upgrade") == Some("websocket")));
+
+    let refused = get(web(&gateway), "/").await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.header("x-wasmgate-error"), Some("no-healthy-server"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_spreads_long_lived_websockets() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let config = format!(
+        "{}{}",
+        listener("app"),
+        pool_toml("app", &[a.addr.to_string(), b.addr.to_string()], "balance = \"least-connections\"")
+    );
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let addr = web(&gateway);
+    let mut sockets = Vec::new();
+    for i in 0..20 {
+        sockets.push(ws_connect(addr, "/ws", &[]).await.0);
+        // Short requests in between must not skew the count.
+        for _ in 0..(i % 3) {
+            assert_eq!(get(addr, "/short").await.status, StatusCode::OK);
+        }
+    }
+    assert_eq!((a.handshakes(), b.handshakes()), (10, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_balancing_keeps_a_key_on_its_server() {
+    let backends = [Backend::start("a").await, Backend::start("b").await, Backend::start("c").await];
+    let addrs: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    let plugins = || {
+        PluginDir::new().add(
+            "path-router",
+            "path-router",
+            "[config]\nroutes = \"* / pool=app affinity=header:x-user\"\n",
+        )
+    };
+    let config = |servers: &[String]| {
+        format!(
+            "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"path-router\"\n{}",
+            pool_toml("app", servers, "balance = \"hash\"")
+        )
+    };
+    let (two_plugins, three_plugins) = (plugins(), plugins());
+    let two = start_gateway(&config(&addrs[..2]), &two_plugins).await;
+    let three = start_gateway(&config(&addrs), &three_plugins).await;
+
+    let server_of = |body: &str| body.split_whitespace().next().unwrap_or("").to_owned();
+    let first = server_of(&request(web(&two), "GET", "/", &[("x-user", "alice")], vec![]).await.body);
+    for _ in 0..100 {
+        let again = request(web(&two), "GET", "/", &[("x-user", "alice")], vec![]).await;
+        assert_eq!(server_of(&again.body), first, "alice stays on her server");
+    }
+
+    let mut moved = 0;
+    for i in 0..150 {
+        let user = format!("user-{i}");
+        let before = server_of(&request(web(&two), "GET", "/", &[("x-user", &user)], vec![]).await.body);
+        let after = server_of(&request(web(&three), "GET", "/", &[("x-user", &user)], vec![]).await.body);
+        if before != after {
+            assert_eq!(after, "backend=c", "a key only moves to the added server");
+            moved += 1;
+        }
+    }
+    eprintln!("{moved} of 150 keys moved when a third server was added");
+    assert!((25..=75).contains(&moved), "about a third of the keys move: {moved}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connection_fails_over_and_marks_the_server() {
+    let live = Backend::start("live").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let slow_probe = "[pool.probe]\ninterval_s = 60\ntimeout_s = 1\nunhealthy_threshold = 3";
+    let config =
+        format!("{}{}", listener("app"), pool_toml("app", &[closed.clone(), live.addr.to_string()], slow_probe));
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    assert!(server_healthy(&gateway, "app", &closed), "starts healthy");
+
+    // Round-robin starts with the closed server: the handshake fails over.
+    let (mut ws, response) = ws_connect(web(&gateway), "/ws", &[]).await;
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(Message::text("through the failover")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("through the failover"));
+    assert!(!server_healthy(&gateway, "app", &closed), "the refused server is marked at once");
+    assert!(last_reason(&gateway, "app", &closed).contains("connection failed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_servers_down_is_a_quick_503() {
+    let closed: Vec<String> =
+        (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()).collect();
+    let probe = "[pool.probe]\ninterval_s = 0.1\ntimeout_s = 0.05\nunhealthy_threshold = 1";
+    let config = format!("{}{}", listener("app"), pool_toml("app", &closed, probe));
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    wait_until("both marked down", Duration::from_secs(3), || {
+        closed.iter().all(|s| !server_healthy(&gateway, "app", s))
+    })
+    .await;
+    let started = Instant::now();
+    let got = get(web(&gateway), "/").await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(got.header("x-wasmgate-error"), Some("no-healthy-server"));
+    assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+    let refused = ws_refused(web(&gateway), "/ws", &[]).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+async fn websocket_after_probe_failure(close_on_unhealthy: bool) -> bool {
+    let app = Backend::start("app").await;
+    let extra = format!("close_on_unhealthy = {close_on_unhealthy}\n{FAST_PROBE}");
+    let config = format!("{}{}", listener("app"), pool_toml("app", &[app.addr.to_string()], &extra));
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let (mut ws, _) = ws_connect(web(&gateway), "/ws", &[]).await;
+    app.health.store(503, Ordering::Relaxed);
+    let address = app.addr.to_string();
+    wait_until("probe marks it unhealthy", Duration::from_secs(3), || !server_healthy(&gateway, "app", &address)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if ws.send(Message::text("still there?")).await.is_err() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), futures_util::StreamExt::next(&mut ws)).await,
+        Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "still there?"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_websocket_survives_a_failing_probe() {
+    assert!(websocket_after_probe_failure(false).await, "a probe failure is not a connection failure");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_on_unhealthy_closes_the_servers_websockets() {
+    assert!(!websocket_after_probe_failure(true).await, "closed when the pool asks for it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_failing_its_probe_gets_no_new_requests_or_handshakes() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let config =
+        format!("{}{}", listener("app"), pool_toml("app", &[a.addr.to_string(), b.addr.to_string()], FAST_PROBE));
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let addr = web(&gateway);
+    // b keeps listening and answering, but its health check fails.
+    b.health.store(500, Ordering::Relaxed);
+    let b_addr = b.addr.to_string();
+    let removed = wait_until("b out", Duration::from_secs(3), || !server_healthy(&gateway, "app", &b_addr)).await;
+    assert!(removed < Duration::from_millis(900), "removed after {removed:?}");
+    let before = b.requests().len();
+    for _ in 0..20 {
+        assert!(get(addr, "/x").await.body.contains("backend=a"));
+    }
+    let _ws = ws_connect(addr, "/ws", &[]).await;
+    assert_eq!(b.requests().len(), before, "no new request or handshake reached it");
+    assert!(last_reason(&gateway, "app", &b_addr).contains("status 500"));
+}
