@@ -39,15 +39,57 @@ pub fn plugin_wasm(krate: &str) -> PathBuf {
     file
 }
 
-/// A temporary plugin directory, with its own compiled-artifact cache.
+/// Every plugin crate the tests load, built by `scripts/build-plugins`.
+const TEST_PLUGINS: [&str; 7] =
+    ["path-router", "handshake-guard", "hello-router", "head-echo", "looper", "hostile", "init-trap"];
+
+/// The compiled-artifact cache the whole test run shares (under cargo's
+/// per-target scratch directory), filled with every test plugin before the
+/// first gateway starts: Cranelift then never competes with a timing
+/// assertion. Tests of the cache itself set their own `cache_dir`.
+pub fn shared_cache() -> &'static Path {
+    static CACHE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CACHE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
+        // On its own thread and runtime: callers may be inside any runtime.
+        let fill = dir.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                use wasmgate::plugin::{Loader, Runtime, counter::Counters, host_api::HostServices};
+                let runtime = Arc::new(Runtime::new().expect("wasm runtime"));
+                let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
+                let staging = tempfile::tempdir().expect("temp dir");
+                let defaults = wasmgate::config::PluginsConfig {
+                    dir: staging.path().to_owned(),
+                    cache_dir: Some(fill),
+                    ..Default::default()
+                };
+                let loader = Loader::new(runtime, defaults, services, Default::default());
+                for krate in TEST_PLUGINS {
+                    let file = staging.path().join(format!("{krate}.wasm"));
+                    std::fs::copy(plugin_wasm(krate), &file).expect("copy plugin");
+                    // A plugin that traps while starting is compiled (and
+                    // cached) all the same; only its load fails.
+                    let _ = loader.load(&file, 1).await;
+                }
+            });
+        })
+        .join()
+        .expect("filling the plugin cache");
+        dir
+    })
+}
+
+/// A temporary plugin directory; its gateway uses the [`shared_cache`].
 pub struct PluginDir {
     pub dir: tempfile::TempDir,
-    pub cache: tempfile::TempDir,
 }
 
 impl PluginDir {
     pub fn new() -> PluginDir {
-        PluginDir { dir: tempfile::tempdir().expect("temp dir"), cache: tempfile::tempdir().expect("temp dir") }
+        shared_cache();
+        PluginDir { dir: tempfile::tempdir().expect("temp dir") }
     }
 
     /// Installs plugin crate `krate` as `name`, with `settings` as `name.toml`.
@@ -71,7 +113,7 @@ pub async fn start_gateway(config: &str, plugins: &PluginDir) -> Gateway {
     let mut config = Config::from_toml(Path::new("test.toml"), config).expect("valid test config");
     config.plugins.dir = plugins.path().to_owned();
     if config.plugins.cache_dir.is_none() {
-        config.plugins.cache_dir = Some(plugins.cache.path().to_owned());
+        config.plugins.cache_dir = Some(shared_cache().to_owned());
     }
     Gateway::start(config).await.expect("gateway starts")
 }
@@ -531,6 +573,10 @@ pub async fn ws_refused(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) 
         Err(other) => panic!("handshake to {path} failed without an HTTP answer: {other}"),
     }
 }
+
+/// What a loaded 2-core CI machine may add to a timed bound (scheduling
+/// delay, other tests' CPU): a bound is the README's figure plus this.
+pub const CI_MARGIN: Duration = Duration::from_millis(750);
 
 /// Waits until `condition` holds; panics with `what` after `limit`.
 pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {

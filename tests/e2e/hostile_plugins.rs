@@ -1,9 +1,10 @@
 //! The hostile plugin suite: a router that loops, sleeps, hoards memory, recurses,
-//! panics, returns a 100 MB body, injects header lines, names a pool that does
-//! not exist, answers 101, or tries to reach files, sockets and the
-//! environment. Each is contained: that request gets the plugin's `on_error`
-//! outcome within its deadline, concurrent requests are unaffected, and the
-//! gateway's memory stays bounded.
+//! panics, returns a 100 MB body or one byte over the 1 MiB cap, injects
+//! header lines, names a pool that does not exist, answers 101, or tries to
+//! reach files, sockets and the environment. Each is contained, for its own
+//! reason: that request gets the plugin's `on_error` outcome within its
+//! deadline, concurrent requests are unaffected, and the gateway's memory
+//! stays bounded.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,12 +20,29 @@ fn rss_kib() -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// Each hostile path with the reason the gateway must give for refusing it
+/// (the plugin's `last_error`), and whether the refusal is its deadline.
+const HOSTILE: [(&str, &str, bool); 12] = [
+    ("/loop", "ran past its 250 ms deadline", true),
+    ("/sleep", "ran past its 250 ms deadline", true),
+    ("/grow", "hit its 32 MiB memory cap", false),
+    ("/huge-body", "hit its 32 MiB memory cap", false),
+    ("/recurse", "call stack exhausted", false),
+    ("/panic", "unreachable", false),
+    ("/big-body", "response body of 1048577 bytes exceeds 1048576", false),
+    ("/crlf", "value of header `x-evil` is not valid", false),
+    ("/bad-header-name", "header name \"bad name\" is not valid", false),
+    ("/status-101", "status 101 is not 200-599", false),
+    ("/unknown-pool", "pool `no-such-pool` does not exist", false),
+    ("/bad-rewrite", "rewrite `http://elsewhere/` is not origin-form", false),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_hostile_plugin_is_contained() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("hostile", "hostile", "");
     let config = format!(
-        "[plugins]\ncall_timeout_ms = 100\nquarantine_after_failures = 1000\n\
+        "[plugins]\ncall_timeout_ms = 250\nquarantine_after_failures = 1000\n\
          [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n\
          [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
         app.addr
@@ -32,6 +50,9 @@ async fn every_hostile_plugin_is_contained() {
     let gateway = start_gateway(&config, &plugins).await;
     let addr = web(&gateway);
     assert_eq!(get(addr, "/fine").await.status, StatusCode::OK);
+    // Exactly at the body cap is fine.
+    let max = get(addr, "/max-body").await;
+    assert_eq!((max.status, max.body.len()), (StatusCode::OK, 1 << 20));
 
     // Well-behaved traffic alongside, all the way through.
     let stop = Arc::new(AtomicBool::new(false));
@@ -47,46 +68,43 @@ async fn every_hostile_plugin_is_contained() {
         })
     };
 
+    let hostile = gateway.registry().get("hostile").unwrap();
+    let deadline = Duration::from_millis(250);
     let rss_before = rss_kib();
-    let hostile = [
-        "/loop",
-        "/sleep",
-        "/grow",
-        "/recurse",
-        "/panic",
-        "/big-body",
-        "/crlf",
-        "/bad-header-name",
-        "/status-101",
-        "/unknown-pool",
-        "/bad-rewrite",
-    ];
     for round in 0..3 {
-        for path in hostile {
+        for (path, reason, at_deadline) in HOSTILE {
             let started = Instant::now();
             let got = get(addr, path).await;
             let took = started.elapsed();
             assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {}", got.body);
             assert_eq!(got.header("x-wasmgate-error"), Some("plugin-unavailable"), "{path}");
             assert!(got.header("x-injected").is_none(), "{path}: no header was injected");
-            assert!(took < Duration::from_millis(1500), "round {round} {path}: took {took:?}");
+            let last_error = hostile.stats().last_error.unwrap_or_default();
+            assert!(last_error.contains(reason), "{path}: refused for `{last_error}`, not `{reason}`");
+            if at_deadline {
+                assert!(took >= deadline, "round {round} {path}: cut off early, after {took:?}");
+                assert!(took < deadline + CI_MARGIN, "round {round} {path}: cut off after {took:?}");
+            } else {
+                assert!(took < CI_MARGIN, "round {round} {path}: took {took:?}");
+            }
         }
     }
     let grown_kib = rss_kib().saturating_sub(rss_before);
-    eprintln!("gateway RSS grew by {grown_kib} KiB over {} hostile calls", 3 * hostile.len());
+    eprintln!("gateway RSS grew by {grown_kib} KiB over {} hostile calls", 3 * HOSTILE.len());
     stop.store(true, Ordering::Relaxed);
     bystander.await.unwrap();
 
     assert_eq!(failed.load(Ordering::Relaxed), 0, "bystander requests were unaffected");
     assert!(ok.load(Ordering::Relaxed) > 10, "bystanders kept being served");
     assert!(
-        app.requests().iter().all(|r| !hostile.contains(&r.target.as_str())),
+        app.requests().iter().all(|r| !HOSTILE.iter().any(|(path, ..)| r.target == *path)),
         "no hostile request reached the backend"
     );
     assert!(grown_kib < 96 * 1024, "gateway RSS grew by {grown_kib} KiB");
-    let stats = gateway.registry().get("hostile").unwrap().stats();
-    assert_eq!(stats.errors, 3 * hostile.len() as u64);
-    assert_eq!(stats.timeouts, 6, "/loop and /sleep run into the deadline");
+    let stats = hostile.stats();
+    assert_eq!(stats.errors, 3 * HOSTILE.len() as u64);
+    assert_eq!(stats.timeouts, 6, "/loop and /sleep run into the deadline, nothing else");
+    assert_eq!(stats.memory_limit_hits, 6, "/grow and /huge-body run into the memory cap, nothing else");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

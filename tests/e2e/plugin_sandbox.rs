@@ -34,12 +34,17 @@ async fn looping_plugin_is_cut_off_and_other_requests_are_served() {
     for _ in 0..10 {
         assert_eq!(get(addr, "/fine").await.status, StatusCode::OK);
     }
+    let deadline = Duration::from_millis(50);
     for handle in loops {
         let (got, took) = handle.await.unwrap();
         assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(got.header("x-wasmgate-error"), Some("plugin-unavailable"));
-        assert!(took < Duration::from_secs(2), "cut off at its deadline, took {took:?}");
+        assert!(took >= deadline, "ran until its deadline, not less: {took:?}");
+        assert!(took < deadline + CI_MARGIN, "cut off at its deadline, took {took:?}");
     }
+    let stats = gateway.registry().get("looper").unwrap().stats();
+    assert_eq!(stats.timeouts, 10, "each loop was stopped by the deadline");
+    assert!(stats.last_error.unwrap_or_default().contains("ran past its 50 ms deadline"));
     assert_eq!(app.requests().iter().filter(|r| r.target == "/loop").count(), 0);
     assert_eq!(get(addr, "/after").await.status, StatusCode::OK, "the gateway keeps serving");
 }
@@ -64,15 +69,29 @@ async fn trapping_plugin_follows_its_failure_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bomb_is_stopped_at_its_memory_cap() {
     let app = Backend::start("app").await;
-    let plugins = PluginDir::new().add("looper", "looper", "memory_limit_mb = 8\ncall_timeout_ms = 2000\n");
+    // Per-plugin limits, both different from the [plugins] defaults (32 MiB, 50 ms).
+    let plugins = PluginDir::new().add("looper", "looper", "memory_limit_mb = 8\ncall_timeout_ms = 300\n");
     let gateway = start_gateway(&config(&app), &plugins).await;
+    let looper = gateway.registry().get("looper").unwrap();
     let started = Instant::now();
     let bomb = get(web(&gateway), "/grow").await;
     assert_eq!(bomb.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(bomb.header("x-wasmgate-error"), Some("plugin-unavailable"));
-    // Refused by the cap, not by the (long) deadline.
-    assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+    // Refused by its own 8 MiB cap, not by a deadline.
+    assert!(started.elapsed() < CI_MARGIN, "took {:?}", started.elapsed());
+    let stats = looper.stats();
+    assert_eq!((stats.memory_limit_hits, stats.timeouts), (1, 0), "{stats:?}");
+    assert!(stats.last_error.unwrap_or_default().contains("hit its 8 MiB memory cap"), "{:?}", looper.stats());
     assert_eq!(get(web(&gateway), "/fine").await.status, StatusCode::OK);
+
+    // Its own deadline too: 300 ms, not the default 50 ms.
+    let started = Instant::now();
+    assert_eq!(get(web(&gateway), "/loop").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(300) + CI_MARGIN, "took {took:?}");
+    let stats = looper.stats();
+    assert_eq!((stats.memory_limit_hits, stats.timeouts), (1, 1), "{stats:?}");
+    assert!(stats.last_error.unwrap_or_default().contains("ran past its 300 ms deadline"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

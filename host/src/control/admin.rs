@@ -225,6 +225,8 @@ pub fn status(state: &AdminState) -> serde_json::Value {
                 "calls": stats.calls,
                 "errors": stats.errors,
                 "timeouts": stats.timeouts,
+                "memory_limit_hits": stats.memory_limit_hits,
+                "last_error": stats.last_error,
                 "quarantines": stats.quarantines,
                 "quarantined": stats.quarantined,
                 "p50_us": micros(timing.quantile(0.5)),

@@ -11,9 +11,17 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use wasmtime::Engine;
 use wasmtime::component::Component;
+
+/// A name for a scratch file no other writer in this process or another
+/// one picks at the same time.
+fn scratch_name(what: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(".{what}.{}.{}.tmp", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
 
 /// Serialized components by content hash.
 pub struct ArtifactCache {
@@ -67,7 +75,7 @@ impl ArtifactCache {
     /// Stores `component` for `sha256` (atomically: write, then rename).
     pub fn put(&self, sha256: &str, component: &Component) {
         let path = self.path(sha256);
-        let temp = self.dir.join(format!(".{sha256}.{}.tmp", std::process::id()));
+        let temp = self.dir.join(scratch_name(sha256));
         let result = component
             .serialize()
             .map_err(|e| std::io::Error::other(e.to_string()))
@@ -92,7 +100,7 @@ fn check_private(dir: &Path) -> std::io::Result<()> {
         return Err(std::io::Error::other("not a directory (or a symlink)"));
     }
     // A file made now is owned by this process's effective user.
-    let probe = dir.join(format!(".owner-check.{}", std::process::id()));
+    let probe = dir.join(scratch_name("owner-check"));
     let me = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&probe)?.metadata()?.uid();
     let _ = std::fs::remove_file(&probe);
     if meta.uid() != me {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{Level, host, types};
@@ -32,10 +32,42 @@ pub struct PluginContext {
     pub services: Arc<HostServices>,
 }
 
+/// An instance's caps on memories and tables, which remembers that it
+/// refused a memory growth: a call that then traps failed on its memory cap.
+pub struct Caps {
+    limits: StoreLimits,
+    /// Set when a memory growth was refused (cleared before every call).
+    pub(crate) refused_memory: bool,
+}
+
+impl ResourceLimiter for Caps {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        self.refused_memory |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
 /// The data of one plugin instance's store.
 pub struct HostState {
     pub(crate) plugin: Arc<PluginContext>,
-    pub(crate) limits: StoreLimits,
+    pub(crate) caps: Caps,
     /// When the call under way must end (set before every call).
     pub(crate) call_deadline: Instant,
     wasi: WasiCtx,
@@ -47,7 +79,8 @@ impl HostState {
         // The builder's defaults grant nothing: stdin closed, stdout/stderr
         // discarded, no environment, no arguments, no directories, no sockets.
         let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();
-        HostState { plugin, limits, call_deadline: Instant::now(), wasi, table: ResourceTable::new() }
+        let caps = Caps { limits, refused_memory: false };
+        HostState { plugin, caps, call_deadline: Instant::now(), wasi, table: ResourceTable::new() }
     }
 }
 

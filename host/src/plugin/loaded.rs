@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use wasmtime::component::Component;
 use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
 
@@ -38,6 +39,8 @@ pub enum PluginError {
     Timeout { plugin: String, timeout_ms: u64 },
     #[error("plugin `{plugin}` trapped: {message}")]
     Trap { plugin: String, message: String },
+    #[error("plugin `{plugin}` hit its {limit_mb} MiB memory cap")]
+    MemoryLimit { plugin: String, limit_mb: u64 },
     #[error("plugin `{plugin}` could not be instantiated: {message}")]
     Instantiate { plugin: String, message: String },
     #[error("plugin `{plugin}` returned an invalid decision: {reason}")]
@@ -56,6 +59,7 @@ impl PluginError {
         match self {
             PluginError::Timeout { plugin, .. }
             | PluginError::Trap { plugin, .. }
+            | PluginError::MemoryLimit { plugin, .. }
             | PluginError::Instantiate { plugin, .. }
             | PluginError::InvalidOutput { plugin, .. }
             | PluginError::Missing { plugin }
@@ -90,14 +94,20 @@ pub struct PluginIdentity {
 }
 
 /// Counters of one plugin version.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PluginStats {
     pub calls: u64,
+    /// Failed calls, whatever the cause (the causes below are among them).
     pub errors: u64,
+    /// Calls stopped at their deadline.
     pub timeouts: u64,
+    /// Calls that failed because the instance's memory cap refused a growth.
+    pub memory_limit_hits: u64,
     pub quarantines: u64,
     /// Whether calls are currently refused by the crash-loop breaker.
     pub quarantined: bool,
+    /// Why the latest failed call failed.
+    pub last_error: Option<String>,
 }
 
 /// A component linked and checked against one of the two plugin worlds.
@@ -153,6 +163,9 @@ struct Counters {
     calls: AtomicU64,
     errors: AtomicU64,
     timeouts: AtomicU64,
+    memory_limit_hits: AtomicU64,
+    /// Set on failures only: the success path never touches it.
+    last_error: ArcSwapOption<String>,
 }
 
 /// A compiled, validated plugin ready to be called.
@@ -250,21 +263,24 @@ impl LoadedPlugin {
             calls: c.calls.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             timeouts: c.timeouts.load(Ordering::Relaxed),
+            memory_limit_hits: c.memory_limit_hits.load(Ordering::Relaxed),
             quarantines: self.breaker.quarantines(),
             quarantined: self.breaker.is_open(),
+            last_error: c.last_error.load_full().map(|e| e.as_ref().clone()),
         }
     }
 
     /// Counts a failure found after the call returned (an invalid decision).
     pub fn record_failure(&self, error: &PluginError) {
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
         self.failed(error);
     }
 
     /// Starts the deadline for the call about to begin: the epoch callback
     /// yields at every tick and interrupts once the call has run its time.
     fn arm(&self, store: &mut Store<HostState>) {
-        store.data_mut().call_deadline = Instant::now() + self.limits.call_timeout;
+        let state = store.data_mut();
+        state.call_deadline = Instant::now() + self.limits.call_timeout;
+        state.caps.refused_memory = false;
         store.set_epoch_deadline(1);
     }
 
@@ -283,16 +299,12 @@ impl LoadedPlugin {
                 self.succeeded();
                 return Ok(value);
             }
-            Ok(Err(err)) => self.classify(err),
+            Ok(Err(err)) => self.classify(err, instance.store.data().caps.refused_memory),
             Err(_elapsed) => self.timeout_error(),
         };
         // The instance is dropped here: after a trap or an overrun its state
         // is unknown, so it never serves another request.
         drop(instance);
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        if matches!(err, PluginError::Timeout { .. }) {
-            self.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-        }
         self.failed(&err);
         Err(err)
     }
@@ -301,9 +313,16 @@ impl LoadedPlugin {
         PluginError::Timeout { plugin: self.name.clone(), timeout_ms: self.limits.call_timeout.as_millis() as u64 }
     }
 
-    fn classify(&self, err: wasmtime::Error) -> PluginError {
+    /// What a trap means: the deadline, the memory cap (a growth was
+    /// refused during the call), or the plugin's own fault.
+    fn classify(&self, err: wasmtime::Error, refused_memory: bool) -> PluginError {
         if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
             return self.timeout_error();
+        }
+        if refused_memory {
+            tracing::debug!(plugin = %self.name, "plugin trap after a refused memory growth: {err:?}");
+            let limit_mb = (self.limits.memory_limit_bytes >> 20) as u64;
+            return PluginError::MemoryLimit { plugin: self.name.clone(), limit_mb };
         }
         // The trap itself, without the wasm backtrace (logged at debug).
         tracing::debug!(plugin = %self.name, "plugin trap: {err:?}");
@@ -317,7 +336,16 @@ impl LoadedPlugin {
         }
     }
 
+    /// Counts a failed call by its cause, remembers why, and feeds the breaker.
     fn failed(&self, error: &PluginError) {
+        let c = &self.counters;
+        c.errors.fetch_add(1, Ordering::Relaxed);
+        match error {
+            PluginError::Timeout { .. } => c.timeouts.fetch_add(1, Ordering::Relaxed),
+            PluginError::MemoryLimit { .. } => c.memory_limit_hits.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        c.last_error.store(Some(Arc::new(error.to_string())));
         if let Some(tripped) = self.breaker.failed() {
             tracing::warn!(
                 plugin = %self.name,
@@ -345,13 +373,11 @@ impl LoadedPlugin {
             None => match tokio::time::timeout(self.limits.call_timeout, self.instantiate()).await {
                 Ok(Ok(instance)) => Ok(instance),
                 Ok(Err(error)) => {
-                    c.errors.fetch_add(1, Ordering::Relaxed);
                     self.failed(&error);
                     Err(error)
                 }
                 Err(_elapsed) => {
                     let error = self.timeout_error();
-                    c.errors.fetch_add(1, Ordering::Relaxed);
                     self.failed(&error);
                     Err(error)
                 }
@@ -377,7 +403,7 @@ impl LoadedPlugin {
             .instances(64)
             .build();
         let mut store = Store::new(&self.runtime.engine, HostState::new(self.context.clone(), limits));
-        store.limiter(|state| &mut state.limits);
+        store.limiter(|state| &mut state.caps);
         store.epoch_deadline_callback(|store| {
             if Instant::now() >= store.data().call_deadline {
                 Ok(UpdateDeadline::Interrupt)

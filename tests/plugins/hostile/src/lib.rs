@@ -43,7 +43,13 @@ impl Router for Hostile {
             }
             "/recurse" => RouteDecision::Respond(Response::text(200, recurse(0).to_string())),
             "/panic" => panic!("hostile plugin panics"),
+            // The host's body cap is 1 MiB: one byte over it, well within memory.
             "/big-body" => {
+                RouteDecision::Respond(Response { status: 200, headers: vec![], body: vec![b'x'; (1 << 20) + 1] })
+            }
+            "/max-body" => RouteDecision::Respond(Response { status: 200, headers: vec![], body: vec![b'x'; 1 << 20] }),
+            // Past the memory cap before the host ever sees it.
+            "/huge-body" => {
                 RouteDecision::Respond(Response { status: 200, headers: vec![], body: vec![b'x'; 100 << 20] })
             }
             "/crlf" => RouteDecision::Respond(Response::text(200, "hi").with_header("x-evil", "a\r\nx-injected: 1")),
