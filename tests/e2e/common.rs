@@ -226,6 +226,8 @@ pub struct Backend {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// The status `/health` answers (200 unless a test changes it).
     pub health: Arc<AtomicU16>,
+    /// Close frames its WebSockets received: code and reason.
+    pub closes: Arc<Mutex<Vec<(u16, String)>>>,
     stop: tokio::sync::watch::Sender<bool>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -258,6 +260,7 @@ impl Backend {
             addr: listener.local_addr().unwrap(),
             seen: Arc::new(Mutex::new(Vec::new())),
             health: Arc::new(AtomicU16::new(200)),
+            closes: Arc::default(),
             stop: tokio::sync::watch::channel(false).0,
             tls,
         };
@@ -266,7 +269,8 @@ impl Backend {
     }
 
     fn serve(&self, listener: TcpListener) {
-        let (name, seen, health) = (self.name.clone(), self.seen.clone(), self.health.clone());
+        let (name, seen, health, closes) =
+            (self.name.clone(), self.seen.clone(), self.health.clone(), self.closes.clone());
         let stop = self.stop.subscribe();
         let tls = self.tls.clone();
         tokio::spawn(async move {
@@ -276,12 +280,13 @@ impl Backend {
                     _ = stopped(stop.clone()) => return,
                 };
                 let Ok((stream, _)) = accepted else { continue };
-                let (name, seen, health, stop, tls) =
-                    (name.clone(), seen.clone(), health.clone(), stop.clone(), tls.clone());
+                let (name, seen, health, closes, stop, tls) =
+                    (name.clone(), seen.clone(), health.clone(), closes.clone(), stop.clone(), tls.clone());
                 tokio::spawn(async move {
                     let stop_ws = stop.clone();
                     let service = service_fn(move |req| {
-                        backend_handle(name.clone(), seen.clone(), health.clone(), stop_ws.clone(), req)
+                        let state = (seen.clone(), health.clone(), closes.clone());
+                        backend_handle(name.clone(), state, stop_ws.clone(), req)
                     });
                     let io: Box<dyn Io> = match tls {
                         None => Box::new(stream),
@@ -331,10 +336,16 @@ impl Backend {
     }
 }
 
+/// What a backend's handler records into: requests, its health, closes.
+type BackendState = (Arc<Mutex<Vec<Seen>>>, Arc<AtomicU16>, Arc<Mutex<Vec<(u16, String)>>>);
+
+/// Answers one request. Upgrade paths that misbehave on purpose:
+/// `/reject-upgrade` (403), `/ws-bad-accept`, `/ws-no-upgrade`,
+/// `/ws-no-connection`, `/ws-unoffered-protocol`, `/ws-unoffered-extension`
+/// (a 101 a client must refuse).
 async fn backend_handle(
     name: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    health: Arc<AtomicU16>,
+    (seen, health, closes): BackendState,
     stop: tokio::sync::watch::Receiver<bool>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
@@ -358,13 +369,22 @@ async fn backend_handle(
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = response.headers_mut();
-        h.insert("upgrade", "websocket".parse().unwrap());
-        h.insert("connection", "Upgrade".parse().unwrap());
+        if !path.starts_with("/ws-no-upgrade") {
+            h.insert("upgrade", "websocket".parse().unwrap());
+        }
+        if !path.starts_with("/ws-no-connection") {
+            h.insert("connection", "Upgrade".parse().unwrap());
+        }
         h.insert("sec-websocket-accept", accept.parse().unwrap());
-        if let Some(first) =
+        if path.starts_with("/ws-unoffered-protocol") {
+            h.insert("sec-websocket-protocol", "never-offered".parse().unwrap());
+        } else if let Some(first) =
             headers.get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next())
         {
             h.insert("sec-websocket-protocol", first.trim().parse().unwrap());
+        }
+        if path.starts_with("/ws-unoffered-extension") {
+            h.insert("sec-websocket-extensions", "x-never-offered".parse().unwrap());
         }
         let on_upgrade = hyper::upgrade::on(&mut req);
         let name = name.clone();
@@ -372,7 +392,7 @@ async fn backend_handle(
             if let Ok(upgraded) = on_upgrade.await {
                 let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
                 tokio::select! {
-                    _ = echo(ws, &name) => {}
+                    _ = echo(ws, &name, &closes) => {}
                     _ = stopped(stop) => {}
                 }
             }
@@ -397,13 +417,20 @@ async fn backend_handle(
 }
 
 /// Echoes every data message; `close-me` makes the server start the close.
-async fn echo<S>(mut ws: WebSocketStream<S>, name: &str)
+/// Records the Close frames it receives (a server-side stream refuses an
+/// unmasked one, so a recorded Close was masked).
+async fn echo<S>(mut ws: WebSocketStream<S>, name: &str, closes: &Mutex<Vec<(u16, String)>>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let _ = ws.send(Message::text(format!("hello from {name}"))).await;
     while let Some(Ok(message)) = ws.next().await {
         let sent = match message {
+            Message::Close(frame) => {
+                let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                closes.lock().unwrap().push((code, reason));
+                Ok(())
+            }
             Message::Text(t) if t.as_str() == "close-me" => {
                 let frame = CloseFrame { code: 1000.into(), reason: "bye".into() };
                 ws.close(Some(frame)).await
@@ -439,8 +466,17 @@ impl Got {
     }
 }
 
-/// Sends one request over a fresh HTTP/1.1 connection.
+/// Sends one request over a fresh HTTP/1.1 connection, within 30 s.
+///
+/// It asks for `Connection: close` (unless the caller sets `Connection`),
+/// so the gateway closes first and the TIME_WAIT stays on its listening
+/// port: loops of requests do not use up this machine's ephemeral ports.
 pub async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Got {
+    let exchange = request_once(addr, method, target, headers, body);
+    tokio::time::timeout(Duration::from_secs(30), exchange).await.expect("an answer within 30 s")
+}
+
+async fn request_once(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Got {
     let stream = TcpStream::connect(addr).await.expect("connect to gateway");
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("http handshake");
@@ -448,6 +484,9 @@ pub async fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&
     let mut builder = Request::builder().method(method).uri(target);
     if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
         builder = builder.header("host", format!("gw.test:{}", addr.port()));
+    }
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("connection")) {
+        builder = builder.header("connection", "close");
     }
     for (name, value) in headers {
         builder = builder.header(*name, *value);
@@ -469,6 +508,7 @@ pub async fn try_get_root(addr: SocketAddr) -> Result<(StatusCode, String), Stri
     let request = Request::builder()
         .uri("/")
         .header("host", "gw.test")
+        .header("connection", "close")
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
     let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
@@ -572,6 +612,11 @@ pub async fn ws_refused(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) 
         },
         Err(other) => panic!("handshake to {path} failed without an HTTP answer: {other}"),
     }
+}
+
+/// The admin listener's `/status` document.
+pub async fn status(admin: SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&get(admin, "/status").await.body).expect("/status is JSON")
 }
 
 /// What a loaded 2-core CI machine may add to a timed bound (scheduling

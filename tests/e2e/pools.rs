@@ -231,7 +231,10 @@ async fn all_servers_down_is_a_quick_503() {
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
 }
 
-async fn websocket_after_probe_failure(close_on_unhealthy: bool) -> bool {
+/// Opens a WebSocket and fails its server's probes: the next message the
+/// client gets (after sending one, if the WebSocket is to stay open), and
+/// the backend.
+async fn websocket_after_probe_failure(close_on_unhealthy: bool) -> (Message, Backend) {
     let app = Backend::start("app").await;
     let extra = format!("close_on_unhealthy = {close_on_unhealthy}\n{FAST_PROBE}");
     let config = format!("{}{}", listener("app"), pool_toml("app", &[app.addr.to_string()], &extra));
@@ -240,24 +243,32 @@ async fn websocket_after_probe_failure(close_on_unhealthy: bool) -> bool {
     app.health.store(503, Ordering::Relaxed);
     let address = app.addr.to_string();
     wait_until("probe marks it unhealthy", Duration::from_secs(3), || !server_healthy(&gateway, "app", &address)).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    if ws.send(Message::text("still there?")).await.is_err() {
-        return false;
+    if !close_on_unhealthy {
+        ws.send(Message::text("still there?")).await.unwrap();
     }
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), futures_util::StreamExt::next(&mut ws)).await,
-        Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "still there?"
-    )
+    (next_message(&mut ws).await, app)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_websocket_survives_a_failing_probe() {
-    assert!(websocket_after_probe_failure(false).await, "a probe failure is not a connection failure");
+    let (got, app) = websocket_after_probe_failure(false).await;
+    assert_eq!(got, Message::text("still there?"), "a probe failure is not a connection failure");
+    assert!(app.closes.lock().unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_on_unhealthy_closes_the_servers_websockets() {
-    assert!(!websocket_after_probe_failure(true).await, "closed when the pool asks for it");
+    let (got, app) = websocket_after_probe_failure(true).await;
+    match got {
+        Message::Close(Some(frame)) => {
+            assert_eq!((u16::from(frame.code), frame.reason.as_str()), (1001, "server unhealthy"))
+        }
+        other => panic!("expected the gateway's Close 1001, got {other:?}"),
+    }
+    wait_until("the backend got its Close", Duration::from_secs(2), || {
+        app.closes.lock().unwrap().contains(&(1001, "server unhealthy".to_owned()))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

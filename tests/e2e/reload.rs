@@ -314,7 +314,8 @@ async fn a_removed_server_has_its_websockets_closed_with_1001_over_drain_s() {
         assert!(greeting.ends_with(" a"), "{greeting}");
     }
     assert_eq!(b.handshakes(), before);
-    assert!(gateway.log_text().contains("server") && gateway.log_text().contains("removed"));
+    let line = format!("pool `app`: server {} removed; its 10 connection(s) close over 2s", b.addr);
+    assert!(gateway.log_text().contains(&line), "the reload logs `{line}`:\n{}", gateway.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

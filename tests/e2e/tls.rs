@@ -288,9 +288,10 @@ async fn replaced_certificate_serves_new_connections_while_open_wss_keeps_echoin
     let (cert, key) = pki.issue("gw", &["gw.test"]);
     let first = der_of(&cert);
     let app = Backend::start("app").await;
-    let gateway =
-        start_gateway(&https_config(&plain_pool(&app), &[(&["gw.test"], &cert, &key)], ""), &PluginDir::new()).await;
-    let addr = web(&gateway);
+    let config = https_config(&plain_pool(&app), &[(&["gw.test"], &cert, &key)], "");
+    let gateway = start_gateway(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{config}"), &PluginDir::new()).await;
+    let (addr, admin) = (web(&gateway), gateway.admin_addr().unwrap());
+    let certificates = |status: serde_json::Value| status["listeners"][0]["certificates"].clone();
 
     let tls = tls_connect(addr, "gw.test", pki.client(&[b"http/1.1"])).await.unwrap();
     let (mut ws, _) = tokio_tungstenite::client_async("wss://gw.test/ws", tls).await.unwrap();
@@ -299,7 +300,17 @@ async fn replaced_certificate_serves_new_connections_while_open_wss_keeps_echoin
     // A broken pair (another certificate's key) is refused; the old one stays.
     let (_, other_key) = pki.issue("other", &["gw.test"]);
     std::fs::copy(&other_key, &key).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let certs = certificates(status(admin).await);
+        if certs["rejected"].as_u64() >= Some(1) {
+            break certs;
+        }
+        assert!(std::time::Instant::now() < deadline, "the broken pair was never tried: {certs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reason = refused["last_error"].as_str().unwrap_or_default();
+    assert!(reason.contains(&cert.display().to_string()), "the refusal names the file: {reason}");
     assert_eq!(served_certificate(addr, &pki, "gw.test").await, Some(first.clone()));
 
     // A good new pair is served to new connections.

@@ -1,12 +1,14 @@
 //! WebSockets through the gateway: echo of every message kind, close in both
-//! directions, subprotocols, the server's own refusal, a wrong accept key, and
-//! the idle timeout.
+//! directions, subprotocols, the server's own refusal, a 101 a client must
+//! refuse, half-closes, the idle timeout, the lifetime and the close grace.
 
 use std::time::{Duration, Instant};
 
 use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
@@ -54,7 +56,8 @@ async fn websocket_echo_through_the_gateway() {
         Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1000),
         other => panic!("expected the server's Close, got {other:?}"),
     }
-    assert!(ws.next().await.is_none(), "stream ends after the close handshake");
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("stream ends");
+    assert!(end.is_none(), "stream ends after the close handshake: {end:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,6 +97,147 @@ async fn wrong_accept_key_from_backend_is_502() {
     assert_eq!(refused.header("x-wasmgate-error"), Some("bad-backend-handshake"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_a_client_must_refuse_is_502() {
+    let app = Backend::start("app").await;
+    let gateway = start_gateway(&config(&app, ""), &PluginDir::new()).await;
+    let offer = [("sec-websocket-protocol", "chat.v1"), ("sec-websocket-extensions", "permessage-deflate")];
+    for path in ["/ws-no-upgrade", "/ws-no-connection", "/ws-unoffered-protocol", "/ws-unoffered-extension"] {
+        let refused = ws_refused(web(&gateway), path, &offer).await;
+        assert_eq!(refused.status, StatusCode::BAD_GATEWAY, "{path}");
+        assert_eq!(refused.header("x-wasmgate-error"), Some("bad-backend-handshake"), "{path}");
+    }
+    // The same offer to a backend that answers properly is upgraded.
+    let (_ws, response) = ws_connect(web(&gateway), "/ws", &offer[..1]).await;
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+}
+
+/// Opens a WebSocket through `addr` on a raw socket; returns it after the 101.
+async fn raw_upgrade(addr: std::net::SocketAddr, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: gw.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await.unwrap().unwrap();
+        assert_eq!(n, 1, "the 101 never came: {}", String::from_utf8_lossy(&answer));
+        answer.push(byte[0]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&answer));
+    stream
+}
+
+/// Everything `stream` sends until it closes (within `limit`).
+async fn read_to_end(stream: &mut TcpStream, limit: Duration) -> Vec<u8> {
+    let mut got = Vec::new();
+    tokio::time::timeout(limit, stream.read_to_end(&mut got)).await.expect("closed in time").unwrap();
+    got
+}
+
+/// A raw WebSocket backend for one connection: it answers the upgrade with
+/// a correct 101, then hands the socket to `then`. Returns its address.
+async fn raw_backend<F, Fut>(then: F) -> std::net::SocketAddr
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = backend.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.unwrap();
+            head.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let key = text
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("sec-websocket-key")))
+            .map(|(_, key)| key.trim().to_owned())
+            .unwrap();
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        socket.write_all(answer.as_bytes()).await.unwrap();
+        then(socket).await;
+    });
+    addr
+}
+
+fn raw_config(backend: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"raw\"\n\
+         [[pool]]\nname = \"raw\"\nservers = [\"{backend}\"]\n[pool.probe]\ninterval_s = 3600\ntimeout_s = 1\n{extra}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_close_is_passed_on_and_the_other_direction_keeps_flowing() {
+    // After the 101 the backend reads until the client's side ends, then
+    // still sends one text frame and closes.
+    let backend = raw_backend(|mut socket| async move {
+        let mut rest = Vec::new();
+        socket.read_to_end(&mut rest).await.unwrap();
+        socket.write_all(b"\x81\x07saw eof").await.unwrap();
+        socket.shutdown().await.unwrap();
+    })
+    .await;
+    let gateway = start_gateway(&raw_config(backend, ""), &PluginDir::new()).await;
+    let mut client = raw_upgrade(web(&gateway), "/ws").await;
+    client.shutdown().await.unwrap();
+    let got = read_to_end(&mut client, Duration::from_secs(5)).await;
+    assert_eq!(got, b"\x81\x07saw eof", "the server saw the client's EOF and could still answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sides_that_ignore_the_gateways_close_are_cut_after_the_grace() {
+    // Neither side answers the Close the idle timeout sends: the backend
+    // only records what it receives, the client only reads.
+    let (received_tx, received_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let backend = raw_backend(|mut socket| async move {
+        let mut received = Vec::new();
+        let _ = socket.read_to_end(&mut received).await;
+        let _ = received_tx.send(received);
+    })
+    .await;
+    let gateway = start_gateway(&raw_config(backend, "[websocket]\nidle_timeout_s = 1\n"), &PluginDir::new()).await;
+    let mut client = raw_upgrade(web(&gateway), "/ws").await;
+    let close_frame = [&[0x88u8, 0x0e][..], &1001u16.to_be_bytes(), b"idle timeout"].concat();
+    let mut got = Vec::new();
+    let mut closed_at = None;
+    let cut_at = loop {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf)).await.expect("in time").unwrap();
+        if n == 0 {
+            break Instant::now();
+        }
+        got.extend_from_slice(&buf[..n]);
+        if closed_at.is_none() && got.windows(close_frame.len()).any(|w| w == close_frame) {
+            closed_at = Some(Instant::now());
+        }
+    };
+    let closed_at = closed_at.unwrap_or_else(|| panic!("no Close 1001 \"idle timeout\" in {got:?}"));
+    let grace = cut_at - closed_at;
+    assert!(grace >= Duration::from_millis(4900), "cut {grace:?} after the Close, before the 5 s grace");
+    assert!(grace < Duration::from_secs(5) + CI_MARGIN, "cut {grace:?} after the Close");
+
+    // The backend got the same Close, masked as a client's must be.
+    let received = tokio::time::timeout(Duration::from_secs(2), received_rx).await.expect("backend cut").unwrap();
+    assert_eq!(received.len(), 2 + 4 + 14, "one masked Close frame: {received:?}");
+    assert_eq!((received[0], received[1]), (0x88, 0x80 | 14), "FIN + Close, masked, 14 bytes");
+    let mask = &received[2..6];
+    let payload: Vec<u8> = received[6..].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+    assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+    assert_eq!(&payload[2..], b"idle timeout");
+}
+
 /// The Close frame the gateway sends, and when it arrived.
 async fn gateway_close(ws: &mut Ws, within: Duration) -> (u16, String) {
     loop {
@@ -123,9 +267,16 @@ async fn idle_websocket_gets_a_close_frame_after_idle_timeout() {
     assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
     let idle = quiet_since.elapsed();
     assert!(idle >= Duration::from_millis(900), "closed after {idle:?}, before the idle timeout");
+    assert!(idle < Duration::from_secs(1) + CI_MARGIN, "closed {idle:?} after the last message, not at 1 s");
     // The client's answer completes the close; then the stream ends.
     let end = tokio::time::timeout(Duration::from_secs(6), ws.next()).await.expect("stream ends");
     assert!(end.is_none() || matches!(end, Some(Err(_))), "{end:?}");
+    // The backend got the same Close, masked as from a client (its
+    // server-side stream refuses an unmasked frame).
+    wait_until("the backend's Close", Duration::from_secs(2), || {
+        app.closes.lock().unwrap().contains(&(1001, "idle timeout".to_owned()))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +297,11 @@ async fn busy_websocket_gets_a_close_frame_at_its_maximum_lifetime() {
         assert!(opened.elapsed() < Duration::from_secs(5), "never closed");
     };
     assert_eq!((code, reason.as_str()), (1001, "maximum lifetime reached"));
-    assert!(opened.elapsed() >= Duration::from_millis(950));
+    let lived = opened.elapsed();
+    assert!(
+        lived >= Duration::from_millis(950) && lived < Duration::from_secs(1) + CI_MARGIN,
+        "closed after {lived:?}"
+    );
     assert!(sent > 3, "traffic was flowing");
 }
 

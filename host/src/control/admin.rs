@@ -191,6 +191,10 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "name": l.name,
             "addr": l.addr.to_string(),
             "websockets": l.proxy.live_websockets(),
+            "certificates": l.certs.as_ref().map(|certs| {
+                let stats = certs.stats();
+                json!({"reloads": stats.reloads, "rejected": stats.rejected, "last_error": stats.last_error})
+            }),
         })).collect::<Vec<_>>(),
         "pools": pools.iter().map(|pool| json!({
             "name": pool.name,
@@ -233,6 +237,11 @@ pub fn status(state: &AdminState) -> serde_json::Value {
                 "p99_us": micros(timing.quantile(0.99)),
             })
         }).collect::<Vec<_>>(),
+        "rejected_plugins": shared.registry.rejected().iter().map(|(name, r)| json!({
+            "name": name,
+            "file": r.file.display().to_string(),
+            "reason": r.reason,
+        })).collect::<Vec<_>>(),
         "reloads": state.control.history(),
     })
 }

@@ -74,6 +74,8 @@ pub struct ListenerView {
     pub name: String,
     pub addr: SocketAddr,
     pub proxy: Arc<ListenerProxy>,
+    /// The certificates of an `https` listener.
+    pub certs: Option<Arc<CertStore>>,
 }
 
 /// The config in force, for readers that must not wait for a reload.
@@ -129,13 +131,14 @@ struct RunningListener {
     proxy: Arc<ListenerProxy>,
     config: ListenerConfig,
     addr: SocketAddr,
-    _accept: AcceptLoop,
+    accept: AcceptLoop,
 }
 
 /// A listener's accept loop; dropping it stops accepting (connections
 /// already accepted carry on).
 struct AcceptLoop {
     _stop: oneshot::Sender<()>,
+    certs: Option<Arc<CertStore>>,
     _cert_watcher: Option<FileWatch>,
 }
 
@@ -331,7 +334,12 @@ impl Control {
             listeners: running
                 .listeners
                 .iter()
-                .map(|(name, l)| ListenerView { name: name.clone(), addr: l.addr, proxy: l.proxy.clone() })
+                .map(|(name, l)| ListenerView {
+                    name: name.clone(),
+                    addr: l.addr,
+                    proxy: l.proxy.clone(),
+                    certs: l.accept.certs.clone(),
+                })
                 .collect(),
             pools,
             drain_window: window,
@@ -392,11 +400,10 @@ impl Control {
                     // after the new one accepts.
                     (addr, self.accept(opened, proxy.clone()))
                 }
-                (None, Some(old)) => (old.addr, old._accept),
+                (None, Some(old)) => (old.addr, old.accept),
                 (None, None) => unreachable!("prepare() opened every listener without a running socket"),
             };
-            listeners
-                .insert(config.name.clone(), RunningListener { proxy, config: config.clone(), addr, _accept: accept });
+            listeners.insert(config.name.clone(), RunningListener { proxy, config: config.clone(), addr, accept });
         }
         for (name, removed) in std::mem::replace(&mut running.listeners, listeners) {
             let websockets = removed.proxy.live_websockets();
@@ -442,14 +449,16 @@ impl Control {
                 _ = stop_rx => {}
             }
         };
-        let (tls, cert_watcher) = match opened.tls {
-            Some((store, watcher)) => (Some(TlsAcceptor::from(tls::server_config(store))), Some(watcher)),
-            None => (None, None),
+        let (tls, certs, cert_watcher) = match opened.tls {
+            Some((store, watcher)) => {
+                (Some(TlsAcceptor::from(tls::server_config(store.clone()))), Some(store), Some(watcher))
+            }
+            None => (None, None, None),
         };
         let kind = if tls.is_some() { "https: HTTP/1.1, HTTP/2, WebSocket" } else { "http: HTTP/1.1, h2c, WebSocket" };
         tracing::info!(listener = %proxy.name, addr = %opened.addr, "listening ({kind})");
         tokio::spawn(listener::serve(opened.socket, proxy, tls, self.limits, self.cap.clone(), stop));
-        AcceptLoop { _stop: stop_tx, _cert_watcher: cert_watcher }
+        AcceptLoop { _stop: stop_tx, certs, _cert_watcher: cert_watcher }
     }
 }
 

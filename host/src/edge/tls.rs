@@ -10,7 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::ServerConfig;
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
@@ -35,6 +37,20 @@ pub struct CertStore {
     sources: Vec<CertificateConfig>,
     entries: ArcSwap<Vec<Entry>>,
     refuse_unknown: bool,
+    reloads: AtomicU64,
+    rejected: AtomicU64,
+    last_error: ArcSwapOption<String>,
+}
+
+/// What the reloads of a listener's certificate files did, for `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertStats {
+    /// Times the files were read again after a change.
+    pub reloads: u64,
+    /// Pairs refused on a reload (the previous one kept serving).
+    pub rejected: u64,
+    /// Why the latest refused pair was refused.
+    pub last_error: Option<String>,
 }
 
 impl CertStore {
@@ -51,7 +67,18 @@ impl CertStore {
             sources: listener.certificate.clone(),
             entries: ArcSwap::from_pointee(entries),
             refuse_unknown: listener.unknown_sni == UnknownSni::Refuse,
+            reloads: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            last_error: ArcSwapOption::empty(),
         })
+    }
+
+    pub fn stats(&self) -> CertStats {
+        CertStats {
+            reloads: self.reloads.load(Ordering::Acquire),
+            rejected: self.rejected.load(Ordering::Acquire),
+            last_error: self.last_error.load_full().map(|e| e.as_ref().clone()),
+        }
     }
 
     /// Reloads every pair from its files; a pair that fails keeps serving
@@ -70,6 +97,8 @@ impl CertStore {
                 }
                 Err(reason) => {
                     tracing::error!(listener = %self.listener, cert = %source.cert.display(), %reason, "certificate rejected; the previous one keeps serving");
+                    self.last_error.store(Some(Arc::new(format!("{}: {reason}", source.cert.display()))));
+                    self.rejected.fetch_add(1, Ordering::AcqRel);
                     if let Some(old) = current.get(i) {
                         next.push(Entry { hosts: old.hosts.clone(), key: old.key.clone() });
                     }
@@ -77,6 +106,7 @@ impl CertStore {
             }
         }
         self.entries.store(Arc::new(next));
+        self.reloads.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The certificate for `sni`: exact name first, then a wildcard, then

@@ -8,6 +8,10 @@ use http::{HeaderValue, Response, StatusCode, header};
 /// The header naming why the gateway answered.
 pub const ERROR_HEADER: &str = "x-wasmgate-error";
 
+/// The `x-wasmgate-error` code on a WAF plugin's denial (the plugin's own
+/// status and body are kept).
+pub const WAF_DENY: &str = "waf-deny";
+
 /// Why the gateway answered a request itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
@@ -50,6 +54,25 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// The 308 to the same URL on the HTTPS listener's `port`: the host from
+    /// `Host` (or the absolute target's authority), the target unchanged.
+    pub fn redirect_to_https<B>(req: &http::Request<B>, port: u16) -> GatewayError {
+        let authority = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let host = match authority.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => authority,
+        };
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let location =
+            if port == 443 { format!("https://{host}{target}") } else { format!("https://{host}:{port}{target}") };
+        GatewayError::RedirectToHttps { location }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::RedirectToHttps { .. } => StatusCode::PERMANENT_REDIRECT,

@@ -7,4 +7,4 @@ pub mod error;
 pub mod headers;
 
 pub use body::ResponseBody;
-pub use error::{ERROR_HEADER, GatewayError};
+pub use error::{ERROR_HEADER, GatewayError, WAF_DENY};

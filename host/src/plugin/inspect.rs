@@ -85,7 +85,15 @@ pub async fn inspect(file: &Path) -> anyhow::Result<Inspection> {
             })
         }
         Err(error) => {
-            inspection.rejection = Some(error.to_string());
+            // Which world its exports claim, for the reader, though it does not link.
+            let claims =
+                |world: &str| inspection.exports.iter().any(|e| e.starts_with(&format!("wasmgate:plugin/{world}@")));
+            inspection.world = match (claims("router"), claims("waf")) {
+                (true, false) => Some("wasmgate:plugin/router-plugin (claimed by its exports; it does not link)"),
+                (false, true) => Some("wasmgate:plugin/waf-plugin (claimed by its exports; it does not link)"),
+                _ => None,
+            };
+            inspection.rejection = Some(format!("{error:#}"));
             return Ok(inspection);
         }
     }

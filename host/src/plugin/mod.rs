@@ -27,7 +27,6 @@ pub mod registry;
 pub mod runtime;
 pub mod watcher;
 
-pub use crate::config::PluginKind;
 pub use loaded::{LoadedPlugin, PluginError, PluginIdentity, PluginStats};
 pub use registry::{Loader, Registry};
 pub use runtime::Runtime;

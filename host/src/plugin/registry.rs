@@ -156,6 +156,9 @@ struct History {
 /// Loaded plugins by name.
 pub struct Registry {
     plugins: ArcSwap<HashMap<String, Arc<LoadedPlugin>>>,
+    /// The latest refusal of each file that is not loaded as it is now, by
+    /// plugin name (cleared once the file loads, or goes).
+    rejected: Mutex<HashMap<String, Rejected>>,
     /// Last version number and failure policy of every name ever loaded.
     history: Mutex<HashMap<String, History>>,
     /// Only one reconcile at a time.
@@ -169,6 +172,7 @@ impl Registry {
     pub fn new(default_on_error: OnError) -> Registry {
         Registry {
             plugins: ArcSwap::from_pointee(HashMap::new()),
+            rejected: Mutex::new(HashMap::new()),
             history: Mutex::new(HashMap::new()),
             reconciling: tokio::sync::Mutex::new(()),
             reconciles: AtomicU64::new(0),
@@ -185,6 +189,15 @@ impl Registry {
     pub fn all(&self) -> Vec<Arc<LoadedPlugin>> {
         let mut all: Vec<_> = self.plugins.load().values().cloned().collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Files in the plugin directory that were refused, with why, sorted by
+    /// plugin name. A file stays listed until it loads or is removed.
+    pub fn rejected(&self) -> Vec<(String, Rejected)> {
+        let rejected = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = rejected.iter().map(|(name, r)| (name.clone(), r.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
 
@@ -273,6 +286,7 @@ impl Registry {
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(name.clone(), History { version, on_error: plugin.limits.on_error });
                     report.loaded.push(name.clone());
+                    self.rejected.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
                     next.insert(name, Arc::new(plugin));
                 }
                 Err(err) => {
@@ -280,11 +294,15 @@ impl Registry {
                     match old {
                         Some(old) => {
                             tracing::error!(file = %file.display(), %reason, serving_version = old.identity.version, "plugin rejected; the previous version keeps serving");
-                            next.insert(name, old.clone());
                         }
                         None => tracing::error!(file = %file.display(), %reason, "plugin rejected"),
                     }
-                    report.rejected.push(Rejected { file: file.clone(), reason });
+                    let rejected = Rejected { file: file.clone(), reason };
+                    self.rejected.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), rejected.clone());
+                    report.rejected.push(rejected);
+                    if let Some(old) = old {
+                        next.insert(name, old.clone());
+                    }
                 }
             }
         }
@@ -303,6 +321,8 @@ impl Registry {
         if !report.loaded.is_empty() || !report.unloaded.is_empty() {
             self.plugins.store(Arc::new(next));
         }
+        let on_disk: std::collections::HashSet<String> = files.iter().filter_map(|f| plugin_name(f).ok()).collect();
+        self.rejected.lock().unwrap_or_else(|p| p.into_inner()).retain(|name, _| on_disk.contains(name));
         self.reconciles.fetch_add(1, Ordering::Release);
         report
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use http::Response;
 
-use crate::http::{GatewayError, ResponseBody};
+use crate::http::{GatewayError, ResponseBody, WAF_DENY};
 use crate::telemetry::metrics::HandshakeResult;
 use crate::upstream::{Pool, Server};
 
@@ -31,7 +31,7 @@ impl Outcome {
     /// access log.
     pub fn error_code(&self) -> Option<&'static str> {
         match self {
-            Outcome::WafDenied => Some("waf-deny"),
+            Outcome::WafDenied => Some(WAF_DENY),
             Outcome::Gateway(error) => Some(error.code()),
             Outcome::Served | Outcome::Upgraded | Outcome::PluginAnswered => None,
         }

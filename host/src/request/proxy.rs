@@ -44,7 +44,7 @@ use super::outcome::{Answer, Outcome};
 use super::route::Route;
 use super::validate;
 use crate::config::{ListenerConfig, OnError};
-use crate::http::{ERROR_HEADER, GatewayError, ResponseBody};
+use crate::http::{ERROR_HEADER, GatewayError, ResponseBody, WAF_DENY};
 use crate::plugin::bindings::{RequestHead, RouteDecision, Verdict};
 use crate::plugin::{PluginError, Registry};
 use crate::shutdown::{Drain, Spread};
@@ -210,24 +210,12 @@ impl ListenerProxy {
     /// Phase 2: the 308 to the same URL on the HTTPS listener's port, for a
     /// plain request without a body on a listener that redirects.
     fn redirect(rules: &ListenerRules, req: &Request<Incoming>, handshake: bool) -> Step<()> {
-        let Some(port) = rules.redirect_to_https else { return Ok(()) };
-        if handshake || !req.body().is_end_stream() {
-            return Ok(());
+        match rules.redirect_to_https {
+            Some(port) if !handshake && req.body().is_end_stream() => {
+                Err(GatewayError::redirect_to_https(req, port).into())
+            }
+            _ => Ok(()),
         }
-        let authority = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .unwrap_or("");
-        let host = match authority.rsplit_once(':') {
-            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-            _ => authority,
-        };
-        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let location =
-            if port == 443 { format!("https://{host}{target}") } else { format!("https://{host}:{port}{target}") };
-        Err(GatewayError::RedirectToHttps { location }.into())
     }
 
     /// Phase 4: runs the WAF plugins in order; the first deny ends the request.
@@ -253,7 +241,7 @@ impl ListenerProxy {
             };
             match validate::response(name, denial) {
                 Ok(mut response) => {
-                    response.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static("waf-deny"));
+                    response.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static(WAF_DENY));
                     return Err(Answer::new(response, Outcome::WafDenied));
                 }
                 Err(error) => {

@@ -331,6 +331,7 @@ impl HandshakeCounters {
     }
 
     pub fn count(&self, result: HandshakeResult) {
+        // `ALL` lists the results in declaration order (tested below).
         self.0[result as usize].inc();
     }
 }
@@ -352,5 +353,35 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode_registry(&mut text, &live);
         let _ = prometheus_client::encoding::text::encode_eof(&mut text);
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_handshake_result_counts_under_its_own_label() {
+        for (i, result) in HandshakeResult::ALL.into_iter().enumerate() {
+            assert_eq!(result as usize, i, "{result:?} is at its own index");
+        }
+        let metrics = Metrics::default();
+        let counters = HandshakeCounters::new(&metrics, "web");
+        counters.count(HandshakeResult::AtCapacity);
+        let text = metrics.encode(Box::new(NoState));
+        assert!(
+            text.contains("wasmgate_websocket_handshakes_total{listener=\"web\",result=\"at_capacity\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("wasmgate_websocket_handshakes_total{listener=\"web\",result=\"upgraded\"} 0"), "{text}");
+    }
+
+    #[derive(Debug)]
+    struct NoState;
+
+    impl Collector for NoState {
+        fn encode(&self, _: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            Ok(())
+        }
     }
 }
