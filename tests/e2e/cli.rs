@@ -54,6 +54,53 @@ fn check_names_file_line_and_key_of_a_bad_config() {
     assert!(out.contains("gateway.toml"), "{out}");
     assert!(out.contains("line 16"), "{out}");
     assert!(out.contains("idle_timeout"), "{out}");
+    assert!(!out.contains('\x1b'), "no terminal colour codes into a pipe: {out:?}");
+}
+
+#[test]
+fn check_refuses_a_bad_plugin_settings_file_naming_file_line_and_key() {
+    for (settings, expected) in [
+        ("call_timeout_ms = 100\nmemory_limit = 8\n", "line 2"),
+        ("call_timeout_ms = 100\nmemory_limit = 8\n", "unknown field `memory_limit`"),
+        ("call_timeout_ms = 0\n", "path-router.toml:1: `call_timeout_ms`: must be 1-60000"),
+        ("on_error = \"maybe\"\n", "unknown variant `maybe`, expected `deny` or `allow`"),
+        ("\n\nmemory_limit_mb = 9999\n", "path-router.toml:3: `memory_limit_mb`: must be 1-4096"),
+        ("[config]\nroutes = 7\n", "invalid type: integer `7`, expected a string"),
+    ] {
+        let plugins =
+            PluginDir::new().add("path-router", "path-router", settings).add("handshake-guard", "handshake-guard", "");
+        let path = write_config(plugins.path(), CONFIG);
+        let (ok, out) = wasmgate(&["check", "--config", &path]);
+        assert!(!ok, "{settings}: {out}");
+        assert!(out.contains("rejected ") && out.contains("path-router.toml"), "{settings}: names the file: {out}");
+        assert!(out.contains(expected), "{settings}: `{expected}` in {out}");
+    }
+}
+
+#[test]
+fn plugin_inspect_shows_world_imports_exports_and_the_verdict() {
+    let (ok, out) = wasmgate(&["plugin", "inspect", &plugin_wasm("path-router").to_string_lossy()]);
+    assert!(ok, "{out}");
+    for line in [
+        "world:   wasmgate:plugin/router-plugin",
+        "  wasmgate:plugin/host@0.2.0",
+        "  wasmgate:plugin/router@0.2.0",
+        "verdict: accepted",
+    ] {
+        assert!(out.lines().any(|l| l.starts_with(line)), "missing `{line}`:\n{out}");
+    }
+    let (ok, out) = wasmgate(&["plugin", "inspect", &plugin_wasm("handshake-guard").to_string_lossy()]);
+    assert!(ok && out.contains("world:   wasmgate:plugin/waf-plugin"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm not a component").unwrap();
+    let (ok, out) = wasmgate(&["plugin", "inspect", &garbage.to_string_lossy()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("verdict: rejected: not a valid WebAssembly component"), "{out}");
+    let (ok, out) = wasmgate(&["plugin", "inspect", &plugin_wasm("init-trap").to_string_lossy()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("verdict: rejected") && out.contains("could not be instantiated"), "{out}");
 }
 
 #[test]

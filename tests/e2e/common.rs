@@ -120,11 +120,6 @@ pub async fn start_gateway(config: &str, plugins: &PluginDir) -> Gateway {
 
 // ---------------------------------------------------------------- processes
 
-/// A free TCP port on 127.0.0.1 (bound, then released for the caller).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A `wasmgate run` child process; killed when dropped if still running.
 pub struct GatewayProcess {
     pub child: std::process::Child,
@@ -156,6 +151,23 @@ impl GatewayProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Where listener `name` (or, for `"admin"`, the admin listener) is
+    /// bound, as its latest "listening" log line says: configs bind port 0,
+    /// so no port is picked, released and raced for.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| match name {
+                "admin" => l.contains("admin listening"),
+                _ => l.contains(" listening (") && l.contains(&format!("listener={name} ")),
+            })
+            .unwrap_or_else(|| panic!("no listening line for `{name}` in:\n{log}"));
+        let addr = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")).expect("addr= in the line");
+        addr.parse().unwrap_or_else(|e| panic!("`{addr}`: {e}"))
     }
 
     /// Sends `signal` (`TERM`, `HUP`...) with kill(1).

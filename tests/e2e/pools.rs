@@ -29,7 +29,9 @@ fn last_reason(gateway: &Gateway, pool: &str, address: &str) -> String {
     pool.servers.iter().find(|s| s.address == address).expect("server").last_reason()
 }
 
-const FAST_PROBE: &str = "[pool.probe]\npath = \"/health\"\ninterval_s = 0.2\ntimeout_s = 0.1\nunhealthy_threshold = 2\nhealthy_threshold = 2\n";
+/// Probes every 0.2 s; a probe may take the whole interval (a loaded CI
+/// machine delays answers), so only a server that is really down fails.
+const FAST_PROBE: &str = "[pool.probe]\npath = \"/health\"\ninterval_s = 0.2\ntimeout_s = 0.2\nunhealthy_threshold = 2\nhealthy_threshold = 2\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_server_leaves_the_pool_and_returns_when_it_recovers() {
@@ -209,6 +211,108 @@ async fn refused_connection_fails_over_and_marks_the_server() {
     assert_eq!(next_message(&mut ws).await, Message::text("through the failover"));
     assert!(!server_healthy(&gateway, "app", &closed), "the refused server is marked at once");
     assert!(last_reason(&gateway, "app", &closed).contains("connection failed"));
+}
+
+/// A server that accepts a connection, reads one request head (and any
+/// body bytes that came with it), counts it, and closes without answering:
+/// the request may have reached it, so it must never be sent again.
+async fn dropper() -> (String, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen = Arc::new(AtomicU64::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let count = count.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if !String::from_utf8_lossy(&head).contains("wasmgate-probe") {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn method_count(backend: &Backend, method: &str) -> usize {
+    backend.requests().iter().filter(|r| r.method == method).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_may_have_reached_a_server_is_sent_again_only_if_safe() {
+    let good = Backend::start("good").await;
+    let (dropper, dropped) = dropper().await;
+    let slow_probe = "retries = 1\n[pool.probe]\ninterval_s = 60\ntimeout_s = 1";
+    let servers = [dropper.clone(), good.addr.to_string()];
+    let config = format!("{}{}", listener("app"), pool_toml("app", &servers, slow_probe));
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let addr = web(&gateway);
+
+    // A GET without a body is idempotent: one the dropper took is sent
+    // again to the good server, which sees each GET exactly once.
+    for _ in 0..4 {
+        assert_eq!(get(addr, "/get").await.status, StatusCode::OK);
+    }
+    assert!(dropped.load(Ordering::Relaxed) >= 1, "the dropper got some of them first");
+    assert_eq!(method_count(&good, "GET"), 4);
+    assert!(server_healthy(&gateway, "app", &dropper), "a dropped request is not a refused connection");
+
+    // With a body, or not idempotent: each is sent once, to one server; the
+    // ones the dropper took are 502, never retried.
+    for (method, body) in [("POST", b"a=1".to_vec()), ("PUT", b"x".to_vec()), ("POST", vec![]), ("PATCH", vec![])] {
+        let before = (dropped.load(Ordering::Relaxed), method_count(&good, method));
+        let mut failed = 0;
+        for _ in 0..4 {
+            let status = request(addr, method, "/once", &[], body.clone()).await.status;
+            assert!(status == StatusCode::OK || status == StatusCode::BAD_GATEWAY, "{method}: {status}");
+            failed += usize::from(status == StatusCode::BAD_GATEWAY);
+        }
+        let to_dropper = (dropped.load(Ordering::Relaxed) - before.0) as usize;
+        let to_good = method_count(&good, method) - before.1;
+        assert_eq!(to_dropper + to_good, 4, "{method} {body:?}: each request was sent exactly once");
+        assert_eq!(failed, to_dropper, "{method} {body:?}: what the dropper took failed, and was not retried");
+        assert!(to_dropper >= 1, "{method} {body:?}: the dropper was tried");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_bounds_how_many_other_servers_are_tried() {
+    let good = Backend::start("good").await;
+    let droppers = [dropper().await, dropper().await, dropper().await];
+    let mut servers: Vec<String> = droppers.iter().map(|(addr, _)| addr.clone()).collect();
+    servers.push(good.addr.to_string());
+    let attempts = || droppers.iter().map(|(_, n)| n.load(Ordering::Relaxed) as usize).sum::<usize>();
+    for retries in [0, 1, 3] {
+        let extra = format!("retries = {retries}\n[pool.probe]\ninterval_s = 60\ntimeout_s = 1");
+        let config = format!("{}{}", listener("app"), pool_toml("app", &servers, &extra));
+        let gateway = start_gateway(&config, &PluginDir::new()).await;
+        let before = (attempts(), method_count(&good, "GET"));
+        let mut failed = 0;
+        for _ in 0..8 {
+            failed += usize::from(get(web(&gateway), "/r").await.status == StatusCode::BAD_GATEWAY);
+        }
+        let (on_droppers, on_good) = (attempts() - before.0, method_count(&good, "GET") - before.1);
+        assert_eq!(on_good + failed, 8, "retries = {retries}: every request ends served or 502");
+        // A failed request tried exactly 1 + retries servers; a served one at most that.
+        assert!(on_droppers >= failed * (1 + retries), "retries = {retries}: {on_droppers} attempts, {failed} failed");
+        assert!(on_droppers + on_good <= 8 * (1 + retries), "retries = {retries}: at most 1 + retries tries each");
+        if retries == 0 {
+            assert_eq!(on_droppers + on_good, 8, "no retry at all");
+        }
+        if retries == 3 {
+            assert_eq!(failed, 0, "with a try for every server, the good one is always reached");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

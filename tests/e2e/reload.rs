@@ -37,9 +37,9 @@ impl Setup {
         install("guard", "handshake-guard", "[config]\ndeny_paths = \"/never*\"\n");
         install("guard-b", "handshake-guard", "[config]\ndeny_paths = \"/blocked*\"\n");
         std::fs::write(dir.path().join("admin.token"), format!("{TOKEN}\n")).unwrap();
-        let web = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        Setup { dir, web, admin }
+        // Port 0 everywhere: the real addresses are read from the log at start.
+        let unbound = "127.0.0.1:0".parse().unwrap();
+        Setup { dir, web: unbound, admin: unbound }
     }
 
     fn config_path(&self) -> PathBuf {
@@ -53,15 +53,18 @@ impl Setup {
             "[admin]\nlisten = \"{}\"\ntoken_file = \"admin.token\"\n\
              [plugins]\ndir = \"plugins\"\n\
              [[listener]]\nname = \"web\"\nbind = \"{}\"\nwaf = [{}]\nrouter = \"{router}\"\n{rest}",
-            self.admin,
-            self.web,
+            "127.0.0.1:0",
+            "127.0.0.1:0",
             waf.join(", ")
         );
         std::fs::write(self.config_path(), text).unwrap();
     }
 
-    async fn start(&self) -> GatewayProcess {
-        GatewayProcess::start(&self.config_path(), &self.dir.path().join("gateway.log"), 2).await
+    /// Starts the gateway and learns where `web` and the admin listener are.
+    async fn start(&mut self) -> GatewayProcess {
+        let gateway = GatewayProcess::start(&self.config_path(), &self.dir.path().join("gateway.log"), 2).await;
+        (self.web, self.admin) = (gateway.addr("web"), gateway.addr("admin"));
+        gateway
     }
 
     /// `POST /reload` with the token: the status and the JSON answer.
@@ -108,7 +111,7 @@ async fn serving(web: SocketAddr) -> Option<char> {
 async fn twenty_reloads_under_load_drop_nothing_and_apply_at_once() {
     let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
     let (one, two) = (Backend::start("one").await, Backend::start("two").await);
-    let setup = Setup::new();
+    let mut setup = Setup::new();
     let config_a = |setup: &Setup| setup.write(&["guard"], "router-a", &pools(&[&a, &b], &one, &two));
     let config_b = |setup: &Setup| setup.write(&["guard", "guard-b"], "router-b", &pools(&[&a, &b, &c], &one, &two));
     config_a(&setup);
@@ -196,7 +199,7 @@ async fn twenty_reloads_under_load_drop_nothing_and_apply_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
     let (a, one, two) = (Backend::start("a").await, Backend::start("one").await, Backend::start("two").await);
-    let setup = Setup::new();
+    let mut setup = Setup::new();
     let good = pools(&[&a], &one, &two);
     setup.write(&["guard"], "router-a", &good);
     let _gateway = setup.start().await;
@@ -260,7 +263,7 @@ async fn a_removed_server_has_its_websockets_closed_with_1001_over_drain_s() {
         Backend::start("one").await,
         Backend::start("two").await,
     );
-    let setup = Setup::new();
+    let mut setup = Setup::new();
     let drain = "[websocket]\ndrain_s = 2\n";
     setup.write(&[], "router-a", &format!("{}{drain}", pools(&[&a, &b], &one, &two)));
     let gateway = setup.start().await;
@@ -321,19 +324,18 @@ async fn a_removed_server_has_its_websockets_closed_with_1001_over_drain_s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_are_added_and_removed_and_a_removed_one_ends_politely() {
     let (a, one, two) = (Backend::start("a").await, Backend::start("one").await, Backend::start("two").await);
-    let setup = Setup::new();
-    let extra: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut setup = Setup::new();
     let base = format!("{}[websocket]\ndrain_s = 1\n", pools(&[&a], &one, &two));
-    let with_extra = format!("{base}[[listener]]\nname = \"extra\"\nbind = \"{extra}\"\ndefault_pool = \"app\"\n");
+    let with_extra = format!("{base}[[listener]]\nname = \"extra\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n");
     setup.write(&[], "router-a", &base);
-    let _gateway = setup.start().await;
-    assert!(tokio::net::TcpStream::connect(extra).await.is_err(), "not bound yet");
+    let gateway = setup.start().await;
 
     // Added: bound by the reload.
     setup.write(&[], "router-a", &with_extra);
     let (status, report) = setup.reload().await;
     assert_eq!(status, StatusCode::OK, "{report}");
     assert!(report["changes"].to_string().contains("listener `extra` added"), "{report}");
+    let extra = gateway.addr("extra");
     assert_eq!(get(extra, "/").await.status, StatusCode::OK);
 
     // On it: a WebSocket, a kept-alive connection, and a slow request.

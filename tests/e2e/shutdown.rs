@@ -17,10 +17,9 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
     let _one = ONE_AT_A_TIME.lock().await;
     let app = Backend::start("app").await;
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let mut gateway = spawn_gateway(dir.path(), "gateway", port, &app, 2).await;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut gateway = spawn_gateway(dir.path(), "gateway", 0, &app, 2).await;
+    let addr = gateway.addr("web");
 
     let mut sockets = Vec::new();
     for _ in 0..100 {
@@ -70,8 +69,8 @@ async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
     assert!(exit.success(), "exit status {exit}");
 }
 
-/// Starts `wasmgate run` on `port` in front of `backend`; returns once it
-/// listens (another process may already listen there).
+/// Starts `wasmgate run` on `port` (0: any) in front of `backend`; returns
+/// once it listens (another process may already listen there).
 async fn spawn_gateway(
     dir: &std::path::Path,
     name: &str,
@@ -115,50 +114,80 @@ impl Drop for MigrateRequests {
     }
 }
 
+/// What the looping client of the handover test has seen so far.
+#[derive(Default)]
+struct Tally {
+    ok: std::sync::atomic::AtomicU32,
+    failed: std::sync::atomic::AtomicU32,
+    from_new: std::sync::atomic::AtomicU32,
+}
+
+impl Tally {
+    fn get(counter: &std::sync::atomic::AtomicU32) -> u32 {
+        counter.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn done(&self) -> u32 {
+        Self::get(&self.ok) + Self::get(&self.failed)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_process_takes_over_the_port_without_a_failed_request() {
+    use std::sync::atomic::Ordering::Relaxed;
     let _one = ONE_AT_A_TIME.lock().await;
     let _migrate = MigrateRequests::enable();
     let (old_backend, new_backend) = (Backend::start("old").await, Backend::start("new").await);
-    let port = free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut old = spawn_gateway(dir.path(), "old", port, &old_backend, 1).await;
+    let mut old = spawn_gateway(dir.path(), "old", 0, &old_backend, 1).await;
+    let addr = old.addr("web");
 
-    // A client looping requests for the whole handover.
+    // A client looping requests, each on a new connection, for the whole
+    // handover: counted, so the phases below are measured in requests.
+    let tally = std::sync::Arc::new(Tally::default());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = {
-        let stop = stop.clone();
+        let (tally, stop) = (tally.clone(), stop.clone());
         tokio::spawn(async move {
-            let (mut ok, mut failed, mut from_new) = (0u32, 0u32, 0u32);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Relaxed) && Instant::now() < deadline {
                 match try_get(addr).await {
                     Some(body) => {
-                        ok += 1;
-                        from_new += u32::from(body.contains("backend=new"));
+                        tally.ok.fetch_add(1, Relaxed);
+                        tally.from_new.fetch_add(u32::from(body.contains("backend=new")), Relaxed);
                     }
-                    None => failed += 1,
+                    None => _ = tally.failed.fetch_add(1, Relaxed),
                 }
             }
-            (ok, failed, from_new)
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = |n: u32| {
+        let tally = tally.clone();
+        async move { wait_until(&format!("{n} requests"), Duration::from_secs(30), || tally.done() >= n).await }
+    };
+    after(250).await;
+    assert_eq!(Tally::get(&tally.from_new), 0, "only the old process serves before the new one starts");
 
     // The new process binds the same port; then the old one is told to stop.
-    let mut new = spawn_gateway(dir.path(), "new", port, &new_backend, 1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut new = spawn_gateway(dir.path(), "new", addr.port(), &new_backend, 1).await;
+    after(tally.done() + 250).await;
     old.signal("TERM");
     assert!(old.exited(Duration::from_secs(10)).await.success(), "the old process exits 0");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed, from_new) = client.await.unwrap();
+    // From here on only the new process can answer.
+    let (exited_at, new_at_exit) = (tally.done(), Tally::get(&tally.from_new));
+    after(exited_at.max(1750) + 250).await;
+    stop.store(true, Relaxed);
+    client.await.unwrap();
+    let (ok, failed, from_new) = (Tally::get(&tally.ok), Tally::get(&tally.failed), Tally::get(&tally.from_new));
     eprintln!("handover: {ok} requests ok, {failed} failed, {from_new} answered by the new process");
     new.signal("TERM");
     let _ = new.exited(Duration::from_secs(10)).await;
     assert_eq!(failed, 0, "no request failed during the handover");
-    assert!(from_new > 0 && ok > 100);
+    assert!(ok >= 2000, "{ok} requests");
+    // Every request that started after the old process exited (one may have
+    // been under way at that moment) was answered by the new one.
+    assert!(from_new - new_at_exit + 1 >= ok - exited_at, "{from_new} from new, {new_at_exit} at exit, {exited_at}");
+    assert!(from_new * 4 >= ok * 3, "about three quarters from the new process: {from_new} of {ok}");
 }
 
 /// One GET over a new connection; `None` (and why, on stderr) if it failed.
