@@ -14,7 +14,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -217,6 +217,7 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 pub struct Seen {
     pub method: String,
     pub target: String,
+    pub version: http::Version,
     pub headers: HeaderMap,
     pub body_len: usize,
 }
@@ -300,19 +301,31 @@ impl Backend {
                         let state = (seen.clone(), health.clone(), closes.clone());
                         backend_handle(name.clone(), state, stop_ws.clone(), req)
                     });
-                    let io: Box<dyn Io> = match tls {
-                        None => Box::new(stream),
+                    let (io, h2): (Box<dyn Io>, bool) = match tls {
+                        None => (Box::new(stream), false),
                         Some(acceptor) => match acceptor.accept(stream).await {
-                            Ok(stream) => Box::new(stream),
+                            Ok(stream) => {
+                                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                (Box::new(stream), h2)
+                            }
                             Err(_) => return,
                         },
                     };
-                    let connection = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(io), service)
-                        .with_upgrades();
-                    tokio::select! {
-                        _ = connection => {}
-                        _ = stopped(stop) => {}
+                    if h2 {
+                        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(io), service);
+                        tokio::select! {
+                            _ = connection => {}
+                            _ = stopped(stop) => {}
+                        }
+                    } else {
+                        let connection = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(io), service)
+                            .with_upgrades();
+                        tokio::select! {
+                            _ = connection => {}
+                            _ = stopped(stop) => {}
+                        }
                     }
                 });
             }
@@ -364,11 +377,12 @@ async fn backend_handle(
     let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
     let headers = req.headers().clone();
     let method = req.method().to_string();
+    let version = req.version();
     let path = req.uri().path().to_owned();
     let is_upgrade = headers.get("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
 
     if is_upgrade {
-        seen.lock().unwrap().push(Seen { method, target, headers: headers.clone(), body_len: 0 });
+        seen.lock().unwrap().push(Seen { method, target, version, headers: headers.clone(), body_len: 0 });
         if path.starts_with("/reject-upgrade") {
             return Ok(text(StatusCode::FORBIDDEN, "no websockets here"));
         }
@@ -421,7 +435,8 @@ async fn backend_handle(
     }
     let body = req.into_body().collect().await?.to_bytes();
     let checksum: u64 = body.iter().map(|&b| u64::from(b)).sum();
-    seen.lock().unwrap().push(Seen { method: method.clone(), target: target.clone(), headers, body_len: body.len() });
+    let record = Seen { method: method.clone(), target: target.clone(), version, headers, body_len: body.len() };
+    seen.lock().unwrap().push(record);
     Ok(text(
         StatusCode::OK,
         &format!("backend={name} method={method} target={target} body_len={} checksum={checksum}", body.len()),
@@ -688,6 +703,14 @@ impl Pki {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// A rustls server config for `cert`/`key` (for TLS test backends),
+    /// offering ALPN `alpn`.
+    pub fn server_alpn(&self, cert: &Path, key: &Path, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let mut config = Arc::unwrap_or_clone(self.server(cert, key));
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
     }

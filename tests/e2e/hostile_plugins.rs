@@ -108,6 +108,47 @@ async fn every_hostile_plugin_is_contained() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_cannot_set_the_headers_the_gateway_manages() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("hostile", "hostile", "");
+    let config = format!(
+        "[plugins]\nquarantine_after_failures = 1000\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    let hostile = gateway.registry().get("hostile").unwrap();
+    let reserved = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "content-length",
+        "upgrade",
+        "te",
+        "trailer",
+        "sec-websocket-accept",
+        "x-wasmgate-error",
+    ];
+    for name in reserved {
+        for path in ["/reserved", "/reserved-upstream"] {
+            // Any case: header names are case-insensitive.
+            let upper = name.to_ascii_uppercase();
+            let got = get(web(&gateway), &format!("{path}?name={upper}")).await;
+            assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{path} {name}: {}", got.body);
+            let last_error = hostile.stats().last_error.unwrap_or_default();
+            assert!(last_error.contains(&format!("header `{name}` is managed by the gateway")), "{path}: {last_error}");
+        }
+    }
+    // Any other header is fine, both ways.
+    assert_eq!(get(web(&gateway), "/reserved?name=x-mine").await.header("x-mine"), Some("1"));
+    assert!(get(web(&gateway), "/reserved-upstream?name=x-mine").await.body.contains("backend=app"));
+    assert_eq!(app.requests().last().unwrap().header("x-mine"), Some("1"));
+    assert!(app.requests().iter().all(|r| r.target.starts_with("/reserved-upstream?name=x-mine")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugins_reach_no_file_socket_or_environment() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("hostile", "hostile", "");

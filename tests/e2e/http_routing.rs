@@ -132,9 +132,12 @@ async fn slow_backend_gets_504_after_request_timeout() {
     let gateway = start_gateway(&config(&app, &api), &plugins).await;
     let started = std::time::Instant::now();
     let slow = get(web(&gateway), "/api/slow").await;
+    let took = started.elapsed();
     assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(slow.header("x-wasmgate-error"), Some("backend-timeout"));
-    assert!(started.elapsed() < std::time::Duration::from_millis(2900), "cut at request_timeout_s = 1");
+    // The backend needs 3 s; the pool waits its request_timeout_s = 1, no less.
+    let timeout = std::time::Duration::from_secs(1);
+    assert!(took >= timeout && took < timeout + CI_MARGIN, "cut at request_timeout_s = 1, after {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,6 +156,8 @@ async fn plugins_see_the_whole_request_head() {
     let expect = [
         "method: DELETE".to_string(),
         "scheme: http".into(),
+        "version: HTTP/1.1".into(),
+        "tls: none".into(),
         format!("authority: gw.test:{}", addr.port()),
         "path: /items/7".into(),
         "query: Some(\"force=yes&x=%20\")".into(),

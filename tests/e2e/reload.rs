@@ -219,6 +219,23 @@ async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
     let error = report["error"].as_str().unwrap();
     assert!(error.contains("gateway.toml:16: `pool[1].request_timeout_s`"), "{error}");
 
+    // A listener on a port that cannot be bound (the admin listener's).
+    let taken = format!("[[listener]]\nname = \"taken\"\nbind = \"{}\"\ndefault_pool = \"app\"\n", setup.admin);
+    setup.write(&["guard"], "router-a", &format!("{good}{taken}"));
+    let (status, report) = setup.reload().await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let error = report["error"].as_str().unwrap();
+    assert!(error.contains(&format!("listener `taken`: cannot bind {}", setup.admin)), "{error}");
+
+    // An HTTPS listener whose certificate file is missing.
+    let secure = "[[listener]]\nname = \"secure\"\nbind = \"127.0.0.1:0\"\nprotocol = \"https\"\ndefault_pool = \"app\"\n\
+                  [[listener.certificate]]\nhosts = [\"gw.test\"]\ncert = \"missing.pem\"\nkey = \"missing.key\"\n";
+    setup.write(&["guard"], "router-a", &format!("{good}{secure}"));
+    let (status, report) = setup.reload().await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let error = report["error"].as_str().unwrap();
+    assert!(error.contains("listener `secure`: certificate[0]") && error.contains("missing.pem"), "{error}");
+
     // A plugin that is not in the directory.
     setup.write(&["guard", "no-such-waf"], "router-a", &good);
     let (_, report) = setup.reload().await;
@@ -231,7 +248,7 @@ async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
     assert_eq!(status["config_version"], 1);
     let results: Vec<&str> =
         status["reloads"].as_array().unwrap().iter().map(|r| r["result"].as_str().unwrap()).collect();
-    assert_eq!(results, ["applied", "refused", "refused", "refused"]);
+    assert_eq!(results, ["applied", "refused", "refused", "refused", "refused", "refused"]);
 
     // `wasmgate reload` says the same and fails; a fixed file applies.
     let cli = |setup: &Setup| {
@@ -374,4 +391,29 @@ async fn listeners_are_added_and_removed_and_a_removed_one_ends_politely() {
     // The request in flight finished.
     assert_eq!(slow.await.unwrap(), StatusCode::OK);
     assert_eq!(serving(setup.web).await, Some('A'), "the other listener serves on");
+
+    // Moved: `web` to another address. The new one serves at once; the old
+    // one stops accepting.
+    let old_web = setup.web;
+    setup.write(&[], "router-a", &base);
+    let moved = std::fs::read_to_string(setup.config_path()).unwrap().replacen(
+        "bind = \"127.0.0.1:0\"\nwaf",
+        "bind = \"127.0.0.2:0\"\nwaf",
+        1,
+    );
+    std::fs::write(setup.config_path(), moved).unwrap();
+    let (status, report) = setup.reload().await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let new_web = gateway.addr("web");
+    assert_eq!(new_web.ip().to_string(), "127.0.0.2");
+    assert!(
+        report["changes"].to_string().contains(&format!("listener `web` moved from {old_web} to {new_web}")),
+        "{report}"
+    );
+    assert_eq!(serving(new_web).await, Some('A'));
+    let stopping = Instant::now();
+    while tokio::net::TcpStream::connect(old_web).await.is_ok() {
+        assert!(stopping.elapsed() < Duration::from_secs(1), "the old address still accepts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

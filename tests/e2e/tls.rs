@@ -258,6 +258,81 @@ fn https_pool(backend: &Backend, ca: &Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_pools_speak_http2_to_backends_that_offer_it() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("backend", &["backend.test"]);
+    let backend = Backend::start_tls("h2", pki.server_alpn(&cert, &key, &[b"h2", b"http/1.1"])).await;
+    let listener = "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n";
+    let gateway = start_gateway(&format!("{listener}{}", https_pool(&backend, &pki.ca_pem)), &PluginDir::new()).await;
+    let body: Vec<u8> = (0..300_000).map(|i| (i % 241) as u8).collect();
+    let checksum: u64 = body.iter().map(|&b| u64::from(b)).sum();
+    let got = request(web(&gateway), "POST", "/over-h2", &[], body).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert!(got.body.contains(&format!("target=/over-h2 body_len=300000 checksum={checksum}")), "{}", got.body);
+    let seen = backend.requests().pop().unwrap();
+    assert_eq!(seen.version, Version::HTTP_2, "ALPN chose h2 toward the backend");
+    // An HTTP/1.1-only backend still gets HTTP/1.1 from the same kind of pool.
+    let (cert1, key1) = pki.issue("backend1", &["backend.test"]);
+    let http1 = Backend::start_tls("h1", pki.server(&cert1, &key1)).await;
+    let gateway = start_gateway(&format!("{listener}{}", https_pool(&http1, &pki.ca_pem)), &PluginDir::new()).await;
+    assert_eq!(get(web(&gateway), "/over-h1").await.status, StatusCode::OK);
+    assert_eq!(http1.requests().pop().unwrap().version, Version::HTTP_11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_with_prior_knowledge_is_served_on_an_http_listener() {
+    let app = Backend::start("app").await;
+    let config =
+        format!("[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n{}", plain_pool(&app));
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let tcp = tokio::net::TcpStream::connect(web(&gateway)).await.unwrap();
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.expect("h2c handshake");
+    tokio::spawn(connection);
+    let request = Request::builder().uri("http://gw.test/h2c").body(Full::new(Bytes::new())).unwrap();
+    let response = h2.send_request(request).await.expect("h2c response");
+    assert_eq!((response.version(), response.status()), (Version::HTTP_2, StatusCode::OK));
+    let seen = app.requests().pop().unwrap();
+    assert_eq!(
+        (seen.version, seen.header("host")),
+        (Version::HTTP_11, Some("gw.test")),
+        "HTTP/1.1 upstream, Host from :authority"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_see_https_http2_and_the_tls_session() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("gw", &["gw.test"]);
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("head-echo", "head-echo", "");
+    let config = https_config(&plain_pool(&app), &[(&["gw.test"], &cert, &key)], "")
+        .replace("default_pool = \"app\"", "router = \"head-echo\"");
+    let gateway = start_gateway(&config, &plugins).await;
+    let mut h2 = h2_sender(web(&gateway), &pki).await;
+    let request = Request::builder().uri("https://gw.test/seen").body(Full::new(Bytes::new())).unwrap();
+    let response = h2.send_request(request).await.expect("h2 response");
+    let text = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    for line in
+        ["scheme: https", "version: HTTP/2", "tls: sni=Some(\"gw.test\") alpn=Some(\"h2\")", "authority: gw.test"]
+    {
+        assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+    }
+    // Over HTTP/1.1 on the same listener: ALPN http/1.1.
+    let tls = tls_connect(web(&gateway), "gw.test", pki.client(&[b"http/1.1"])).await.unwrap();
+    let (mut h1, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(connection);
+    let request = Request::builder().uri("/seen").header("host", "gw.test").body(Full::new(Bytes::new())).unwrap();
+    let text = String::from_utf8(
+        h1.send_request(request).await.unwrap().into_body().collect().await.unwrap().to_bytes().to_vec(),
+    )
+    .unwrap();
+    for line in ["scheme: https", "version: HTTP/1.1", "tls: sni=Some(\"gw.test\") alpn=Some(\"http/1.1\")"] {
+        assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_backend_is_verified_with_the_pools_ca() {
     let pki = Pki::new();
     let (cert, key) = pki.issue("backend", &["backend.test"]);

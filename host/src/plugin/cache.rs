@@ -111,3 +111,58 @@ fn check_private(dir: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn engine() -> Engine {
+        Engine::new(&wasmtime::Config::new()).unwrap()
+    }
+
+    #[test]
+    fn a_new_cache_directory_is_private() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("cache");
+        ArtifactCache::open(&dir, &engine()).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_directory_others_can_write_to_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = ArtifactCache::open(dir.path(), &engine()).err().expect("refused");
+        assert!(error.to_string().contains("writable by other users"), "{error}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(ArtifactCache::open(dir.path(), &engine()).is_ok(), "only group/other write is refused");
+    }
+
+    #[test]
+    fn a_symlink_is_not_used() {
+        let parent = tempfile::tempdir().unwrap();
+        let real = parent.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = parent.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let error = ArtifactCache::open(&link, &engine()).err().expect("refused");
+        assert!(error.to_string().contains("symlink"), "{error}");
+    }
+
+    #[test]
+    fn a_directory_another_user_owns_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        // Giving the directory away needs root (CI runs as root); as another
+        // user there is no way to make one this process does not own.
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+            let error = ArtifactCache::open(dir.path(), &engine()).err().expect("refused");
+            assert!(error.to_string().contains("owned by another user"), "{error}");
+        } else {
+            let error = ArtifactCache::open(Path::new("/"), &engine()).err().expect("refused");
+            assert!(error.to_string().contains("another user") || error.kind() == std::io::ErrorKind::PermissionDenied);
+        }
+    }
+}

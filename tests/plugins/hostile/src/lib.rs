@@ -58,6 +58,13 @@ impl Router for Hostile {
             "/unknown-pool" => RouteDecision::Forward(Upstream::pool("no-such-pool")),
             "/bad-rewrite" => RouteDecision::Forward(Upstream::pool("app").rewrite("http://elsewhere/")),
             "/escape" => RouteDecision::Respond(Response::text(200, escape(&req))),
+            // A header the gateway manages, named by `?name=`, on the answer or upstream.
+            "/reserved" => RouteDecision::Respond(
+                Response::text(200, "hi").with_header(req.query_param("name").unwrap_or(""), "1"),
+            ),
+            "/reserved-upstream" => {
+                RouteDecision::Forward(Upstream::pool("app").set_header(req.query_param("name").unwrap_or(""), "1"))
+            }
             _ => RouteDecision::Forward(Upstream::pool("app")),
         }
     }

@@ -1,6 +1,7 @@
 //! Test WAF: loops forever on requests whose path starts with `/loop`, traps on
 //! `/trap`, grows its memory until refused on `/grow`, answers `/count` with
-//! the number of calls its instance has served, and allows everything else. Tests use it to prove a plugin is cut
+//! the number of calls its instance has served, spins 800 ms on `/spin`, and
+//! allows everything else. Tests use it to prove a plugin is cut
 //! off at its deadline without hurting other requests.
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -32,6 +33,13 @@ impl Waf for Looper {
         }
         if req.path.starts_with("/trap") {
             panic!("asked to trap");
+        }
+        if req.path.starts_with("/spin") {
+            // Busy for 800 ms, then allows: a call that is long under way.
+            let started = std::time::Instant::now();
+            while started.elapsed() < std::time::Duration::from_millis(800) {
+                std::hint::black_box(());
+            }
         }
         Verdict::Allow
     }
