@@ -619,8 +619,11 @@ pub async fn ws_connect_greeted(
     (ws, response, greeting)
 }
 
-/// The next message, within 5 s.
-pub async fn next_message(ws: &mut Ws) -> Message {
+/// The next message on any WebSocket stream, within 5 s.
+pub async fn next_message<S>(ws: &mut WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     tokio::time::timeout(Duration::from_secs(5), ws.next())
         .await
         .expect("a message within 5 s")

@@ -6,6 +6,7 @@
 mod common;
 
 mod admin;
+mod claims;
 mod cli;
 mod dashboard;
 mod hostile_plugins;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -53,9 +53,9 @@ async fn https_get_and_wss_echo_verified_against_the_test_ca() {
     let tls = tls_connect(addr, "gw.test", pki.client(&[b"http/1.1"])).await.unwrap();
     let (mut ws, response) = tokio_tungstenite::client_async("wss://gw.test/ws", tls).await.expect("wss handshake");
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))), "greeting");
+    assert!(matches!(next_message(&mut ws).await, Message::Text(_)), "greeting");
     ws.send(Message::text("over wss")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("over wss"));
+    assert_eq!(next_message(&mut ws).await, Message::text("over wss"));
 
     // The system curl, verifying with the test CA, over HTTP/1.1 and HTTP/2.
     for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
@@ -233,14 +233,26 @@ async fn websocket_over_http2_is_bridged_to_an_http1_backend() {
     assert_eq!(response.status(), StatusCode::OK, "RFC 8441: 200 opens the stream");
     let upgraded = hyper::upgrade::on(&mut response).await.expect("h2 stream");
     let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
-    assert!(matches!(ws.next().await, Some(Ok(Message::Text(t))) if t.as_str().starts_with("hello from")));
+    assert!(matches!(next_message(&mut ws).await, Message::Text(t) if t.as_str().starts_with("hello from")));
     ws.send(Message::text("over h2")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("over h2"));
+    assert_eq!(next_message(&mut ws).await, Message::text("over h2"));
     ws.send(Message::binary(vec![7u8; 100_000])).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(vec![7u8; 100_000]));
+    assert_eq!(next_message(&mut ws).await, Message::binary(vec![7u8; 100_000]));
     let seen = app.requests().into_iter().find(|r| r.header("upgrade").is_some()).expect("backend saw a handshake");
     assert_eq!(seen.method, "GET", "bridged to an HTTP/1.1 upgrade");
     assert_eq!(seen.header("sec-websocket-version"), Some("13"));
+
+    // CONNECT for anything but a WebSocket is a bad request.
+    let mut other = Request::builder()
+        .method(Method::CONNECT)
+        .uri("https://gw.test/tunnel")
+        .header("sec-websocket-version", "13")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    other.extensions_mut().insert(hyper::ext::Protocol::from_static("x-tunnel"));
+    let refused = h2.send_request(other).await.expect("answered");
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(refused.headers().get("x-wasmgate-error").unwrap(), "bad-request");
 
     // The WAF sees it as a handshake and its deny reaches the h2 client.
     let denied = h2_websocket(&mut h2, "https://evil.test").await;
@@ -370,7 +382,7 @@ async fn replaced_certificate_serves_new_connections_while_open_wss_keeps_echoin
 
     let tls = tls_connect(addr, "gw.test", pki.client(&[b"http/1.1"])).await.unwrap();
     let (mut ws, _) = tokio_tungstenite::client_async("wss://gw.test/ws", tls).await.unwrap();
-    assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
+    assert!(matches!(next_message(&mut ws).await, Message::Text(_)));
 
     // A broken pair (another certificate's key) is refused; the old one stays.
     let (_, other_key) = pki.issue("other", &["gw.test"]);
@@ -399,7 +411,7 @@ async fn replaced_certificate_serves_new_connections_while_open_wss_keeps_echoin
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     ws.send(Message::text("still here")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("still here"), "the open wss was not touched");
+    assert_eq!(next_message(&mut ws).await, Message::text("still here"), "the open wss was not touched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,8 +24,13 @@ fn config(app: &Backend, extra: &str) -> String {
 async fn websocket_echo_through_the_gateway() {
     let app = Backend::start("app").await;
     let gateway = start_gateway(&config(&app, ""), &PluginDir::new()).await;
-    let (mut ws, response) =
-        ws_connect(web(&gateway), "/ws/room?id=1", &[("sec-websocket-protocol", "chat.v2, chat.v1")]).await;
+    let offered = [
+        ("sec-websocket-protocol", "chat.v2, chat.v1"),
+        ("origin", "https://app.example.test"),
+        ("cookie", "session=abc; theme=dark"),
+        ("sec-websocket-extensions", "x-test-ext; p=1"),
+    ];
+    let (mut ws, response) = ws_connect(web(&gateway), "/ws/room?id=1", &offered).await;
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
     assert_eq!(
         response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()),
@@ -35,6 +40,9 @@ async fn websocket_echo_through_the_gateway() {
     let seen = app.requests().pop().unwrap();
     assert_eq!(seen.target, "/ws/room?id=1");
     assert_eq!(seen.header("sec-websocket-protocol"), Some("chat.v2, chat.v1"));
+    assert_eq!(seen.header("origin"), Some("https://app.example.test"));
+    assert_eq!(seen.header("cookie"), Some("session=abc; theme=dark"));
+    assert_eq!(seen.header("sec-websocket-extensions"), Some("x-test-ext; p=1"));
     assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
 
     ws.send(Message::text("hello")).await.unwrap();
