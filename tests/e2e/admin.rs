@@ -223,15 +223,32 @@ async fn the_access_log_has_a_line_per_request_and_per_closed_websocket() {
         futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::text("hi")).await.unwrap();
         next_message(&mut ws).await;
         ws.close(None).await.unwrap();
-        while futures_util::StreamExt::next(&mut ws).await.is_some() {}
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while futures_util::StreamExt::next(&mut ws).await.is_some() {}
+        });
+        closed.await.expect("the WebSocket closed");
         drop(ws);
         wait_until("four access lines", Duration::from_secs(5), || lines(&file).len() >= 4).await;
+        // An answer the gateway makes itself carries its code.
+        let answer = raw_exchange(
+            web,
+            "GET /ws HTTP/1.1\r\nHost: gw.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+        wait_until("five access lines", Duration::from_secs(5), || lines(&file).len() >= 5).await;
         let lines = lines(&file);
-        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert_eq!(lines.len(), 5, "{lines:#?}");
         if format == "text" {
             assert!(lines[0].contains(" web 127.0.0.1:") && lines[0].contains("\"GET /hello\" 200"), "{}", lines[0]);
             assert!(lines[1].contains("\"GET /blocked\" 403") && lines[1].contains("error=waf-deny"), "{}", lines[1]);
             assert!(lines[3].contains("\"WEBSOCKET /ws/chat\"") && lines[3].contains("close=client"), "{}", lines[3]);
+            assert!(
+                lines[4].contains(" 426 ") && lines[4].contains("error=unsupported-websocket-version"),
+                "{}",
+                lines[4]
+            );
             continue;
         }
         let json: Vec<serde_json::Value> =
@@ -255,5 +272,9 @@ async fn the_access_log_has_a_line_per_request_and_per_closed_websocket() {
         assert_eq!((closed["kind"].as_str(), closed["close"].as_str()), (Some("websocket"), Some("client")));
         assert_eq!((closed["path"].as_str(), closed["pool"].as_str()), (Some("/ws/chat"), Some("app")));
         assert!(closed["client_to_server"].as_u64().unwrap() > 0 && closed["server_to_client"].as_u64().unwrap() > 0);
+        assert_eq!(
+            (json[4]["status"].as_u64(), json[4]["error"].as_str()),
+            (Some(426), Some("unsupported-websocket-version"))
+        );
     }
 }

@@ -193,8 +193,20 @@ impl GatewayProcess {
 }
 
 impl Drop for GatewayProcess {
+    /// Stops a process still running as an operator would: SIGTERM twice
+    /// (the second exits at once), SIGKILL only if that fails. It exits on
+    /// its own, so what it records at exit (coverage data) is written.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            let pid = self.child.id().to_string();
+            for _ in 0..2 {
+                let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

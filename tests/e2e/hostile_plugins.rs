@@ -149,6 +149,43 @@ async fn plugins_cannot_set_the_headers_the_gateway_manages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_see_the_live_servers_and_may_log_at_every_level() {
+    let app = Backend::start("app").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let plugins = PluginDir::new().add("hostile", "hostile", "");
+    let config = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\", \"{closed}\"]\n\
+         [pool.probe]\ninterval_s = 0.2\ntimeout_s = 0.2\nunhealthy_threshold = 1\n",
+        app.addr
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    wait_until("the closed server marked down", Duration::from_secs(3), || {
+        gateway.pool("app").unwrap().servers.iter().any(|s| s.address == closed && !s.is_healthy())
+    })
+    .await;
+    assert_eq!(get(web(&gateway), "/healthy").await.body, app.addr.to_string(), "healthy-servers(app)");
+    let logged = get(web(&gateway), "/log").await;
+    assert_eq!((logged.status, logged.body.as_str()), (StatusCode::OK, "logged"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_router_fails_open_only_where_a_default_pool_is() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("hostile", "hostile", "on_error = \"allow\"\n");
+    let listener = "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n";
+    let pool = format!("[[pool]]\nname = \"app\"\nservers = [\"{}\"]\n", app.addr);
+    let without = start_gateway(&format!("{listener}{pool}"), &plugins).await;
+    let got = get(web(&without), "/panic").await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "nowhere to fail open to");
+    assert_eq!(got.header("x-wasmgate-error"), Some("plugin-unavailable"));
+    let with = start_gateway(&format!("{listener}default_pool = \"app\"\n{pool}"), &plugins).await;
+    let got = get(web(&with), "/panic").await;
+    assert_eq!(got.status, StatusCode::OK, "fails open to the default pool");
+    assert!(got.body.contains("backend=app target=/panic") || got.body.contains("target=/panic"), "{}", got.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugins_reach_no_file_socket_or_environment() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("hostile", "hostile", "");

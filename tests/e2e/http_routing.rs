@@ -141,6 +141,20 @@ async fn slow_backend_gets_504_after_request_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_with_its_own_query_replaces_the_clients() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("hostile", "hostile", "");
+    let config = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    let got = get(web(&gateway), "/rewrite-query?from=client").await;
+    assert!(got.body.contains("target=/new?from=plugin "), "{}", got.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugins_see_the_whole_request_head() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("head-echo", "head-echo", "");
@@ -169,6 +183,10 @@ async fn plugins_see_the_whole_request_head() {
     for line in expect {
         assert!(got.body.lines().any(|l| l == line), "missing `{line}` in:\n{}", got.body);
     }
+
+    // HTTP/1.0 is shown as such.
+    let old = raw_exchange(addr, "GET /old HTTP/1.0\r\nHost: gw.test\r\n\r\n").await;
+    assert!(old.contains("\nversion: HTTP/1.0\n"), "{old}");
 
     // A handshake: the router answers it itself, so the client gets 200 and
     // the body shows the websocket fields.

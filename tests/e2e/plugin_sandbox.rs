@@ -67,6 +67,20 @@ async fn trapping_plugin_follows_its_failure_policy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waf_denying_with_an_invalid_answer_follows_its_failure_policy() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("looper", "looper", "");
+    let gateway = start_gateway(&config(&app), &plugins).await;
+    let got = get(web(&gateway), "/bad-deny").await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "never a 101 from a plugin");
+    assert_eq!(got.header("x-wasmgate-error"), Some("plugin-unavailable"));
+    let stats = gateway.registry().get("looper").unwrap().stats();
+    assert!(stats.last_error.unwrap_or_default().contains("status 101 is not 200-599"));
+    assert_eq!(stats.errors, 1);
+    assert!(app.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bomb_is_stopped_at_its_memory_cap() {
     let app = Backend::start("app").await;
     // Per-plugin limits, both different from the [plugins] defaults (32 MiB, 50 ms).

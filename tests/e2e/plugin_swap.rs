@@ -200,6 +200,27 @@ async fn deleted_plugin_follows_on_error_until_it_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_waf_follows_the_failure_policy_of_its_last_version() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("open", "looper", "on_error = \"allow\"\n").add("closed", "looper", "");
+    let config = format!(
+        "[[listener]]\nname = \"open\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"open\"]\n\
+         [[listener]]\nname = \"closed\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"closed\"]\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    );
+    let gateway = start_gateway(&config, &plugins).await;
+    for name in ["open", "closed"] {
+        std::fs::remove_file(plugins.path().join(format!("{name}.wasm"))).unwrap();
+        wait_until("unloaded", Duration::from_secs(5), || gateway.registry().get(name).is_none()).await;
+    }
+    assert_eq!(get(gateway.listener_addr("open").unwrap(), "/").await.status, StatusCode::OK, "fails open");
+    let closed = get(gateway.listener_addr("closed").unwrap(), "/").await;
+    assert_eq!(closed.status, StatusCode::SERVICE_UNAVAILABLE, "fails closed");
+    assert_eq!(closed.header("x-wasmgate-error"), Some("plugin-unavailable"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_with_unchanged_plugins_loads_them_from_the_cache() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("router", "path-router", ROUTES);

@@ -242,6 +242,22 @@ async fn websocket_over_http2_is_bridged_to_an_http1_backend() {
     assert_eq!(seen.method, "GET", "bridged to an HTTP/1.1 upgrade");
     assert_eq!(seen.header("sec-websocket-version"), Some("13"));
 
+    // Extended CONNECT without a version, or with another one.
+    for (version, status, code) in [
+        (None, StatusCode::BAD_REQUEST, "bad-handshake"),
+        (Some("8"), StatusCode::UPGRADE_REQUIRED, "unsupported-websocket-version"),
+    ] {
+        let mut builder = Request::builder().method(Method::CONNECT).uri("https://gw.test/ws");
+        if let Some(version) = version {
+            builder = builder.header("sec-websocket-version", version);
+        }
+        let mut request = builder.body(Full::new(Bytes::new())).unwrap();
+        request.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+        let refused = h2.send_request(request).await.expect("answered");
+        assert_eq!(refused.status(), status, "{version:?}");
+        assert_eq!(refused.headers().get("x-wasmgate-error").unwrap(), code, "{version:?}");
+    }
+
     // CONNECT for anything but a WebSocket is a bad request.
     let mut other = Request::builder()
         .method(Method::CONNECT)

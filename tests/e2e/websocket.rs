@@ -205,6 +205,28 @@ async fn a_half_close_is_passed_on_and_the_other_direction_keeps_flowing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_never_answers_the_handshake_is_504_at_the_request_timeout() {
+    // Accepts, reads the handshake, never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = raw_config(backend, "").replace("servers = [", "request_timeout_s = 1\nservers = [");
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let started = Instant::now();
+    let refused = ws_refused(web(&gateway), "/ws", &[]).await;
+    let took = started.elapsed();
+    assert_eq!(refused.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(refused.header("x-wasmgate-error"), Some("backend-timeout"));
+    let timeout = Duration::from_secs(1);
+    assert!(took >= timeout && took < timeout + CI_MARGIN, "answered after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sides_that_ignore_the_gateways_close_are_cut_after_the_grace() {
     // Neither side answers the Close the idle timeout sends: the backend
     // only records what it receives, the client only reads.

@@ -58,6 +58,16 @@ impl Router for Hostile {
             "/unknown-pool" => RouteDecision::Forward(Upstream::pool("no-such-pool")),
             "/bad-rewrite" => RouteDecision::Forward(Upstream::pool("app").rewrite("http://elsewhere/")),
             "/escape" => RouteDecision::Respond(Response::text(200, escape(&req))),
+            // What the host offers: the live servers of `app`, and logging.
+            "/healthy" => RouteDecision::Respond(Response::text(200, host::healthy_servers("app").join(","))),
+            "/log" => {
+                for level in [Level::Trace, Level::Debug, Level::Info, Level::Warn, Level::Error] {
+                    host::log(level, "hostile plugin logs");
+                }
+                RouteDecision::Respond(Response::text(200, "logged"))
+            }
+            // A rewrite carrying its own query replaces the client's.
+            "/rewrite-query" => RouteDecision::Forward(Upstream::pool("app").rewrite("/new?from=plugin")),
             // A header the gateway manages, named by `?name=`, on the answer or upstream.
             "/reserved" => RouteDecision::Respond(
                 Response::text(200, "hi").with_header(req.query_param("name").unwrap_or(""), "1"),

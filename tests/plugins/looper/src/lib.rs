@@ -1,6 +1,7 @@
 //! Test WAF: loops forever on requests whose path starts with `/loop`, traps on
 //! `/trap`, grows its memory until refused on `/grow`, answers `/count` with
-//! the number of calls its instance has served, spins 800 ms on `/spin`, and
+//! the number of calls its instance has served, spins 800 ms on `/spin`, denies
+//! with an invalid 101 on `/bad-deny`, and
 //! allows everything else. Tests use it to prove a plugin is cut
 //! off at its deadline without hurting other requests.
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -33,6 +34,10 @@ impl Waf for Looper {
         }
         if req.path.starts_with("/trap") {
             panic!("asked to trap");
+        }
+        if req.path.starts_with("/bad-deny") {
+            // A denial the gateway must refuse to send: a 101.
+            return Verdict::Deny(Response::text(101, "switching?"));
         }
         if req.path.starts_with("/spin") {
             // Busy for 800 ms, then allows: a call that is long under way.
