@@ -241,6 +241,12 @@ async fn websocket_over_http2_is_bridged_to_an_http1_backend() {
     let seen = app.requests().into_iter().find(|r| r.header("upgrade").is_some()).expect("backend saw a handshake");
     assert_eq!(seen.method, "GET", "bridged to an HTTP/1.1 upgrade");
     assert_eq!(seen.header("sec-websocket-version"), Some("13"));
+    // The key the gateway made for the backend: 16 random bytes, no pattern.
+    let key =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, seen.header("sec-websocket-key").unwrap());
+    let key = key.expect("base64 key");
+    assert_eq!(key.len(), 16);
+    assert!(key[..8] != key[8..] && key[..8].iter().zip(&key[8..]).any(|(a, b)| *a != !*b), "{key:?}");
 
     // Extended CONNECT without a version, or with another one.
     for (version, status, code) in [

@@ -1,5 +1,5 @@
-//! Header helpers: hop-by-hop removal (RFC 9110 §7.6.1) and comma-separated
-//! token lists.
+//! Header helpers: hop-by-hop removal (RFC 9110 §7.6.1), comma-separated
+//! token lists, and the `Sec-WebSocket-Key`s the gateway makes.
 
 use http::header::{self, HeaderMap, HeaderName};
 
@@ -51,4 +51,42 @@ pub fn list(headers: &HeaderMap, name: HeaderName) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// A fresh `Sec-WebSocket-Key` for a handshake the gateway makes itself (a
+/// probe, or an HTTP/2 WebSocket bridged to HTTP/1.1): 16 random bytes in
+/// base64, as RFC 6455 §4.1 asks, from the TLS stack's secure random source.
+pub fn new_websocket_key() -> String {
+    use base64::Engine as _;
+    let mut nonce = [0u8; 16];
+    let random = rustls::crypto::ring::default_provider().secure_random;
+    if random.fill(&mut nonce).is_err() {
+        // The system's random source failed: still unpredictable enough for
+        // a nonce that only guards against caching proxies.
+        let state = std::hash::RandomState::new();
+        for (i, chunk) in nonce.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&std::hash::BuildHasher::hash_one(&state, i).to_le_bytes());
+        }
+    }
+    base64::engine::general_purpose::STANDARD.encode(nonce)
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+
+    use super::*;
+
+    #[test]
+    fn websocket_keys_are_16_fresh_random_bytes() {
+        let keys: Vec<Vec<u8>> =
+            (0..64).map(|_| base64::engine::general_purpose::STANDARD.decode(new_websocket_key()).unwrap()).collect();
+        for key in &keys {
+            assert_eq!(key.len(), 16);
+            assert_ne!(key[..8], key[8..], "not one half repeated");
+            assert!(key[..8].iter().zip(&key[8..]).any(|(a, b)| *a != !*b), "not one half and its complement");
+        }
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "a new key every time");
+    }
 }

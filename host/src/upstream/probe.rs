@@ -15,7 +15,6 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Limited};
@@ -28,6 +27,7 @@ use super::connect::{self, SendError};
 use super::pool::{Pool, Server};
 use super::tls::PoolTls;
 use crate::config::{ProbeConfig, ProbeKind};
+use crate::http::headers::new_websocket_key;
 
 /// Body bytes an HTTP probe reads for `match_body`.
 const MAX_PROBE_BODY: usize = 64 * 1024;
@@ -155,8 +155,7 @@ async fn probe_inner(server: &Server, tls: Option<&PoolTls>, config: &ProbeConfi
             None
         }
         ProbeKind::Websocket => {
-            let key = base64::engine::general_purpose::STANDARD
-                .encode(RandomState::new().hash_one(0u8).to_le_bytes().repeat(2));
+            let key = new_websocket_key();
             request = request
                 .method(Method::GET)
                 .header(header::CONNECTION, "Upgrade")

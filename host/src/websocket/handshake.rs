@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::http::GatewayError;
-use crate::http::headers::{has_token, list};
+use crate::http::headers::{has_token, list, new_websocket_key};
 use crate::upstream::SendError;
 use crate::upstream::connect::{self, error_chain};
 use crate::upstream::tls::PoolTls;
@@ -99,8 +99,7 @@ impl ClientHandshake {
             Some(b"13") => {}
             Some(_) => return Err(GatewayError::UnsupportedWebSocketVersion),
         }
-        let random = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0u8).to_le_bytes();
-        let key = base64::engine::general_purpose::STANDARD.encode([random, random.map(|b| !b)].concat());
+        let key = new_websocket_key();
         Ok(Some(ClientHandshake {
             upstream_key: HeaderValue::from_str(&key).map_err(|_| GatewayError::BadHandshake("key"))?,
             over_h2: true,
