@@ -213,6 +213,17 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// A config with one listener `web` routed by plugin `router`, in front
+/// of pool `app` (the backend `app`); `plugins` goes in `[plugins]`.
+pub fn routed_by(router: &str, app: &Backend, plugins: &str) -> String {
+    format!(
+        "[plugins]\n{plugins}\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"{router}\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    )
+}
+
 /// The address of listener `web`.
 pub fn web(gateway: &Gateway) -> SocketAddr {
     gateway.listener_addr("web").expect("listener `web`")

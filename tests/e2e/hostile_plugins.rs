@@ -41,12 +41,7 @@ const HOSTILE: [(&str, &str, bool); 12] = [
 async fn every_hostile_plugin_is_contained() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("hostile", "hostile", "");
-    let config = format!(
-        "[plugins]\ncall_timeout_ms = 250\nquarantine_after_failures = 1000\n\
-         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n\
-         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
-        app.addr
-    );
+    let config = routed_by("hostile", &app, "call_timeout_ms = 250\nquarantine_after_failures = 1000");
     let gateway = start_gateway(&config, &plugins).await;
     let addr = web(&gateway);
     assert_eq!(get(addr, "/fine").await.status, StatusCode::OK);
@@ -111,12 +106,7 @@ async fn every_hostile_plugin_is_contained() {
 async fn plugins_cannot_set_the_headers_the_gateway_manages() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("hostile", "hostile", "");
-    let config = format!(
-        "[plugins]\nquarantine_after_failures = 1000\n\
-         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n\
-         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
-        app.addr
-    );
+    let config = routed_by("hostile", &app, "quarantine_after_failures = 1000");
     let gateway = start_gateway(&config, &plugins).await;
     let hostile = gateway.registry().get("hostile").unwrap();
     let reserved = [
@@ -189,11 +179,7 @@ async fn a_failed_router_fails_open_only_where_a_default_pool_is() {
 async fn plugins_reach_no_file_socket_or_environment() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("hostile", "hostile", "");
-    let config = format!(
-        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n\
-         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
-        app.addr
-    );
+    let config = routed_by("hostile", &app, "");
     let gateway = start_gateway(&config, &plugins).await;
     // A bare listener: any TCP connection at all would show here.
     let bait = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -90,11 +90,7 @@ async fn router_can_answer_itself() {
 async fn no_route_without_default_pool_is_404() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("path-router", "path-router", "[config]\nroutes = \"* /app/ pool=app\"\n");
-    let config = format!(
-        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"path-router\"\n\
-         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
-        app.addr
-    );
+    let config = routed_by("path-router", &app, "");
     let gateway = start_gateway(&config, &plugins).await;
     let missing = get(web(&gateway), "/elsewhere").await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
@@ -144,11 +140,7 @@ async fn slow_backend_gets_504_after_request_timeout() {
 async fn a_rewrite_with_its_own_query_replaces_the_clients() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("hostile", "hostile", "");
-    let config = format!(
-        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"hostile\"\n\
-         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
-        app.addr
-    );
+    let config = routed_by("hostile", &app, "");
     let gateway = start_gateway(&config, &plugins).await;
     let got = get(web(&gateway), "/rewrite-query?from=client").await;
     assert!(got.body.contains("target=/new?from=plugin "), "{}", got.body);
@@ -158,11 +150,7 @@ async fn a_rewrite_with_its_own_query_replaces_the_clients() {
 async fn plugins_see_the_whole_request_head() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("head-echo", "head-echo", "");
-    let config = format!(
-        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"head-echo\"\n\
-         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
-        app.addr
-    );
+    let config = routed_by("head-echo", &app, "");
     let gateway = start_gateway(&config, &plugins).await;
     let addr = web(&gateway);
 
