@@ -392,6 +392,30 @@ async fn https_backend_is_verified_with_the_pools_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_ca_the_systems_roots_decide_and_skip_verify_accepts_anything() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("backend", &["backend.test"]);
+    let backend = Backend::start_tls("private", pki.server(&cert, &key)).await;
+    let listener = "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n";
+    let pool = |tls: &str| {
+        format!(
+            "[[pool]]\nname = \"app\"\nservers = [\"{}\"]\nprotocol = \"https\"\n{tls}\n[pool.probe]\ninterval_s = 60\n",
+            backend.addr
+        )
+    };
+    // The system's roots do not know the test CA.
+    let system =
+        start_gateway(&format!("{listener}{}", pool("tls_server_name = \"backend.test\"")), &PluginDir::new()).await;
+    let got = get(web(&system), "/x").await;
+    assert_eq!((got.status, got.header("x-wasmgate-error")), (StatusCode::BAD_GATEWAY, Some("backend-tls")));
+    // A lab pool that skips verification reaches it (by IP, no name needed).
+    let lab = start_gateway(&format!("{listener}{}", pool("insecure_skip_verify = true")), &PluginDir::new()).await;
+    let got = get(web(&lab), "/x").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body);
+    assert!(got.body.contains("backend=private"), "{}", got.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaced_certificate_serves_new_connections_while_open_wss_keeps_echoing() {
     let pki = Pki::new();
     let (cert, key) = pki.issue("gw", &["gw.test"]);
