@@ -323,7 +323,7 @@ impl Control {
         self.loader.set_roles(roles);
 
         let mut changes = Vec::new();
-        self.commit_listeners(running, &config, &pools, &mut opened, &mut changes);
+        self.commit_listeners(running, &config, &pools, &mut opened, window, &mut changes);
         commit_pools(running, &pools, &pool_changes, window, &mut changes);
         let restart_required = self.restart_required(running, &config, &mut changes);
 
@@ -356,9 +356,9 @@ impl Control {
         config: &Config,
         pools: &Arc<Pools>,
         opened: &mut HashMap<String, Opened>,
+        window: Duration,
         changes: &mut Vec<String>,
     ) {
-        let window = Duration::from_secs(config.websocket.drain_s);
         let relay_limits = RelayLimits {
             idle_timeout: Duration::from_secs(config.websocket.idle_timeout_s),
             max_lifetime: Duration::from_secs(config.websocket.max_lifetime_s),

@@ -59,7 +59,10 @@ pub fn list(headers: &HeaderMap, name: HeaderName) -> Vec<String> {
 pub fn new_websocket_key() -> String {
     use base64::Engine as _;
     let mut nonce = [0u8; 16];
-    let random = rustls::crypto::ring::default_provider().secure_random;
+    // Building a provider allocates its suite lists; its random source is
+    // a `'static`, taken once.
+    static RANDOM: std::sync::OnceLock<&'static dyn rustls::crypto::SecureRandom> = std::sync::OnceLock::new();
+    let random = RANDOM.get_or_init(|| rustls::crypto::ring::default_provider().secure_random);
     if random.fill(&mut nonce).is_err() {
         // The system's random source failed: still unpredictable enough for
         // a nonce that only guards against caching proxies.
