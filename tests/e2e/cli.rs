@@ -78,17 +78,43 @@ fn check_refuses_a_bad_plugin_settings_file_naming_file_line_and_key() {
 }
 
 #[test]
+fn check_refuses_a_plugin_whose_init_refuses_naming_the_plugin_and_its_reason() {
+    let plugins = PluginDir::new()
+        .add("path-router", "head-echo", "[config]\nrefuse = \"no upstream named `billing`\"\n")
+        .add("handshake-guard", "handshake-guard", "");
+    let path = write_config(plugins.path(), CONFIG);
+    let (ok, out) = wasmgate(&["check", "--config", &path]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("plugin `path-router` refused its configuration: no upstream named `billing`"),
+        "names the plugin and its message: {out}"
+    );
+}
+
+#[test]
 fn plugin_inspect_shows_world_imports_exports_and_the_verdict() {
-    let (ok, out) = wasmgate(&["plugin", "inspect", &plugin_wasm("path-router").to_string_lossy()]);
+    // Inspected with the settings beside it, which its `init` checks.
+    let plugins = PluginDir::new().add("path-router", "path-router", "[config]\nroutes = \"* / pool=app\"\n");
+    let (ok, out) = wasmgate(&["plugin", "inspect", &plugins.path().join("path-router.wasm").to_string_lossy()]);
     assert!(ok, "{out}");
     for line in [
         "world:   wasmgate:plugin/router-plugin",
-        "  wasmgate:plugin/host@0.2.0",
-        "  wasmgate:plugin/router@0.2.0",
+        "  wasmgate:plugin/host@0.3.0",
+        "  wasmgate:plugin/router@0.3.0",
+        "  wasmgate:plugin/lifecycle@0.3.0",
         "verdict: accepted",
     ] {
         assert!(out.lines().any(|l| l.starts_with(line)), "missing `{line}`:\n{out}");
     }
+    // Without its route table, its `init` refuses, and inspect says why.
+    let (ok, out) = wasmgate(&["plugin", "inspect", &plugin_wasm("path-router").to_string_lossy()]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(
+            "verdict: rejected: plugin `path_router` refused its configuration: bad config: `routes`: no routes"
+        ),
+        "{out}"
+    );
     let (ok, out) = wasmgate(&["plugin", "inspect", &plugin_wasm("handshake-guard").to_string_lossy()]);
     assert!(ok && out.contains("world:   wasmgate:plugin/waf-plugin"), "{out}");
 

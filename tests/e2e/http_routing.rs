@@ -172,6 +172,15 @@ async fn plugins_see_the_whole_request_head() {
         assert!(got.body.lines().any(|l| l == line), "missing `{line}` in:\n{}", got.body);
     }
 
+    // One header by name: every line of it, joined as a backend reads them.
+    let got =
+        request(addr, "GET", "/h?header=X-Tag", &[("x-tag", "a"), ("x-tag", "b"), ("x-other", "c")], vec![]).await;
+    assert!(got.body.lines().any(|l| l == "header(X-Tag): Some(\"a, b\")"), "{}", got.body);
+    let got = request(addr, "GET", "/h?header=cookie", &[("cookie", "s=1"), ("cookie", "t=2")], vec![]).await;
+    assert!(got.body.lines().any(|l| l == "header(cookie): Some(\"s=1; t=2\")"), "{}", got.body);
+    let got = request(addr, "GET", "/h?header=x-absent", &[], vec![]).await;
+    assert!(got.body.lines().any(|l| l == "header(x-absent): None"), "{}", got.body);
+
     // HTTP/1.0 is shown as such.
     let old = raw_exchange(addr, "GET /old HTTP/1.0\r\nHost: gw.test\r\n\r\n").await;
     assert!(old.contains("\nversion: HTTP/1.0\n"), "{old}");

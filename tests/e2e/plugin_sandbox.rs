@@ -137,17 +137,57 @@ async fn crash_looping_plugin_is_quarantined_then_recovers() {
     assert_eq!(looper.stats().quarantines, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One worker thread: the gateway (in this process) runs every call on it,
+// so every call meets that thread's instance of the plugin.
+#[tokio::test(flavor = "current_thread")]
 async fn instances_are_reused_but_a_trapped_one_never_is() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("looper", "looper", "");
     let gateway = start_gateway(&config(&app), &plugins).await;
     let addr = web(&gateway);
-    // Sequential calls run on the same pooled instance: its count goes up.
+    // Sequential calls run on the thread's instance: its count goes up.
     let first: u32 = get(addr, "/count").await.body.parse().unwrap();
     let second: u32 = get(addr, "/count").await.body.parse().unwrap();
     assert_eq!(second, first + 1, "the instance was reused");
     assert_eq!(get(addr, "/trap").await.status, StatusCode::SERVICE_UNAVAILABLE);
     // The trapped instance is gone: the next call starts on a fresh one.
     assert_eq!(get(addr, "/count").await.body, "1", "a fresh instance after the trap");
+}
+
+// One worker thread, so `/stale` runs on the instance that ran `/keep`.
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_handle_kept_past_its_call_never_reads_that_request_again() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("hostile", "hostile", "");
+    let gateway = start_gateway(&routed_by("hostile", &app, "cache = false"), &plugins).await;
+    let addr = web(&gateway);
+    let kept = get(addr, "/keep").await;
+    assert!(kept.body.starts_with("kept "), "{}", kept.body);
+    // The component model ends a borrow when its call returns: the kept
+    // number is either unknown now (a trap) or names the request of the
+    // call under way. Never the one it was kept from.
+    let stale = get(addr, "/stale").await;
+    let hostile = gateway.registry().get("hostile").unwrap();
+    match stale.status {
+        StatusCode::OK => assert_eq!(stale.body, "stale handle reads /stale"),
+        status => {
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", stale.body);
+            let error = hostile.stats().last_error.unwrap();
+            assert!(error.contains("unknown handle index"), "{error}");
+        }
+    }
+
+    // `init` runs with no request at all: a handle number used there is
+    // refused, and so is the plugin.
+    std::fs::write(plugins.path().join("hostile.toml"), "[config]\nstale_in_init = \"true\"\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reason = loop {
+        if let Some((_, rejected)) = gateway.registry().rejected().into_iter().find(|(name, _)| name == "hostile") {
+            break rejected.reason;
+        }
+        assert!(Instant::now() < deadline, "hostile.toml's edit was never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(reason.contains("could not be instantiated") && reason.contains("unknown handle index 1"), "{reason}");
+    assert_eq!(gateway.registry().get("hostile").unwrap().identity.version, hostile.identity.version);
 }

@@ -180,6 +180,31 @@ async fn broken_components_are_rejected_and_the_good_one_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settings_edit_its_init_refuses_is_rejected_and_the_old_version_keeps_serving() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("router", "path-router", ROUTES);
+    let gateway = start_gateway(&config(&app, "cache = false"), &plugins).await;
+    let good = gateway.registry().get("router").unwrap().identity.clone();
+
+    // A typo in the route table: the plugin's own `init` refuses it.
+    std::fs::write(plugins.path().join("router.toml"), "[config]\nroutes = \"* / pool=app\\n* /api\"\n").unwrap();
+    refused(&gateway, "router", "plugin `router` refused its configuration: bad config: `routes`: line 2: ").await;
+    let serving = gateway.registry().get("router").unwrap();
+    assert_eq!((serving.identity.sha256.as_str(), serving.identity.version), (good.sha256.as_str(), good.version));
+    assert_eq!(serving.stats().errors, 0, "no request ever ran on the refused settings");
+    let got = get(web(&gateway), "/").await;
+    assert_eq!(version_of(&got.body), "path-router", "{}", got.body);
+
+    // Put back: what is on disk is what serves, so nothing is refused any more.
+    std::fs::write(plugins.path().join("router.toml"), ROUTES).unwrap();
+    wait_until("the refusal is cleared", Duration::from_secs(5), || {
+        gateway.registry().rejected().iter().all(|(name, _)| name != "router")
+    })
+    .await;
+    assert_eq!(gateway.registry().get("router").unwrap().identity.version, good.version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_plugin_follows_on_error_until_it_returns() {
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("router", "path-router", ROUTES);
@@ -235,4 +260,23 @@ async fn restart_with_unchanged_plugins_loads_them_from_the_cache() {
     let router = second.registry().get("router").unwrap();
     assert!(router.identity.from_cache, "second start loads the compiled artifact");
     assert_eq!(version_of(&get(web(&second), "/").await.body), "path-router");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_against_contract_0_2_is_refused_naming_the_version_and_the_fix() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("router", "path-router", ROUTES);
+    let gateway = start_gateway(&config(&app, "cache = false"), &plugins).await;
+    let good = gateway.registry().get("router").unwrap().identity.clone();
+    let old = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hello-router-contract-0.2.wasm");
+    std::fs::copy(old, plugins.path().join("router.wasm")).unwrap();
+    refused(
+        &gateway,
+        "router",
+        "exports `wasmgate:plugin/router@0.2.0`, from another version of the plugin contract; \
+         this gateway speaks wasmgate:plugin@0.3.0: rebuild the plugin against the WIT files",
+    )
+    .await;
+    assert_eq!(gateway.registry().get("router").unwrap().identity.sha256, good.sha256, "the 0.3 version serves on");
+    assert_eq!(version_of(&get(web(&gateway), "/").await.body), "path-router");
 }

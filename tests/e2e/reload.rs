@@ -236,6 +236,24 @@ async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
     let error = report["error"].as_str().unwrap();
     assert!(error.contains("listener `secure`: certificate[0]") && error.contains("missing.pem"), "{error}");
 
+    // A router whose own `init` refuses its settings: named, with its reason.
+    let plugins = setup.dir.path().join("plugins");
+    std::fs::write(plugins.join("picky.toml"), "[config]\nrefuse = \"pool `billing` is not in the table\"\n").unwrap();
+    std::fs::copy(plugin_wasm("head-echo"), plugins.join("picky.wasm")).unwrap();
+    setup.write(&["guard"], "picky", &good);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !setup.status().await["rejected_plugins"].as_array().unwrap().iter().any(|r| r["name"] == "picky") {
+        assert!(Instant::now() < deadline, "the watcher never refused picky.wasm");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, report) = setup.reload().await;
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("`listener[0].router`: plugin `picky` is not loaded")
+            && error.contains("plugin `picky` refused its configuration: pool `billing` is not in the table"),
+        "{error}"
+    );
+
     // A plugin that is not in the directory.
     setup.write(&["guard", "no-such-waf"], "router-a", &good);
     let (_, report) = setup.reload().await;
@@ -248,7 +266,7 @@ async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
     assert_eq!(status["config_version"], 1);
     let results: Vec<&str> =
         status["reloads"].as_array().unwrap().iter().map(|r| r["result"].as_str().unwrap()).collect();
-    assert_eq!(results, ["applied", "refused", "refused", "refused", "refused", "refused"]);
+    assert_eq!(results, ["applied", "refused", "refused", "refused", "refused", "refused", "refused"]);
 
     // `wasmgate reload` says the same and fails; a fixed file applies.
     let cli = |setup: &Setup| {

@@ -4,13 +4,14 @@ use wasmgate_sdk::*;
 struct HelloRouter;
 
 impl Router for HelloRouter {
-    fn route(req: RequestHead) -> RouteDecision {
+    fn route(req: &Request) -> RouteDecision {
         // Canary: users with the header go to the new pool.
-        if req.header("x-canary") == Some("1") {
+        if req.header("x-canary").as_deref() == Some("1") {
             return RouteDecision::Forward(Upstream::pool("canary"));
         }
-        if req.path.starts_with("/api/") {
-            let rest = &req.path["/api".len()..];
+        let path = req.path();
+        if path.starts_with("/api/") {
+            let rest = &path["/api".len()..];
             return RouteDecision::Forward(Upstream::pool("api").rewrite(rest).set_header("x-via", "hello"));
         }
         if req.is_websocket() && req.host() != "chat.example.test" {

@@ -16,7 +16,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::request::{ConnInfo, ListenerProxy, TlsDetails};
+use crate::http::{ConnInfo, TlsDetails};
+use crate::request::ListenerProxy;
 use crate::shutdown::Drain;
 
 /// Open files kept free of client connections (plugins, cache, logs, probes).

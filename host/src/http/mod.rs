@@ -1,10 +1,13 @@
 //! HTTP basics every stage shares, importing nothing of the gateway: the
-//! body type of every response, the responses the gateway makes itself, and
-//! header helpers (hop-by-hop removal, token lists).
+//! body type of every response, the responses the gateway makes itself,
+//! header helpers (hop-by-hop removal, token lists) and what is known of a
+//! client connection.
 
 pub mod body;
+pub mod conn;
 pub mod error;
 pub mod headers;
 
 pub use body::ResponseBody;
+pub use conn::{ConnInfo, TlsDetails};
 pub use error::{ERROR_HEADER, GatewayError, WAF_DENY};

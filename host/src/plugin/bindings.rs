@@ -2,14 +2,17 @@
 //! `wasmtime::component::bindgen!`. The SDK generates the guest side from the
 //! same files.
 //!
-//! Exports are called asynchronously: a plugin runs on a fiber, so WASI calls
-//! and the epoch deadline work on tokio's worker threads without blocking.
+//! Calls are synchronous: a plugin runs on the calling worker thread until it
+//! returns or its epoch deadline traps. Host functions may trap (a request
+//! handle used outside its call, say), so every import returns a
+//! `wasmtime::Result`.
 
 mod router_world {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "router-plugin",
-        exports: { default: async },
+        imports: { default: trappable },
+        with: { "wasmgate:plugin/types.request": crate::plugin::view::RequestHandle },
     });
 }
 
@@ -17,7 +20,7 @@ mod waf_world {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "waf-plugin",
-        exports: { default: async },
+        imports: { default: trappable },
         with: {
             "wasmgate:plugin/types": super::router_world::wasmgate::plugin::types,
             "wasmgate:plugin/host": super::router_world::wasmgate::plugin::host,
@@ -25,7 +28,8 @@ mod waf_world {
     });
 }
 
+pub use router_world::RouterPlugin;
+pub use router_world::exports::wasmgate::plugin::{lifecycle, router};
 pub use router_world::wasmgate::plugin::{host, types};
-pub use router_world::{RouterPlugin, RouterPluginPre};
-pub use types::{Header, Level, RequestHead, Response, RouteDecision, TlsInfo, Upstream, Verdict, WebsocketHandshake};
-pub use waf_world::{WafPlugin, WafPluginPre};
+pub use types::{Header, Level, Response, RouteDecision, TlsInfo, Upstream, Verdict, WebsocketHandshake};
+pub use waf_world::exports::wasmgate::plugin::waf;

@@ -7,15 +7,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{Level, host, types};
+use super::bindings::{Header, Level, TlsInfo, WebsocketHandshake, host, types};
 use super::counter::Counters;
+use super::view::{RequestHandle, RequestView};
 use crate::upstream::Pools;
 
 /// Gateway services shared by every plugin.
@@ -68,8 +68,13 @@ impl ResourceLimiter for Caps {
 pub struct HostState {
     pub(crate) plugin: Arc<PluginContext>,
     pub(crate) caps: Caps,
-    /// When the call under way must end (set before every call).
-    pub(crate) call_deadline: Instant,
+    /// The request of the call under way (an empty one between calls).
+    pub(crate) request: RequestView,
+    /// The number of the call under way: the handle its request is passed
+    /// as. `None` between calls, when no handle is valid.
+    pub(crate) call: Option<u32>,
+    /// Calls started on this instance (the next call's number).
+    pub(crate) calls: u32,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -80,7 +85,27 @@ impl HostState {
         // discarded, no environment, no arguments, no directories, no sockets.
         let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();
         let caps = Caps { limits, refused_memory: false };
-        HostState { plugin, caps, call_deadline: Instant::now(), wasi, table: ResourceTable::new() }
+        HostState {
+            plugin,
+            caps,
+            request: RequestView::empty(),
+            call: None,
+            calls: 0,
+            wasi,
+            table: ResourceTable::new(),
+        }
+    }
+
+    pub(crate) fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+
+    /// The request `handle` names, if it is the call under way's.
+    fn request(&self, handle: &Resource<RequestHandle>) -> wasmtime::Result<&RequestView> {
+        match self.call {
+            Some(call) if call == handle.rep() => Ok(&self.request),
+            _ => Err(wasmtime::Error::msg("a request handle was used outside the call it was passed to")),
+        }
     }
 }
 
@@ -92,27 +117,117 @@ impl WasiView for HostState {
 
 impl types::Host for HostState {}
 
+/// The accessors of the `request` resource: each copies one field out of the
+/// request of the call under way.
+impl types::HostRequest for HostState {
+    fn method(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request(&req)?.method())
+    }
+
+    fn scheme(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request(&req)?.scheme())
+    }
+
+    fn version(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request(&req)?.version())
+    }
+
+    fn authority(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request(&req)?.authority())
+    }
+
+    fn path(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request(&req)?.path())
+    }
+
+    fn query(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<Option<String>> {
+        Ok(self.request(&req)?.query())
+    }
+
+    fn header(&mut self, req: Resource<RequestHandle>, name: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.request(&req)?.header(&name))
+    }
+
+    fn headers(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<Vec<Header>> {
+        Ok(self.request(&req)?.headers())
+    }
+
+    fn client_ip(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request(&req)?.client_ip())
+    }
+
+    fn listener(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<String> {
+        Ok(self.request(&req)?.listener())
+    }
+
+    fn tls(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<Option<TlsInfo>> {
+        Ok(self.request(&req)?.tls())
+    }
+
+    fn websocket(&mut self, req: Resource<RequestHandle>) -> wasmtime::Result<Option<WebsocketHandshake>> {
+        Ok(self.request(&req)?.websocket())
+    }
+
+    /// Plugins only ever get borrowed requests, which they cannot drop.
+    fn drop(&mut self, _req: Resource<RequestHandle>) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
 impl host::Host for HostState {
-    fn log(&mut self, level: Level, message: String) {
+    fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
         let plugin = self.plugin.name.as_str();
+        // One line, of bounded length: a plugin cannot forge log lines.
+        let message = printable(&message);
         match level {
-            Level::Trace => tracing::trace!(plugin, "{message}"),
-            Level::Debug => tracing::debug!(plugin, "{message}"),
-            Level::Info => tracing::info!(plugin, "{message}"),
-            Level::Warn => tracing::warn!(plugin, "{message}"),
-            Level::Error => tracing::error!(plugin, "{message}"),
+            Level::Trace => tracing::trace!(plugin = %plugin, "{message}"),
+            Level::Debug => tracing::debug!(plugin = %plugin, "{message}"),
+            Level::Info => tracing::info!(plugin = %plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin = %plugin, "{message}"),
+            Level::Error => tracing::error!(plugin = %plugin, "{message}"),
         }
+        Ok(())
     }
 
-    fn config(&mut self, key: String) -> Option<String> {
-        self.plugin.config.get(&key).cloned()
+    fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.plugin.config.get(&key).cloned())
     }
 
-    fn healthy_servers(&mut self, pool: String) -> Vec<String> {
-        self.plugin.services.pools.load().healthy_servers(&pool)
+    fn healthy_servers(&mut self, pool: String) -> wasmtime::Result<Vec<String>> {
+        Ok(self.plugin.services.pools.load().healthy_servers(&pool))
     }
 
-    fn count(&mut self, key: String, window_ms: u32) -> u64 {
-        self.plugin.services.counters.count(&self.plugin.name, &key, window_ms)
+    fn count(&mut self, key: String, window_ms: u32) -> wasmtime::Result<u64> {
+        Ok(self.plugin.services.counters.count(&self.plugin.name, &key, window_ms))
+    }
+}
+
+/// Longest plugin-written message the gateway repeats in logs and errors.
+const MAX_MESSAGE: usize = 1024;
+
+/// A plugin's message made safe to log: control characters escaped, cut at
+/// [`MAX_MESSAGE`] bytes.
+pub(crate) fn printable(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(MAX_MESSAGE + 4));
+    for c in message.chars() {
+        if out.len() >= MAX_MESSAGE {
+            out.push('…');
+            break;
+        }
+        if c.is_control() { out.extend(c.escape_default()) } else { out.push(c) }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_messages_are_escaped_and_bounded() {
+        assert_eq!(printable("bad `routes`: line 2"), "bad `routes`: line 2");
+        assert_eq!(printable("a\nforged: log line\u{1b}[31m"), "a\\nforged: log line\\u{1b}[31m");
+        let long = printable(&"x".repeat(5000));
+        assert!(long.ends_with('…') && long.len() < MAX_MESSAGE + 4);
     }
 }

@@ -48,7 +48,10 @@ impl fmt::Display for Inspection {
             writeln!(f, "  {export}")?;
         }
         match &self.rejection {
-            None => writeln!(f, "verdict: accepted (compiled, linked and instantiated with the default limits)"),
+            None => writeln!(
+                f,
+                "verdict: accepted (compiled, linked, instantiated and initialised with the default limits and the NAME.toml beside it)"
+            ),
             Some(reason) => writeln!(f, "verdict: rejected: {reason}"),
         }
     }
@@ -97,13 +100,24 @@ pub async fn inspect(file: &Path) -> anyhow::Result<Inspection> {
             return Ok(inspection);
         }
     }
-    let limits = PluginLimits::new(&PluginsConfig::default(), &PluginSettings::default());
+    // Its `init` sees the settings it would be loaded with.
+    let settings = match PluginSettings::load(&file.with_extension("toml")) {
+        Ok((settings, _)) => settings,
+        Err(error) => {
+            inspection.rejection = Some(format!("{error:#}"));
+            return Ok(inspection);
+        }
+    };
+    let limits = PluginLimits::new(&PluginsConfig::default(), &settings);
     let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned();
-    let context = Arc::new(PluginContext { name, config: Default::default(), services });
+    let context = Arc::new(PluginContext { name, config: settings.config, services });
     let source =
         PluginSource { sha256: inspection.sha256.clone(), source_hash: String::new(), version: 0, from_cache: false };
-    if let Err(error) = LoadedPlugin::new(runtime, component, source, context, limits).await {
+    let started = tokio::task::spawn_blocking(move || LoadedPlugin::new(runtime, component, source, context, limits))
+        .await
+        .context("plugin start-up task failed")?;
+    if let Err(error) = started {
         inspection.rejection = Some(format!("{error:#}"));
     }
     Ok(inspection)

@@ -1,36 +1,42 @@
-//! One loaded plugin: its compiled component, identity, limits, and a small
-//! pool of instances that calls reuse.
+//! One loaded plugin: its compiled component, identity, limits, and the
+//! instances that calls reuse, one per worker thread.
 //!
-//! A call takes an idle instance (or instantiates one), arms the epoch
-//! deadline, and runs the export. An instance that returns normally goes back
-//! to the pool; one that trapped, overran its deadline or hit its memory cap
-//! is dropped, so no later request ever runs on a broken instance.
-//!
-//! A call that runs longer than one epoch tick yields to the async runtime at
-//! every tick, so a slow or looping plugin never holds a worker thread for its
-//! whole deadline; at the deadline it is interrupted. Failures feed the
-//! plugin's crash-loop [`Breaker`].
+//! A call runs synchronously on the calling thread: it takes that thread's
+//! instance of this plugin version (instantiating one, `init` included, if
+//! the thread has none), moves the request into the instance's store, arms
+//! the epoch deadline and runs the export. No lock is taken and nothing is
+//! awaited. An instance that returns normally stays with its thread; one
+//! that trapped, overran its deadline or hit its memory cap is dropped, so no
+//! later request ever runs on a broken instance. Failures feed the plugin's
+//! crash-loop [`Breaker`].
 
+use std::cell::RefCell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use wasmtime::component::Component;
-use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
+use thread_local::ThreadLocal;
+use wasmtime::component::{Component, InstancePre, Resource};
+use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
-use super::bindings::{RequestHead, RouteDecision, RouterPlugin, RouterPluginPre, Verdict, WafPlugin, WafPluginPre};
+use super::bindings::{RouteDecision, Verdict, lifecycle, router, waf};
 use super::breaker::{Breaker, BreakerLimits};
-use super::host_api::{HostState, PluginContext};
-use super::runtime::Runtime;
+use super::host_api::{HostState, PluginContext, printable};
+use super::runtime::{EPOCH_TICK, Runtime};
+use super::view::{RequestHandle, RequestView};
 use crate::config::{OnError, PluginKind};
-
-/// Idle instances kept per plugin; more are created under load and dropped
-/// when the pool is full.
-const MAX_IDLE_INSTANCES: usize = 16;
 
 /// Elements one table of a plugin may grow to (a Rust plugin uses hundreds).
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// How long a new instance may take to start, its `init` included. Start-up
+/// runs at load (where a slow one is refused) and whenever a thread first
+/// needs an instance, outside any call's deadline.
+pub const INIT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The contract version this host speaks, as it appears in export names.
+const CONTRACT: &str = "wasmgate:plugin@0.3.0";
 
 /// Why a plugin call produced no decision.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,8 @@ pub enum PluginError {
     MemoryLimit { plugin: String, limit_mb: u64 },
     #[error("plugin `{plugin}` could not be instantiated: {message}")]
     Instantiate { plugin: String, message: String },
+    #[error("plugin `{plugin}` refused its configuration: {message}")]
+    InitRefused { plugin: String, message: String },
     #[error("plugin `{plugin}` returned an invalid decision: {reason}")]
     InvalidOutput { plugin: String, reason: String },
     #[error("plugin `{plugin}` is not loaded")]
@@ -61,6 +69,7 @@ impl PluginError {
             | PluginError::Trap { plugin, .. }
             | PluginError::MemoryLimit { plugin, .. }
             | PluginError::Instantiate { plugin, .. }
+            | PluginError::InitRefused { plugin, .. }
             | PluginError::InvalidOutput { plugin, .. }
             | PluginError::Missing { plugin }
             | PluginError::WrongKind { plugin, .. }
@@ -110,47 +119,66 @@ pub struct PluginStats {
     pub last_error: Option<String>,
 }
 
+/// The decision a component exports: which world it implements.
+enum Exports {
+    Router(router::GuestIndices),
+    Waf(waf::GuestIndices),
+}
+
 /// A component linked and checked against one of the two plugin worlds.
-pub(crate) enum Pre {
-    Router(RouterPluginPre<HostState>),
-    Waf(WafPluginPre<HostState>),
+pub(crate) struct Pre {
+    instance_pre: InstancePre<HostState>,
+    exports: Exports,
+    /// Set when the component exports `lifecycle` (its `init`).
+    init: Option<lifecycle::GuestIndices>,
 }
 
 impl Pre {
     /// Links `component` and finds which world it implements: the one whose
     /// generated bindings accept its exports (names, versions and types).
     pub(crate) fn new(runtime: &Runtime, component: &Component) -> anyhow::Result<Pre> {
+        let exports: Vec<String> =
+            component.component_type().exports(runtime.engine()).map(|(name, _)| name.to_owned()).collect();
+        if let Some(old) = exports.iter().find(|name| name.starts_with("wasmgate:plugin/") && !name.ends_with("@0.3.0"))
+        {
+            anyhow::bail!(
+                "exports `{old}`, from another version of the plugin contract; this gateway speaks {CONTRACT}: \
+                 rebuild the plugin against the WIT files in the gateway's wit/ (Rust: its wasmgate-sdk)"
+            );
+        }
         let instance_pre = runtime.linker.instantiate_pre(component)?;
-        let router = RouterPluginPre::new(instance_pre.clone());
-        let waf = WafPluginPre::new(instance_pre);
-        match (router, waf) {
-            (Ok(router), Err(_)) => Ok(Pre::Router(router)),
-            (Err(_), Ok(waf)) => Ok(Pre::Waf(waf)),
+        let router = router::GuestIndices::new(&instance_pre);
+        let waf = waf::GuestIndices::new(&instance_pre);
+        let exports_kind = match (router, waf) {
+            (Ok(router), Err(_)) => Exports::Router(router),
+            (Err(_), Ok(waf)) => Exports::Waf(waf),
             (Ok(_), Ok(_)) => anyhow::bail!(
                 "exports both `wasmgate:plugin/router` and `wasmgate:plugin/waf`; a plugin is one or the other"
             ),
-            (Err(router), Err(waf)) => {
-                let exports: Vec<String> =
-                    component.component_type().exports(runtime.engine()).map(|(name, _)| name.to_owned()).collect();
-                anyhow::bail!(
-                    "implements neither the router-plugin nor the waf-plugin world (its exports: {}; as a router: {router:#}; as a WAF: {waf:#})",
-                    if exports.is_empty() { "none".to_owned() } else { exports.join(", ") }
-                )
-            }
-        }
+            (Err(router), Err(waf)) => anyhow::bail!(
+                "implements neither the router-plugin nor the waf-plugin world (its exports: {}; as a router: {router:#}; as a WAF: {waf:#})",
+                if exports.is_empty() { "none".to_owned() } else { exports.join(", ") }
+            ),
+        };
+        let init = if exports.iter().any(|name| name.starts_with("wasmgate:plugin/lifecycle")) {
+            Some(lifecycle::GuestIndices::new(&instance_pre)?)
+        } else {
+            None
+        };
+        Ok(Pre { instance_pre, exports: exports_kind, init })
     }
 
     pub(crate) fn kind(&self) -> PluginKind {
-        match self {
-            Pre::Router(_) => PluginKind::Router,
-            Pre::Waf(_) => PluginKind::Waf,
+        match self.exports {
+            Exports::Router(_) => PluginKind::Router,
+            Exports::Waf(_) => PluginKind::Waf,
         }
     }
 }
 
 enum Bindings {
-    Router(RouterPlugin),
-    Waf(WafPlugin),
+    Router(router::Guest),
+    Waf(waf::Guest),
 }
 
 struct Instance {
@@ -179,7 +207,10 @@ pub struct LoadedPlugin {
     runtime: Arc<Runtime>,
     context: Arc<PluginContext>,
     pre: Pre,
-    idle: Mutex<Vec<Instance>>,
+    /// Each thread's instance of this version (none after a failed call).
+    instances: ThreadLocal<RefCell<Option<Instance>>>,
+    /// The call deadline in epoch ticks.
+    call_ticks: u64,
     counters: Counters,
     breaker: Breaker,
 }
@@ -192,10 +223,16 @@ pub struct PluginSource {
     pub from_cache: bool,
 }
 
+/// Epoch ticks in `duration`, rounded up, at least one.
+fn ticks(duration: Duration) -> u64 {
+    (duration.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).max(1)
+}
+
 impl LoadedPlugin {
-    /// Links `component`, finds its world, and instantiates it once to prove
-    /// it starts (that instance is kept for the first call).
-    pub async fn new(
+    /// Links `component`, finds its world, and starts one instance (its
+    /// `init` included) to prove it starts. Blocks for up to
+    /// [`INIT_TIMEOUT`]: call it off the async workers.
+    pub fn new(
         runtime: Arc<Runtime>,
         component: Component,
         source: PluginSource,
@@ -221,39 +258,35 @@ impl LoadedPlugin {
             runtime,
             context,
             pre,
-            idle: Mutex::new(Vec::new()),
+            instances: ThreadLocal::new(),
+            call_ticks: ticks(limits.call_timeout),
             counters: Counters::default(),
             breaker: Breaker::new(limits.breaker),
         };
-        let first = plugin.instantiate().await.map_err(anyhow::Error::from)?;
-        plugin.put_back(first);
+        plugin.start_instance()?;
         Ok(plugin)
     }
 
-    /// Asks a router plugin where `head` goes.
-    pub async fn route(&self, head: &RequestHead) -> Result<RouteDecision, PluginError> {
-        let mut instance = self.take(PluginKind::Router).await?;
-        let Bindings::Router(bindings) = &instance.bindings else {
-            unreachable!("take() checked the kind");
-        };
-        let bindings = bindings.wasmgate_plugin_router();
-        self.arm(&mut instance.store);
-        let result =
-            tokio::time::timeout(self.limits.call_timeout, bindings.call_route(&mut instance.store, head)).await;
-        self.finish(instance, result)
+    /// Asks a router plugin where `req` goes.
+    pub fn route(&self, req: &mut RequestView) -> Result<RouteDecision, PluginError> {
+        self.call(PluginKind::Router, req, |bindings, store, handle| match bindings {
+            Bindings::Router(router) => router.call_route(store, handle),
+            Bindings::Waf(_) => unreachable!("call() checked the kind"),
+        })
     }
 
-    /// Asks a WAF plugin for its verdict on `head`.
-    pub async fn inspect(&self, head: &RequestHead) -> Result<Verdict, PluginError> {
-        let mut instance = self.take(PluginKind::Waf).await?;
-        let Bindings::Waf(bindings) = &instance.bindings else {
-            unreachable!("take() checked the kind");
-        };
-        let bindings = bindings.wasmgate_plugin_waf();
-        self.arm(&mut instance.store);
-        let result =
-            tokio::time::timeout(self.limits.call_timeout, bindings.call_inspect(&mut instance.store, head)).await;
-        self.finish(instance, result)
+    /// Asks a WAF plugin for its verdict on `req`.
+    pub fn inspect(&self, req: &mut RequestView) -> Result<Verdict, PluginError> {
+        self.call(PluginKind::Waf, req, |bindings, store, handle| match bindings {
+            Bindings::Waf(waf) => waf.call_inspect(store, handle),
+            Bindings::Router(_) => unreachable!("call() checked the kind"),
+        })
+    }
+
+    /// Starts a new instance, `init` included, and drops it: what a load
+    /// does to prove the plugin starts (and what the benchmarks time).
+    pub fn start_instance(&self) -> Result<(), PluginError> {
+        self.instantiate().map(drop)
     }
 
     /// A snapshot of this version's counters.
@@ -275,38 +308,57 @@ impl LoadedPlugin {
         self.failed(error);
     }
 
-    /// Starts the deadline for the call about to begin: the epoch callback
-    /// yields at every tick and interrupts once the call has run its time.
-    fn arm(&self, store: &mut Store<HostState>) {
-        let state = store.data_mut();
-        state.call_deadline = Instant::now() + self.limits.call_timeout;
-        state.caps.refused_memory = false;
-        store.set_epoch_deadline(1);
-    }
-
-    /// Returns a healthy instance to the pool; turns a failure into an error.
-    ///
-    /// The outer timeout catches a call blocked in a host function (say, a
-    /// WASI poll), where the epoch deadline cannot interrupt it.
-    fn finish<T>(
+    /// One call on this thread's instance: the request moved into the
+    /// store and passed as handle number `call`, the deadline armed, the
+    /// request moved back out whatever happened.
+    fn call<T>(
         &self,
-        instance: Instance,
-        result: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
+        expected: PluginKind,
+        req: &mut RequestView,
+        export: impl FnOnce(&Bindings, &mut Store<HostState>, Resource<RequestHandle>) -> wasmtime::Result<T>,
     ) -> Result<T, PluginError> {
-        let err = match result {
-            Ok(Ok(value)) => {
-                self.put_back(instance);
-                self.succeeded();
-                return Ok(value);
-            }
-            Ok(Err(err)) => self.classify(err, instance.store.data().caps.refused_memory),
-            Err(_elapsed) => self.timeout_error(),
+        if self.kind != expected {
+            return Err(PluginError::WrongKind { plugin: self.name.clone(), actual: self.kind, expected });
+        }
+        if !self.breaker.admit(self.limits.call_timeout) {
+            return Err(PluginError::Quarantined { plugin: self.name.clone() });
+        }
+        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let slot = self.instances.get_or(|| RefCell::new(None));
+        // Taken out, not borrowed: nothing of the slot is held during the call.
+        let taken = slot.borrow_mut().take();
+        let mut instance = match taken {
+            Some(instance) => instance,
+            None => self.instantiate().inspect_err(|error| self.failed(error))?,
         };
-        // The instance is dropped here: after a trap or an overrun its state
-        // is unknown, so it never serves another request.
-        drop(instance);
-        self.failed(&err);
-        Err(err)
+
+        let state = instance.store.data_mut();
+        state.calls = state.calls.wrapping_add(1);
+        let call = state.calls;
+        state.call = Some(call);
+        state.caps.refused_memory = false;
+        std::mem::swap(&mut state.request, req);
+        instance.store.set_epoch_deadline(self.call_ticks);
+        let result = export(&instance.bindings, &mut instance.store, Resource::new_borrow(call));
+        let state = instance.store.data_mut();
+        std::mem::swap(&mut state.request, req);
+        state.call = None;
+
+        match result {
+            Ok(value) => {
+                *slot.borrow_mut() = Some(instance);
+                self.succeeded();
+                Ok(value)
+            }
+            Err(err) => {
+                let error = self.classify(err, instance.store.data().caps.refused_memory);
+                // The instance is dropped here: after a trap or an overrun its
+                // state is unknown, so it never serves another request.
+                drop(instance);
+                self.failed(&error);
+                Err(error)
+            }
+        }
     }
 
     fn timeout_error(&self) -> PluginError {
@@ -324,9 +376,10 @@ impl LoadedPlugin {
             let limit_mb = (self.limits.memory_limit_bytes >> 20) as u64;
             return PluginError::MemoryLimit { plugin: self.name.clone(), limit_mb };
         }
-        // The trap itself, without the wasm backtrace (logged at debug).
+        // The trap itself (or the host's reason for trapping), without the
+        // wasm backtrace (logged at debug).
         tracing::debug!(plugin = %self.name, "plugin trap: {err:?}");
-        let message = err.downcast_ref::<Trap>().map_or_else(|| err.to_string(), Trap::to_string);
+        let message = err.downcast_ref::<Trap>().map_or_else(|| err.root_cause().to_string(), Trap::to_string);
         PluginError::Trap { plugin: self.name.clone(), message }
     }
 
@@ -358,41 +411,8 @@ impl LoadedPlugin {
         }
     }
 
-    async fn take(&self, expected: PluginKind) -> Result<Instance, PluginError> {
-        if self.kind != expected {
-            return Err(PluginError::WrongKind { plugin: self.name.clone(), actual: self.kind, expected });
-        }
-        if !self.breaker.admit(self.limits.call_timeout) {
-            return Err(PluginError::Quarantined { plugin: self.name.clone() });
-        }
-        let c = &self.counters;
-        c.calls.fetch_add(1, Ordering::Relaxed);
-        let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
-        match idle {
-            Some(instance) => Ok(instance),
-            None => match tokio::time::timeout(self.limits.call_timeout, self.instantiate()).await {
-                Ok(Ok(instance)) => Ok(instance),
-                Ok(Err(error)) => {
-                    self.failed(&error);
-                    Err(error)
-                }
-                Err(_elapsed) => {
-                    let error = self.timeout_error();
-                    self.failed(&error);
-                    Err(error)
-                }
-            },
-        }
-    }
-
-    fn put_back(&self, instance: Instance) {
-        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if idle.len() < MAX_IDLE_INSTANCES {
-            idle.push(instance);
-        }
-    }
-
-    async fn instantiate(&self) -> Result<Instance, PluginError> {
+    /// A new instance with its `init` run, bounded by [`INIT_TIMEOUT`].
+    fn instantiate(&self) -> Result<Instance, PluginError> {
         // Every way to take host memory is capped: linear memories (size and
         // count), tables (elements and count), instances.
         let limits = StoreLimitsBuilder::new()
@@ -404,22 +424,40 @@ impl LoadedPlugin {
             .build();
         let mut store = Store::new(&self.runtime.engine, HostState::new(self.context.clone(), limits));
         store.limiter(|state| &mut state.caps);
-        store.epoch_deadline_callback(|store| {
-            if Instant::now() >= store.data().call_deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
-        // Start-up code (constructors, static initialisers) is bounded too.
-        self.arm(&mut store);
-        let bindings = match &self.pre {
-            Pre::Router(pre) => pre.instantiate_async(&mut store).await.map(Bindings::Router),
-            Pre::Waf(pre) => pre.instantiate_async(&mut store).await.map(Bindings::Waf),
+        store.epoch_deadline_trap();
+        // Start-up code (constructors, static initialisers, `init`) is bounded too.
+        store.set_epoch_deadline(ticks(INIT_TIMEOUT));
+        let failed = |err: wasmtime::Error| PluginError::Instantiate {
+            plugin: self.name.clone(),
+            message: match err.downcast_ref::<Trap>() {
+                Some(Trap::Interrupt) => format!("start-up ran past {} ms", INIT_TIMEOUT.as_millis()),
+                _ => format!("{err:#}"),
+            },
         };
-        match bindings {
-            Ok(bindings) => Ok(Instance { store, bindings }),
-            Err(err) => Err(PluginError::Instantiate { plugin: self.name.clone(), message: format!("{err:#}") }),
+        let instance = self.pre.instance_pre.instantiate(&mut store).map_err(failed)?;
+        let bindings = match &self.pre.exports {
+            Exports::Router(indices) => indices.load(&mut store, &instance).map(Bindings::Router),
+            Exports::Waf(indices) => indices.load(&mut store, &instance).map(Bindings::Waf),
         }
+        .map_err(failed)?;
+        if let Some(init) = &self.pre.init {
+            let init = init.load(&mut store, &instance).map_err(failed)?;
+            if let Err(message) = init.call_init(&mut store).map_err(failed)? {
+                return Err(PluginError::InitRefused { plugin: self.name.clone(), message: printable(&message) });
+            }
+        }
+        Ok(Instance { store, bindings })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_round_up_to_whole_ticks() {
+        assert_eq!(ticks(Duration::from_millis(10)), 10);
+        assert_eq!(ticks(Duration::from_micros(1500)), 2);
+        assert_eq!(ticks(Duration::ZERO), 1);
     }
 }

@@ -4,11 +4,13 @@
 //!
 //! - [`bindings`]: the host side of the WIT contract, generated from `wit/`.
 //! - [`runtime`]: the wasmtime engine, the linker (WASI with nothing granted,
-//!   plus the `host` interface) and the epoch ticker behind call deadlines.
+//!   plus the `host` interface) and the epoch ticker behind call deadlines;
+//!   [`wasi`] makes WASI's waiting calls fail instead of blocking a worker.
 //! - [`host_api`]: what a plugin can ask of the gateway (`log`, `config`,
 //!   `healthy-servers`, `count`), with [`counter`] behind `count`.
-//! - [`loaded`]: one compiled plugin, its pool of reusable instances, and the
-//!   guarded call (deadline, memory cap, trap containment).
+//! - [`view`]: the request as plugins see it (the `request` resource).
+//! - [`loaded`]: one compiled plugin, its instances (one per worker thread),
+//!   its `init`, and the guarded call (deadline, memory cap, trap containment).
 //! - [`breaker`]: the crash-loop breaker that quarantines a failing plugin.
 //! - [`registry`]: the plugins by name, swappable as a whole, and the loader
 //!   that turns the plugin directory into them.
@@ -25,8 +27,11 @@ pub mod inspect;
 pub mod loaded;
 pub mod registry;
 pub mod runtime;
+pub mod view;
+pub mod wasi;
 pub mod watcher;
 
 pub use loaded::{LoadedPlugin, PluginError, PluginIdentity, PluginStats};
 pub use registry::{Loader, Registry};
 pub use runtime::Runtime;
+pub use view::RequestView;

@@ -121,7 +121,13 @@ impl Loader {
         let context =
             Arc::new(PluginContext { name: name.clone(), config: settings.config, services: self.services.clone() });
         let source = PluginSource { sha256, source_hash, version, from_cache };
-        let plugin = LoadedPlugin::new(self.runtime.clone(), component, source, context, limits).await?;
+        // Start-up (instantiation and the plugin's `init`) runs guest code
+        // for up to a second: off the async workers too.
+        let runtime = self.runtime.clone();
+        let plugin =
+            tokio::task::spawn_blocking(move || LoadedPlugin::new(runtime, component, source, context, limits))
+                .await
+                .context("plugin start-up task failed")??;
         if let Some((role, key)) = self.roles.load().get(&name)
             && plugin.kind != *role
         {
@@ -219,11 +225,12 @@ impl Registry {
         for (name, key, role) in config.referenced_plugins() {
             match self.get(&name) {
                 None => {
-                    return Err(format!(
-                        "{}: `{key}`: plugin `{name}` is not loaded (no valid {name}.wasm in {})",
-                        config.source.display(),
-                        config.plugins.dir.display()
-                    ));
+                    // Say why, when its file is there but was refused.
+                    let why = match self.rejected.lock().unwrap_or_else(|p| p.into_inner()).get(&name) {
+                        Some(rejected) => format!("{} was refused: {}", rejected.file.display(), rejected.reason),
+                        None => format!("no valid {name}.wasm in {}", config.plugins.dir.display()),
+                    };
+                    return Err(format!("{}: `{key}`: plugin `{name}` is not loaded ({why})", config.source.display()));
                 }
                 Some(plugin) if plugin.kind != role => {
                     return Err(format!(
@@ -262,6 +269,8 @@ impl Registry {
                     source_hash(&bytes, &settings) == old.source_hash
                 })
             {
+                // What is on disk is what serves: an earlier refusal is over.
+                self.rejected.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
                 next.insert(name, old.clone());
                 continue;
             }

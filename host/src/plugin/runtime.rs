@@ -1,6 +1,6 @@
 //! The wasmtime engine every plugin is compiled for, the linker that gives
 //! plugins their imports, and the epoch ticker that makes call deadlines
-//! preemptive.
+//! preemptive. Calls are synchronous: no fibers, no async host functions.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +11,7 @@ use wasmtime::{Config, Engine};
 
 use super::bindings::RouterPlugin;
 use super::host_api::HostState;
+use super::wasi::{Nonblocking, NonblockingIo};
 
 /// How often the engine's epoch advances: the resolution of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -33,7 +34,16 @@ impl Runtime {
         let engine = Engine::new(&config)?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        // wasmtime's synchronous `io` would block the worker thread (and
+        // panics inside tokio): replaced by calls that never wait.
+        linker.allow_shadowing(true);
+        fn io(state: &mut HostState) -> Nonblocking<'_> {
+            Nonblocking(state.table())
+        }
+        wasmtime_wasi::p2::bindings::sync::io::poll::add_to_linker::<HostState, NonblockingIo>(&mut linker, io)?;
+        wasmtime_wasi::p2::bindings::sync::io::streams::add_to_linker::<HostState, NonblockingIo>(&mut linker, io)?;
+        linker.allow_shadowing(false);
         // Both plugin worlds import the same `host` interface; linking it
         // once through the router world serves WAF plugins as well.
         RouterPlugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)?;

@@ -9,8 +9,8 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::uri::{PathAndQuery, Uri};
 
-use super::head::ConnInfo;
 use super::route::Route;
+use crate::http::ConnInfo;
 use crate::http::GatewayError;
 use crate::http::headers::remove_hop_by_hop;
 

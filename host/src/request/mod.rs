@@ -1,16 +1,13 @@
 //! The life of a request, phases in order: [`proxy`] sequences them; the
-//! detail of each lives in the file named for it — [`head`] (the client
-//! connection and the view plugins get), [`route`] (where a request goes),
+//! detail of each lives in the file named for it — [`route`] (where a request goes),
 //! [`validate`] (a plugin's output turned into HTTP, as strictly as a
 //! client's), [`forward`] (the request head sent upstream) and [`outcome`]
 //! (how the request ended, for the logging phase).
 
 pub mod forward;
-pub mod head;
 pub mod outcome;
 pub mod proxy;
 pub mod route;
 pub mod validate;
 
-pub use head::{ConnInfo, TlsDetails};
 pub use proxy::{ListenerProxy, ListenerRules, Shared};

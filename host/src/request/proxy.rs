@@ -7,7 +7,8 @@
 //! 2. [`redirect`](ListenerProxy::redirect): on a listener with
 //!    `redirect_to_https`, a plain request without a body is answered 308
 //!    to the same URL on the HTTPS listener.
-//! 3. [`head::request_head`]: the view of the request plugins get.
+//! 3. [`decide`](ListenerProxy::decide): on a listener with plugins, the
+//!    request head lent to them as a [`RequestView`] for phases 4 and 5.
 //! 4. [`waf`](ListenerProxy::waf): the listener's WAF plugins, in order; a
 //!    deny answers the client.
 //! 5. [`route`](ListenerProxy::route): the router plugin (or the default
@@ -39,14 +40,13 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 
 use super::forward;
-use super::head::{self, ConnInfo};
 use super::outcome::{Answer, Outcome};
 use super::route::Route;
 use super::validate;
 use crate::config::{ListenerConfig, OnError};
-use crate::http::{ERROR_HEADER, GatewayError, ResponseBody, WAF_DENY};
-use crate::plugin::bindings::{RequestHead, RouteDecision, Verdict};
-use crate::plugin::{PluginError, Registry};
+use crate::http::{ConnInfo, ERROR_HEADER, GatewayError, ResponseBody, WAF_DENY};
+use crate::plugin::bindings::{RouteDecision, Verdict};
+use crate::plugin::{PluginError, Registry, RequestView};
 use crate::shutdown::{Drain, Spread};
 use crate::telemetry::access_log::{self, AccessLog, RequestEntry};
 use crate::telemetry::metrics::{
@@ -166,7 +166,7 @@ impl ListenerProxy {
     }
 
     /// Handles one request from `client` and returns the client's response.
-    pub async fn handle(&self, req: Request<Incoming>, client: &ConnInfo) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: Request<Incoming>, client: &Arc<ConnInfo>) -> Response<ResponseBody> {
         let _in_flight = self.shared.drain.request();
         let version_1x = req.version() < http::Version::HTTP_2;
         let asked = Asked {
@@ -189,12 +189,10 @@ impl ListenerProxy {
     }
 
     /// Phases 1 to 6, in order.
-    async fn pass(&self, rules: &ListenerRules, req: Request<Incoming>, client: &ConnInfo) -> Step<Answer> {
+    async fn pass(&self, rules: &ListenerRules, req: Request<Incoming>, client: &Arc<ConnInfo>) -> Step<Answer> {
         let handshake = Self::handshake(&req)?;
         Self::redirect(rules, &req, handshake.is_some())?;
-        let head = head::request_head(&req, client, &self.name, handshake.as_ref());
-        self.waf(rules, &head).await?;
-        let route = self.route(rules, &head).await?;
+        let (req, route) = self.decide(rules, req, client, handshake.is_some())?;
         let answer = match handshake {
             None => self.forward(req, &route, client).await,
             Some(handshake) => self.upgrade(rules, req, handshake, &route, client).await,
@@ -218,8 +216,28 @@ impl ListenerProxy {
         }
     }
 
+    /// Phases 3 to 5: lends the request head to the plugins (the body stays
+    /// aside, unread), then takes it back to send on. A listener without
+    /// plugins builds nothing and looks nothing up.
+    fn decide(
+        &self,
+        rules: &ListenerRules,
+        req: Request<Incoming>,
+        client: &Arc<ConnInfo>,
+        websocket: bool,
+    ) -> Step<(Request<Incoming>, Route)> {
+        if rules.waf.is_empty() && rules.router.is_none() {
+            return Ok((req, Self::default_route(rules)?));
+        }
+        let (parts, body) = req.into_parts();
+        let mut view = RequestView::new(parts, client.clone(), self.label.clone(), websocket);
+        self.waf(rules, &mut view)?;
+        let route = self.route(rules, &mut view)?;
+        Ok((Request::from_parts(view.parts, body), route))
+    }
+
     /// Phase 4: runs the WAF plugins in order; the first deny ends the request.
-    async fn waf(&self, rules: &ListenerRules, head: &RequestHead) -> Step<()> {
+    fn waf(&self, rules: &ListenerRules, req: &mut RequestView) -> Step<()> {
         for (name, timing) in &rules.waf {
             let registry = &self.shared.registry;
             let Some(plugin) = registry.get(name) else {
@@ -229,7 +247,7 @@ impl ListenerProxy {
             };
             let policy = plugin.limits.on_error;
             let started = Instant::now();
-            let verdict = plugin.inspect(head).await;
+            let verdict = plugin.inspect(req);
             timing.observe(started.elapsed());
             let denial = match verdict {
                 Ok(Verdict::Allow) => continue,
@@ -254,7 +272,7 @@ impl ListenerProxy {
     }
 
     /// Phase 5: asks the router plugin (if any) where the request goes.
-    async fn route(&self, rules: &ListenerRules, head: &RequestHead) -> Step<Route> {
+    fn route(&self, rules: &ListenerRules, req: &mut RequestView) -> Step<Route> {
         let Some((name, timing)) = &rules.router else {
             return Self::default_route(rules);
         };
@@ -265,7 +283,7 @@ impl ListenerProxy {
         };
         let policy = plugin.limits.on_error;
         let started = Instant::now();
-        let decision = plugin.route(head).await;
+        let decision = plugin.route(req);
         timing.observe(started.elapsed());
         let decided = match decision {
             Ok(RouteDecision::Forward(upstream)) => validate::upstream(name, upstream, &rules.pools).map(Ok),

@@ -13,8 +13,6 @@
 //! | `rate_limit` | `N/Ws` (e.g. `20/10s`): at most N requests per client IP per W seconds, then 429 with `Retry-After`. |
 //! | `rate_limit_scope` | `all` (default) or `websocket`. |
 
-use std::sync::OnceLock;
-
 use wasmgate_sdk::*;
 
 mod rules;
@@ -23,16 +21,16 @@ pub use rules::{Decision, Rules};
 
 struct HandshakeGuard;
 
-static RULES: OnceLock<Rules> = OnceLock::new();
-
-fn rules() -> &'static Rules {
-    parsed_config(&RULES, || Rules::from_config(config))
-}
+static RULES: Parsed<Rules> = Parsed::new();
 
 impl Waf for HandshakeGuard {
-    fn inspect(req: RequestHead) -> Verdict {
-        let rules = rules();
-        match rules.check(&req, count) {
+    /// A bad setting refuses the plugin at load, with the setting named.
+    fn init() -> Result<(), String> {
+        RULES.init(|| Rules::from_config(config))
+    }
+
+    fn inspect(req: &Request) -> Verdict {
+        match RULES.get().check(req, count) {
             Decision::Allow => Verdict::Allow,
             Decision::Forbidden(reason) => Verdict::Deny(Response::text(403, format!("forbidden: {reason}\n"))),
             Decision::TooManyRequests { retry_after_s } => Verdict::Deny(

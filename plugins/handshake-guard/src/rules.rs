@@ -1,6 +1,6 @@
 //! The guard's rules, parsed from config strings, and the check of one request.
 
-use wasmgate_sdk::RequestHead;
+use wasmgate_sdk::Request;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scope {
@@ -18,8 +18,8 @@ impl Scope {
         }
     }
 
-    fn covers(self, req: &RequestHead) -> bool {
-        self == Scope::All || req.websocket.is_some()
+    fn covers(self, websocket: bool) -> bool {
+        self == Scope::All || websocket
     }
 }
 
@@ -81,12 +81,17 @@ impl Rules {
         })
     }
 
-    /// Checks one request head; `count` is the host's sliding-window counter.
-    pub fn check(&self, req: &RequestHead, count: impl Fn(&str, u32) -> u64) -> Decision {
-        if self.deny_paths.iter().any(|pattern| glob(pattern, &req.path)) {
-            return Decision::Forbidden("path denied");
+    /// Checks one request, reading only the fields the rules need; `count`
+    /// is the host's sliding-window counter.
+    pub fn check(&self, req: &Request, count: impl Fn(&str, u32) -> u64) -> Decision {
+        if !self.deny_paths.is_empty() {
+            let path = req.path();
+            if self.deny_paths.iter().any(|pattern| glob(pattern, &path)) {
+                return Decision::Forbidden("path denied");
+            }
         }
-        if let Some(ws) = &req.websocket
+        let websocket = req.websocket();
+        if let Some(ws) = &websocket
             && let Some(allowed) = &self.allowed_origins
         {
             match &ws.origin {
@@ -100,19 +105,19 @@ impl Rules {
                 }
             }
         }
-        if self.auth_scope.covers(req) {
+        if self.auth_scope.covers(websocket.is_some()) {
             if self.required_headers.iter().any(|name| req.header(name).is_none()) {
                 return Decision::Forbidden("required header missing");
             }
             if let Some((param, tokens)) = &self.token
-                && !req.query_param(param).is_some_and(|t| tokens.iter().any(|ok| ok == t))
+                && !req.query_param(param).is_some_and(|t| tokens.contains(&t))
             {
                 return Decision::Forbidden("token missing or wrong");
             }
         }
         if let Some((limit, window_ms)) = self.rate_limit
-            && self.rate_limit_scope.covers(req)
-            && count(&format!("ip:{}", req.client_ip), window_ms) > limit
+            && self.rate_limit_scope.covers(websocket.is_some())
+            && count(&format!("ip:{}", req.client_ip()), window_ms) > limit
         {
             return Decision::TooManyRequests { retry_after_s: window_ms.div_ceil(1000) };
         }
@@ -163,27 +168,12 @@ fn origin_matches(pattern: &str, origin: &str) -> bool {
 mod tests {
     use super::*;
     use std::cell::Cell;
-    use wasmgate_sdk::{Header, WebsocketHandshake};
+    use wasmgate_sdk::testing::MockRequest;
 
-    fn head(path: &str, origin: Option<&str>, websocket: bool) -> RequestHead {
-        RequestHead {
-            method: "GET".into(),
-            scheme: "http".into(),
-            version: "HTTP/1.1".into(),
-            tls: None,
-            authority: "gw.test".into(),
-            path: path.into(),
-            query: Some("room=1&token=s3cret".into()),
-            headers: vec![Header::new("x-api-key", "k")],
-            client_ip: "127.0.0.1".into(),
-            listener: "web".into(),
-            websocket: websocket.then(|| WebsocketHandshake {
-                version: "13".into(),
-                subprotocols: vec![],
-                origin: origin.map(str::to_owned),
-                extensions: vec![],
-            }),
-        }
+    fn head(path: &str, origin: Option<&str>, websocket: bool) -> MockRequest {
+        let req =
+            MockRequest::get(&format!("{path}?room=1&token=s3cret")).header("x-api-key", "k").client_ip("127.0.0.1");
+        if websocket { req.websocket(origin) } else { req }
     }
 
     fn rules(pairs: &[(&str, &str)]) -> Rules {
@@ -194,30 +184,36 @@ mod tests {
     fn origins_are_checked_on_handshakes_only() {
         let r = rules(&[("allowed_origins", "https://app.test, https://*.example.test")]);
         let never = |_: &str, _: u32| 0;
-        assert_eq!(r.check(&head("/ws", Some("https://app.test"), true), never), Decision::Allow);
-        assert_eq!(r.check(&head("/ws", Some("https://a.example.test"), true), never), Decision::Allow);
+        assert_eq!(r.check(&head("/ws", Some("https://app.test"), true).request(), never), Decision::Allow);
+        assert_eq!(r.check(&head("/ws", Some("https://a.example.test"), true).request(), never), Decision::Allow);
         assert_eq!(
-            r.check(&head("/ws", Some("https://evil.test"), true), never),
+            r.check(&head("/ws", Some("https://evil.test"), true).request(), never),
             Decision::Forbidden("origin not allowed")
         );
-        assert_eq!(r.check(&head("/ws", Some("https://evil.test"), false), never), Decision::Allow);
-        assert_eq!(r.check(&head("/ws", None, true), never), Decision::Allow);
+        assert_eq!(r.check(&head("/ws", Some("https://evil.test"), false).request(), never), Decision::Allow);
+        assert_eq!(r.check(&head("/ws", None, true).request(), never), Decision::Allow);
         let strict = rules(&[("allowed_origins", "https://app.test"), ("allow_missing_origin", "false")]);
-        assert_eq!(strict.check(&head("/ws", None, true), never), Decision::Forbidden("origin required"));
+        assert_eq!(strict.check(&head("/ws", None, true).request(), never), Decision::Forbidden("origin required"));
     }
 
     #[test]
     fn paths_tokens_and_headers() {
         let never = |_: &str, _: u32| 0;
         let r = rules(&[("deny_paths", "/admin*, *.php"), ("token_param", "token"), ("tokens", "s3cret")]);
-        assert_eq!(r.check(&head("/admin/x", None, false), never), Decision::Forbidden("path denied"));
-        assert_eq!(r.check(&head("/x/index.php", None, false), never), Decision::Forbidden("path denied"));
-        assert_eq!(r.check(&head("/ws", None, true), never), Decision::Allow);
+        assert_eq!(r.check(&head("/admin/x", None, false).request(), never), Decision::Forbidden("path denied"));
+        assert_eq!(r.check(&head("/x/index.php", None, false).request(), never), Decision::Forbidden("path denied"));
+        assert_eq!(r.check(&head("/ws", None, true).request(), never), Decision::Allow);
         let wrong = rules(&[("token_param", "token"), ("tokens", "other")]);
-        assert_eq!(wrong.check(&head("/ws", None, true), never), Decision::Forbidden("token missing or wrong"));
-        assert_eq!(wrong.check(&head("/ws", None, false), never), Decision::Allow);
+        assert_eq!(
+            wrong.check(&head("/ws", None, true).request(), never),
+            Decision::Forbidden("token missing or wrong")
+        );
+        assert_eq!(wrong.check(&head("/ws", None, false).request(), never), Decision::Allow);
         let need = rules(&[("required_headers", "x-api-key x-other"), ("auth_scope", "all")]);
-        assert_eq!(need.check(&head("/", None, false), never), Decision::Forbidden("required header missing"));
+        assert_eq!(
+            need.check(&head("/", None, false).request(), never),
+            Decision::Forbidden("required header missing")
+        );
     }
 
     #[test]
@@ -229,9 +225,12 @@ mod tests {
             n.set(n.get() + 1);
             n.get()
         };
-        assert_eq!(r.check(&head("/", None, false), counter), Decision::Allow);
-        assert_eq!(r.check(&head("/", None, false), counter), Decision::Allow);
-        assert_eq!(r.check(&head("/", None, false), counter), Decision::TooManyRequests { retry_after_s: 10 });
+        assert_eq!(r.check(&head("/", None, false).request(), counter), Decision::Allow);
+        assert_eq!(r.check(&head("/", None, false).request(), counter), Decision::Allow);
+        assert_eq!(
+            r.check(&head("/", None, false).request(), counter),
+            Decision::TooManyRequests { retry_after_s: 10 }
+        );
     }
 
     #[test]

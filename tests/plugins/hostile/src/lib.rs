@@ -1,6 +1,8 @@
 //! Test router that misbehaves on demand, one way per path, so the tests can
 //! prove each misbehaviour is contained. Any other path is forwarded to the
 //! `app` pool.
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use wasmgate_sdk::*;
 
 struct Hostile;
@@ -11,21 +13,64 @@ fn recurse(depth: u64) -> u64 {
     std::hint::black_box(recurse(std::hint::black_box(depth + 1))) + 1
 }
 
+/// The raw number of a request handle kept from an earlier call (`/keep`).
+static KEPT: AtomicU32 = AtomicU32::new(0);
+
+/// Reads the path through a raw request handle number, as a plugin that
+/// kept one would. `forget`: the handle was only ever borrowed.
+#[cfg(target_arch = "wasm32")]
+fn path_through(handle: u32) -> String {
+    use wasmgate_sdk::bindings::wasmgate::plugin::types::Request as Raw;
+    // SAFETY: deliberately unsound use of a handle the plugin does not hold;
+    // the host must refuse it or answer only for the call under way.
+    let raw = unsafe { Raw::from_handle(handle) };
+    let path = raw.path();
+    std::mem::forget(raw);
+    path
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn path_through(_handle: u32) -> String {
+    unreachable!("only components hold request handles")
+}
+
 /// Tries every way out of the sandbox and reports what happened.
-fn escape(req: &RequestHead) -> String {
+fn escape(req: &Request) -> String {
     let mut report = String::new();
     report.push_str(&format!("file: {:?}\n", std::fs::read_to_string("/etc/passwd").map(|s| s.len())));
     report.push_str(&format!("dir: {:?}\n", std::fs::read_dir("/").map(|d| d.count())));
     report.push_str(&format!("env: {}\n", std::env::vars().count()));
     report.push_str(&format!("args: {}\n", std::env::args().count()));
-    let target = req.query_param("connect").unwrap_or("127.0.0.1:9");
+    let target = req.query_param("connect").unwrap_or_else(|| "127.0.0.1:9".into());
     report.push_str(&format!("socket: {:?}\n", std::net::TcpStream::connect(target).map(|_| "connected")));
     report
 }
 
 impl Router for Hostile {
-    fn route(req: RequestHead) -> RouteDecision {
-        match req.path.as_str() {
+    /// With `[config] stale_in_init = "true"`, reads a request in `init`,
+    /// where there is none, through the handle number every call's request
+    /// gets: the host must refuse, and so the plugin.
+    fn init() -> Result<(), String> {
+        if config("stale_in_init").as_deref() == Some("true") {
+            return Err(format!("read a request in init: {}", path_through(1)));
+        }
+        Ok(())
+    }
+
+    fn route(req: &Request) -> RouteDecision {
+        match req.path().as_str() {
+            // Keeps the request's handle number past the call...
+            "/keep" => {
+                KEPT.store(req.raw_handle(), Ordering::Relaxed);
+                RouteDecision::Respond(Response::text(200, format!("kept {}", req.raw_handle())))
+            }
+            // ... and reads a path through it in a later call: never `/keep`.
+            "/stale" => match KEPT.load(Ordering::Relaxed) {
+                0 => RouteDecision::Respond(Response::text(200, "nothing kept")),
+                kept => {
+                    RouteDecision::Respond(Response::text(200, format!("stale handle reads {}", path_through(kept))))
+                }
+            },
             "/loop" => loop {
                 std::hint::black_box(());
             },
@@ -57,12 +102,12 @@ impl Router for Hostile {
             "/status-101" => RouteDecision::Respond(Response::text(101, "")),
             "/unknown-pool" => RouteDecision::Forward(Upstream::pool("no-such-pool")),
             "/bad-rewrite" => RouteDecision::Forward(Upstream::pool("app").rewrite("http://elsewhere/")),
-            "/escape" => RouteDecision::Respond(Response::text(200, escape(&req))),
+            "/escape" => RouteDecision::Respond(Response::text(200, escape(req))),
             // What the host offers: the live servers of `app`, and logging.
-            "/healthy" => RouteDecision::Respond(Response::text(200, host::healthy_servers("app").join(","))),
+            "/healthy" => RouteDecision::Respond(Response::text(200, healthy_servers("app").join(","))),
             "/log" => {
                 for level in [Level::Trace, Level::Debug, Level::Info, Level::Warn, Level::Error] {
-                    host::log(level, "hostile plugin logs");
+                    log(level, "hostile plugin logs");
                 }
                 RouteDecision::Respond(Response::text(200, "logged"))
             }
@@ -70,11 +115,11 @@ impl Router for Hostile {
             "/rewrite-query" => RouteDecision::Forward(Upstream::pool("app").rewrite("/new?from=plugin")),
             // A header the gateway manages, named by `?name=`, on the answer or upstream.
             "/reserved" => RouteDecision::Respond(
-                Response::text(200, "hi").with_header(req.query_param("name").unwrap_or(""), "1"),
+                Response::text(200, "hi").with_header(req.query_param("name").unwrap_or_default(), "1"),
             ),
-            "/reserved-upstream" => {
-                RouteDecision::Forward(Upstream::pool("app").set_header(req.query_param("name").unwrap_or(""), "1"))
-            }
+            "/reserved-upstream" => RouteDecision::Forward(
+                Upstream::pool("app").set_header(req.query_param("name").unwrap_or_default(), "1"),
+            ),
             _ => RouteDecision::Forward(Upstream::pool("app")),
         }
     }

@@ -5,7 +5,7 @@ use wasmgate_sdk::*;
 struct InitTrap;
 
 impl Router for InitTrap {
-    fn route(_req: RequestHead) -> RouteDecision {
+    fn route(_req: &Request) -> RouteDecision {
         RouteDecision::NoRoute
     }
 }

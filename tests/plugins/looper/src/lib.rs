@@ -14,32 +14,33 @@ struct Looper;
 static CALLS: AtomicU32 = AtomicU32::new(0);
 
 impl Waf for Looper {
-    fn inspect(req: RequestHead) -> Verdict {
+    fn inspect(req: &Request) -> Verdict {
         let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
-        if req.path.starts_with("/count") {
+        let path = req.path();
+        if path.starts_with("/count") {
             return Verdict::Deny(Response::text(418, calls.to_string()));
         }
-        if req.path.starts_with("/loop") {
+        if path.starts_with("/loop") {
             let mut n: u64 = 0;
             loop {
                 n = std::hint::black_box(n.wrapping_add(1));
             }
         }
-        if req.path.starts_with("/grow") {
+        if path.starts_with("/grow") {
             let mut hoard: Vec<Vec<u8>> = Vec::new();
             loop {
                 hoard.push(vec![1u8; 1 << 20]);
                 std::hint::black_box(&hoard);
             }
         }
-        if req.path.starts_with("/trap") {
+        if path.starts_with("/trap") {
             panic!("asked to trap");
         }
-        if req.path.starts_with("/bad-deny") {
+        if path.starts_with("/bad-deny") {
             // A denial the gateway must refuse to send: a 101.
             return Verdict::Deny(Response::text(101, "switching?"));
         }
-        if req.path.starts_with("/spin") {
+        if path.starts_with("/spin") {
             // Busy for 800 ms, then allows: a call that is long under way.
             let started = std::time::Instant::now();
             while started.elapsed() < std::time::Duration::from_millis(800) {
