@@ -84,6 +84,7 @@ fn load() -> Loaded {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (name, settings) in [
+        ("hostile", ""),
         ("path-router", "[config]\nroutes = \"* /api/ pool=api rewrite=/ affinity=header:x-user\\n* / pool=app\"\n"),
         (
             "handshake-guard",
@@ -91,7 +92,9 @@ fn load() -> Loaded {
         ),
     ] {
         std::fs::copy(plugin_file(name), dir.path().join(format!("{name}.wasm"))).unwrap();
-        std::fs::write(dir.path().join(format!("{name}.toml")), settings).unwrap();
+        if !settings.is_empty() {
+            std::fs::write(dir.path().join(format!("{name}.toml")), settings).unwrap();
+        }
     }
     let registry = Registry::new(OnError::Deny);
     rt.block_on(async {
@@ -137,6 +140,13 @@ fn plugin_calls(c: &mut Criterion) {
     eprintln!("handshake-guard/inspect/10-headers-websocket: {per_call:.1} host allocations per call");
 
     let mut group = c.benchmark_group("plugin_call");
+    // The fixed cost of a call: the test plugin `hostile` on a path it only
+    // forwards reads one field (the path) and names one pool.
+    let floor = registry.get("hostile").unwrap();
+    let mut plain = request(6, false);
+    group.bench_function("floor/route/one-accessor", |b| {
+        b.iter(|| std::hint::black_box(floor.route(&mut plain).unwrap()))
+    });
     group.measurement_time(Duration::from_secs(4));
     for headers in [6usize, 10, 50] {
         // Host, path and one header (`x-user`, for affinity) are read.
@@ -149,21 +159,23 @@ fn plugin_calls(c: &mut Criterion) {
     group.bench_function("handshake-guard/inspect/10-headers-websocket", |b| {
         b.iter(|| std::hint::black_box(guard.inspect(&mut handshake).unwrap()))
     });
-    // As the request path calls them: plugins looked up by name, the head
-    // lent as a view and taken back.
+    // As the request path calls them: each plugin read from the slot the
+    // listener's rules hold, the head lent as a view and taken back.
     let mut parts = Some(request(10, false).parts);
     let client = request(0, false).client;
     let listener: Arc<str> = Arc::from("web");
-    group.bench_function("waf+router/request-path/10-headers", |b| {
-        b.iter(|| {
-            let mut view = RequestView::new(parts.take().unwrap(), client.clone(), listener.clone(), false);
-            let waf = registry.get("handshake-guard").unwrap();
-            std::hint::black_box(waf.inspect(&mut view).unwrap());
-            let router = registry.get("path-router").unwrap();
-            std::hint::black_box(router.route(&mut view).unwrap());
-            parts = Some(view.parts);
-        })
-    });
+    let (waf_slot, router_slot) = (registry.slot("handshake-guard"), registry.slot("path-router"));
+    let mut request_path = || {
+        let mut view = RequestView::new(parts.take().unwrap(), client.clone(), listener.clone(), false);
+        let waf = waf_slot.load();
+        std::hint::black_box(waf.as_deref().unwrap().inspect(&mut view).unwrap());
+        let router = router_slot.load();
+        std::hint::black_box(router.as_deref().unwrap().route(&mut view).unwrap());
+        parts = Some(view.parts);
+    };
+    let per_call = allocations_per_call(&mut request_path);
+    eprintln!("waf+router/request-path/10-headers: {per_call:.1} host allocations per request");
+    group.bench_function("waf+router/request-path/10-headers", |b| b.iter(&mut request_path));
     group.bench_function("path-router/start-instance (instantiate + init)", |b| {
         b.iter(|| router.start_instance().unwrap())
     });

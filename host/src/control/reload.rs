@@ -375,7 +375,14 @@ impl Control {
 
         let mut listeners = BTreeMap::new();
         for config in &config.listener {
-            let rules = ListenerRules::new(config, pools.clone(), relay_limits, https_port, &self.shared.metrics);
+            let rules = ListenerRules::new(
+                config,
+                pools.clone(),
+                relay_limits,
+                https_port,
+                &self.shared.metrics,
+                &self.shared.registry,
+            );
             let old = running.listeners.remove(&config.name);
             let proxy = match &old {
                 Some(old) => {

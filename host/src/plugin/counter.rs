@@ -29,8 +29,12 @@ struct Window {
     previous: u64,
 }
 
+/// One shard's windows, by plugin, then by key: a count of a key already
+/// known looks both up by `&str` and allocates nothing.
 struct Shard {
-    windows: HashMap<(String, String), Window>,
+    plugins: HashMap<Box<str>, HashMap<Box<str>, Window>>,
+    /// Windows held, over all plugins.
+    len: usize,
     sweep_at: usize,
 }
 
@@ -44,7 +48,9 @@ impl Default for Counters {
     fn default() -> Self {
         Counters {
             hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard { windows: HashMap::new(), sweep_at: SWEEP_AT })).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard { plugins: HashMap::new(), len: 0, sweep_at: SWEEP_AT }))
+                .collect(),
         }
     }
 }
@@ -60,24 +66,40 @@ impl Counters {
         let length = Duration::from_millis(u64::from(window_ms.clamp(1, MAX_WINDOW_MS)));
         let key = truncate(key, MAX_KEY_BYTES);
         let shard = &self.shards[self.hasher.hash_one((plugin, key)) as usize % SHARDS];
-        let mut shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if shard.windows.len() >= shard.sweep_at {
-            shard.windows.retain(|_, w| now.duration_since(w.start) < w.length * 2);
-            shard.sweep_at = (shard.windows.len() * 2).max(SWEEP_AT);
+        let mut guard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let shard = &mut *guard;
+        if shard.len >= shard.sweep_at {
+            for windows in shard.plugins.values_mut() {
+                windows.retain(|_, w| now.duration_since(w.start) < w.length * 2);
+            }
+            shard.plugins.retain(|_, windows| !windows.is_empty());
+            shard.len = shard.plugins.values().map(HashMap::len).sum();
+            shard.sweep_at = (shard.len * 2).max(SWEEP_AT);
         }
+        if !shard.plugins.contains_key(plugin) {
+            shard.plugins.insert(plugin.into(), HashMap::new());
+        }
+        let known = shard.plugins.get(plugin).is_some_and(|windows| windows.contains_key(key));
         // Full of live keys (a key flood): make room by dropping one.
-        if shard.windows.len() >= MAX_KEYS_PER_SHARD
-            && !shard.windows.contains_key(&(plugin.to_owned(), key.to_owned()))
-            && let Some(victim) = shard.windows.keys().next().cloned()
-        {
-            shard.windows.remove(&victim);
+        if !known && shard.len >= MAX_KEYS_PER_SHARD {
+            let victim = shard.plugins.iter().find_map(|(p, w)| w.keys().next().map(|k| (p.clone(), k.clone())));
+            if let Some((victim_plugin, victim_key)) = victim
+                && let Some(windows) = shard.plugins.get_mut(&victim_plugin)
+                && windows.remove(&victim_key).is_some()
+            {
+                shard.len -= 1;
+            }
         }
-        let window = shard.windows.entry((plugin.to_owned(), key.to_owned())).or_insert(Window {
-            length,
-            start: now,
-            current: 0,
-            previous: 0,
-        });
+        let Some(windows) = shard.plugins.get_mut(plugin) else {
+            unreachable!("the plugin's map was inserted above");
+        };
+        if !known {
+            windows.insert(key.into(), Window { length, start: now, current: 0, previous: 0 });
+            shard.len += 1;
+        }
+        let Some(window) = windows.get_mut(key) else {
+            unreachable!("the window was inserted above");
+        };
         if window.length != length {
             *window = Window { length, start: now, current: 0, previous: 0 };
         }
@@ -136,7 +158,10 @@ mod tests {
         for i in 0..(SHARDS * MAX_KEYS_PER_SHARD + 20_000) {
             counters.count_at("p", &format!("k{i}"), 86_400_000, now);
         }
-        let total: usize = counters.shards.iter().map(|s| s.lock().unwrap().windows.len()).sum();
+        let total: usize = counters.shards.iter().map(|s| s.lock().unwrap().len).sum();
+        let held: usize =
+            counters.shards.iter().map(|s| s.lock().unwrap().plugins.values().map(HashMap::len).sum::<usize>()).sum();
+        assert_eq!(total, held, "the shards' counts match what they hold");
         assert!(total <= SHARDS * MAX_KEYS_PER_SHARD, "{total} keys kept");
         let long = "x".repeat(10_000);
         assert_eq!(counters.count_at("p", &long, 1000, now), 1);

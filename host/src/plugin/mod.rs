@@ -32,6 +32,6 @@ pub mod wasi;
 pub mod watcher;
 
 pub use loaded::{LoadedPlugin, PluginError, PluginIdentity, PluginStats};
-pub use registry::{Loader, Registry};
+pub use registry::{Loader, PluginSlot, Registry};
 pub use runtime::Runtime;
 pub use view::RequestView;

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
@@ -159,9 +159,16 @@ struct History {
     on_error: OnError,
 }
 
+/// The version of one plugin name in force: held by every listener whose
+/// rules name the plugin, so a request reads it without a lookup by name,
+/// and updated by every reconcile that loads or unloads the name.
+pub type PluginSlot = ArcSwapOption<LoadedPlugin>;
+
 /// Loaded plugins by name.
 pub struct Registry {
     plugins: ArcSwap<HashMap<String, Arc<LoadedPlugin>>>,
+    /// The slot of every name some listener's rules asked for.
+    slots: Mutex<HashMap<String, Arc<PluginSlot>>>,
     /// The latest refusal of each file that is not loaded as it is now, by
     /// plugin name (cleared once the file loads, or goes).
     rejected: Mutex<HashMap<String, Rejected>>,
@@ -178,6 +185,7 @@ impl Registry {
     pub fn new(default_on_error: OnError) -> Registry {
         Registry {
             plugins: ArcSwap::from_pointee(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
             rejected: Mutex::new(HashMap::new()),
             history: Mutex::new(HashMap::new()),
             reconciling: tokio::sync::Mutex::new(()),
@@ -189,6 +197,14 @@ impl Registry {
     /// The current version of plugin `name`.
     pub fn get(&self, name: &str) -> Option<Arc<LoadedPlugin>> {
         self.plugins.load().get(name).cloned()
+    }
+
+    /// The slot of plugin `name`: its current version now and after every
+    /// swap (empty while it is not loaded).
+    pub fn slot(&self, name: &str) -> Arc<PluginSlot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        // Read under the lock: a reconcile updates the slots under it too.
+        slots.entry(name.to_owned()).or_insert_with(|| Arc::new(ArcSwapOption::new(self.get(name)))).clone()
     }
 
     /// Every loaded plugin, sorted by name.
@@ -328,6 +344,10 @@ impl Registry {
             }
         }
         if !report.loaded.is_empty() || !report.unloaded.is_empty() {
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, slot) in slots.iter() {
+                slot.store(next.get(name).cloned());
+            }
             self.plugins.store(Arc::new(next));
         }
         let on_disk: std::collections::HashSet<String> = files.iter().filter_map(|f| plugin_name(f).ok()).collect();

@@ -46,7 +46,7 @@ use super::validate;
 use crate::config::{ListenerConfig, OnError};
 use crate::http::{ConnInfo, ERROR_HEADER, GatewayError, ResponseBody, WAF_DENY};
 use crate::plugin::bindings::{RouteDecision, Verdict};
-use crate::plugin::{PluginError, Registry, RequestView};
+use crate::plugin::{PluginError, PluginSlot, Registry, RequestView};
 use crate::shutdown::{Drain, Spread};
 use crate::telemetry::access_log::{self, AccessLog, RequestEntry};
 use crate::telemetry::metrics::{
@@ -66,12 +66,20 @@ pub struct Shared {
     pub access_log: Option<Arc<AccessLog>>,
 }
 
+/// A plugin as one listener uses it: its name, the slot its current version
+/// is read from, and its call-duration histogram, all resolved once per
+/// rules (not per request).
+struct PluginUse {
+    name: String,
+    slot: Arc<PluginSlot>,
+    timing: Histogram,
+}
+
 /// One listener's rules under the config in force, with the pools they
 /// name. A reload replaces them whole, so a request sees one config.
 pub struct ListenerRules {
-    /// Each plugin with its call-duration histogram.
-    waf: Vec<(String, Histogram)>,
-    router: Option<(String, Histogram)>,
+    waf: Vec<PluginUse>,
+    router: Option<PluginUse>,
     default_pool: Option<Arc<Pool>>,
     max_websockets: usize,
     /// Port of the HTTPS listener plain requests are redirected to.
@@ -88,8 +96,13 @@ impl ListenerRules {
         relay_limits: RelayLimits,
         redirect_to_https: Option<u16>,
         metrics: &Metrics,
+        registry: &Registry,
     ) -> ListenerRules {
-        let timed = |name: &String| (name.clone(), metrics.plugin_timing(name));
+        let timed = |name: &String| PluginUse {
+            name: name.clone(),
+            slot: registry.slot(name),
+            timing: metrics.plugin_timing(name),
+        };
         let requests = RequestCounters::new(metrics, &config.name, pools.all().map(|p| &p.label));
         ListenerRules {
             requests,
@@ -238,17 +251,18 @@ impl ListenerProxy {
 
     /// Phase 4: runs the WAF plugins in order; the first deny ends the request.
     fn waf(&self, rules: &ListenerRules, req: &mut RequestView) -> Step<()> {
-        for (name, timing) in &rules.waf {
-            let registry = &self.shared.registry;
-            let Some(plugin) = registry.get(name) else {
+        for waf in &rules.waf {
+            let name = &waf.name;
+            let plugin = waf.slot.load();
+            let Some(plugin) = plugin.as_deref() else {
                 let error = PluginError::Missing { plugin: name.clone() };
-                self.plugin_failed(error, registry.missing_policy(name))?;
+                self.plugin_failed(error, self.shared.registry.missing_policy(name))?;
                 continue;
             };
             let policy = plugin.limits.on_error;
             let started = Instant::now();
             let verdict = plugin.inspect(req);
-            timing.observe(started.elapsed());
+            waf.timing.observe(started.elapsed());
             let denial = match verdict {
                 Ok(Verdict::Allow) => continue,
                 Ok(Verdict::Deny(denial)) => denial,
@@ -273,18 +287,19 @@ impl ListenerProxy {
 
     /// Phase 5: asks the router plugin (if any) where the request goes.
     fn route(&self, rules: &ListenerRules, req: &mut RequestView) -> Step<Route> {
-        let Some((name, timing)) = &rules.router else {
+        let Some(router) = &rules.router else {
             return Self::default_route(rules);
         };
-        let registry = &self.shared.registry;
-        let Some(plugin) = registry.get(name) else {
+        let name = &router.name;
+        let plugin = router.slot.load();
+        let Some(plugin) = plugin.as_deref() else {
             let error = PluginError::Missing { plugin: name.clone() };
-            return self.router_failed(rules, error, registry.missing_policy(name));
+            return self.router_failed(rules, error, self.shared.registry.missing_policy(name));
         };
         let policy = plugin.limits.on_error;
         let started = Instant::now();
         let decision = plugin.route(req);
-        timing.observe(started.elapsed());
+        router.timing.observe(started.elapsed());
         let decided = match decision {
             Ok(RouteDecision::Forward(upstream)) => validate::upstream(name, upstream, &rules.pools).map(Ok),
             Ok(RouteDecision::Respond(response)) => {
