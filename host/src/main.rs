@@ -1,5 +1,6 @@
 //! The `wasmgate` command: `run` serves a config, `check` validates a config
-//! and its plugins without serving.
+//! and its plugins without serving, `reload` asks a running gateway to
+//! reload, `plugin inspect` and `plugin test` look at one plugin file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,18 @@ enum PluginCommand {
     /// Print a component's world, imports and exports, and whether the
     /// gateway would accept it.
     Inspect { file: PathBuf },
+    /// Ask a plugin about one described request, under the gateway's
+    /// sandbox and limits; print its decision and the call time. Fails when
+    /// the request file's `expect` does not match.
+    Test {
+        file: PathBuf,
+        /// A TOML file describing the request (and `expect`).
+        #[arg(long)]
+        request: PathBuf,
+        /// The plugin's settings (default: the NAME.toml beside the file).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +86,9 @@ fn main() -> ExitCode {
             Command::Check { config } => check(config).await,
             Command::Reload { admin, token_file } => reload(admin, token_file).await,
             Command::Plugin { command: PluginCommand::Inspect { file } } => inspect(file).await,
+            Command::Plugin { command: PluginCommand::Test { file, request, config } } => {
+                plugin_test(file, request, config).await
+            }
         }
     });
     match result {
@@ -128,4 +144,10 @@ async fn inspect(file: PathBuf) -> anyhow::Result<()> {
     let report = wasmgate::plugin::inspect::inspect(&file).await?;
     print!("{report}");
     if report.accepted() { Ok(()) } else { anyhow::bail!("{}: the gateway would reject this plugin", file.display()) }
+}
+
+async fn plugin_test(file: PathBuf, request: PathBuf, config: Option<PathBuf>) -> anyhow::Result<()> {
+    let report = wasmgate::control::plugin_test::run(&file, &request, config.as_deref()).await?;
+    print!("{}", report.text);
+    if report.passed { Ok(()) } else { anyhow::bail!("{}: the decision is not the expected one", request.display()) }
 }

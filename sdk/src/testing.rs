@@ -50,6 +50,11 @@ pub fn logs() -> Vec<(Level, String)> {
     HOST.with_borrow(|host| host.logs.clone())
 }
 
+/// How many times `count(key, _)` was called on this thread since [`reset`].
+pub fn counted(key: &str) -> u64 {
+    HOST.with_borrow(|host| host.counts.get(key).copied().unwrap_or(0))
+}
+
 /// Forgets this thread's configuration, counts, servers and logs.
 pub fn reset() {
     HOST.with_borrow_mut(|host| *host = MockHost::default());

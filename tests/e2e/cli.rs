@@ -176,3 +176,63 @@ fn the_https_example_config_loads_with_its_certificates() {
     assert!(ok, "{out}");
     assert!(out.contains("2 listener(s), 2 pool(s)"), "{out}");
 }
+
+#[test]
+fn plugin_test_prints_the_decision_and_fails_on_an_unmet_expect() {
+    let plugins = PluginDir::new()
+        .add(
+            "path-router",
+            "path-router",
+            "[config]\nroutes = \"* /api/ pool=api rewrite=/v1/ affinity=header:x-user\\n* /old redirect=/new\"\n",
+        )
+        .add("handshake-guard", "handshake-guard", "[config]\ndeny_paths = \"/admin*\"\n");
+    let file = |name: &str| plugins.path().join(name).to_string_lossy().into_owned();
+    let request = |name: &str, text: &str| {
+        std::fs::write(plugins.path().join(name), text).unwrap();
+        file(name)
+    };
+    let (router, guard) = (file("path-router.wasm"), file("handshake-guard.wasm"));
+
+    let api = request(
+        "api.toml",
+        "path = \"/api/users\"\nheaders = [[\"x-user\", \"42\"]]\n\
+         healthy_servers = { api = [\"10.0.0.1:80\"] }\nexpect = \"forward api\"\n",
+    );
+    let (ok, out) = wasmgate(&["plugin", "test", &router, "--request", &api]);
+    assert!(ok, "{out}");
+    for line in [
+        "plugin:   path-router (router)",
+        "request:  GET example.test/api/users from 192.0.2.1 on `web`",
+        "decision: forward to pool `api`, rewrite `/v1/users`, affinity key `42`",
+        "calls:    first ",
+        "expect:   forward api: ok",
+    ] {
+        assert!(out.lines().any(|l| l.starts_with(line)), "missing `{line}`:\n{out}");
+    }
+
+    // The router answers /old itself: an `expect` of a forward fails.
+    let old = request("old.toml", "path = \"/old\"\nexpect = \"forward api\"\n");
+    let (ok, out) = wasmgate(&["plugin", "test", &router, "--request", &old]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("decision: respond 308 location /new"), "{out}");
+    assert!(out.contains("expect:   forward api: FAILED, the plugin decided `respond 308`"), "{out}");
+
+    // A WAF: denied and allowed.
+    let admin = request("admin.toml", "path = \"/admin/users\"\nexpect = \"deny 403\"\n");
+    let (ok, out) = wasmgate(&["plugin", "test", &guard, "--request", &admin]);
+    assert!(ok && out.contains("decision: deny 403 \"forbidden: path denied\""), "{out}");
+    let fine = request("fine.toml", "path = \"/chat\"\nwebsocket = true\nexpect = \"allow\"\n");
+    let (ok, out) = wasmgate(&["plugin", "test", &guard, "--request", &fine]);
+    assert!(ok && out.contains("expect:   allow: ok"), "{out}");
+
+    // Other settings through --config: a table its init refuses.
+    let bad = request("bad-routes.toml", "[config]\nroutes = \"* /api\"\n");
+    let (ok, out) = wasmgate(&["plugin", "test", &router, "--request", &api, "--config", &bad]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("plugin `path-router` refused its configuration: bad config: `routes`: line 1"), "{out}");
+
+    // A request file with a typo is refused with its key.
+    let typo = request("typo.toml", "pth = \"/x\"\n");
+    let (ok, out) = wasmgate(&["plugin", "test", &router, "--request", &typo]);
+    assert!(!ok && out.contains("unknown field `pth`"), "{out}");
+}

@@ -1,11 +1,13 @@
 //! Starting and changing the running gateway, the top floor: [`gateway`]
 //! (start-up, signals, drain), [`reload`] (applying a config whole or not at
-//! all), [`admin`] (the admin listener and its dashboard) and
-//! [`live_state`] (the metrics read from live state at scrape time).
+//! all), [`admin`] (the admin listener and its dashboard),
+//! [`live_state`] (the metrics read from live state at scrape time) and
+//! [`plugin_test`] (`wasmgate plugin test`: one plugin, one described request).
 
 pub mod admin;
 pub mod gateway;
 pub mod live_state;
+pub mod plugin_test;
 pub mod reload;
 
 pub use gateway::Gateway;

@@ -30,7 +30,7 @@ impl Waf for HandshakeGuard {
     }
 
     fn inspect(req: &Request) -> Verdict {
-        match RULES.get().check(req, count) {
+        match RULES.get().check(req) {
             Decision::Allow => Verdict::Allow,
             Decision::Forbidden(reason) => Verdict::Deny(Response::text(403, format!("forbidden: {reason}\n"))),
             Decision::TooManyRequests { retry_after_s } => Verdict::Deny(

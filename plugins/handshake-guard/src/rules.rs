@@ -1,6 +1,6 @@
 //! The guard's rules, parsed from config strings, and the check of one request.
 
-use wasmgate_sdk::Request;
+use wasmgate_sdk::{Request, count};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scope {
@@ -81,9 +81,9 @@ impl Rules {
         })
     }
 
-    /// Checks one request, reading only the fields the rules need; `count`
-    /// is the host's sliding-window counter.
-    pub fn check(&self, req: &Request, count: impl Fn(&str, u32) -> u64) -> Decision {
+    /// Checks one request, reading only the fields the rules need; the rate
+    /// limit counts through the host's sliding-window `count`.
+    pub fn check(&self, req: &Request) -> Decision {
         if !self.deny_paths.is_empty() {
             let path = req.path();
             if self.deny_paths.iter().any(|pattern| glob(pattern, &path)) {
@@ -167,8 +167,7 @@ fn origin_matches(pattern: &str, origin: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::Cell;
-    use wasmgate_sdk::testing::MockRequest;
+    use wasmgate_sdk::testing::{self, MockRequest};
 
     fn head(path: &str, origin: Option<&str>, websocket: bool) -> MockRequest {
         let req =
@@ -183,54 +182,39 @@ mod tests {
     #[test]
     fn origins_are_checked_on_handshakes_only() {
         let r = rules(&[("allowed_origins", "https://app.test, https://*.example.test")]);
-        let never = |_: &str, _: u32| 0;
-        assert_eq!(r.check(&head("/ws", Some("https://app.test"), true).request(), never), Decision::Allow);
-        assert_eq!(r.check(&head("/ws", Some("https://a.example.test"), true).request(), never), Decision::Allow);
+        assert_eq!(r.check(&head("/ws", Some("https://app.test"), true).request()), Decision::Allow);
+        assert_eq!(r.check(&head("/ws", Some("https://a.example.test"), true).request()), Decision::Allow);
         assert_eq!(
-            r.check(&head("/ws", Some("https://evil.test"), true).request(), never),
+            r.check(&head("/ws", Some("https://evil.test"), true).request()),
             Decision::Forbidden("origin not allowed")
         );
-        assert_eq!(r.check(&head("/ws", Some("https://evil.test"), false).request(), never), Decision::Allow);
-        assert_eq!(r.check(&head("/ws", None, true).request(), never), Decision::Allow);
+        assert_eq!(r.check(&head("/ws", Some("https://evil.test"), false).request()), Decision::Allow);
+        assert_eq!(r.check(&head("/ws", None, true).request()), Decision::Allow);
         let strict = rules(&[("allowed_origins", "https://app.test"), ("allow_missing_origin", "false")]);
-        assert_eq!(strict.check(&head("/ws", None, true).request(), never), Decision::Forbidden("origin required"));
+        assert_eq!(strict.check(&head("/ws", None, true).request()), Decision::Forbidden("origin required"));
     }
 
     #[test]
     fn paths_tokens_and_headers() {
-        let never = |_: &str, _: u32| 0;
         let r = rules(&[("deny_paths", "/admin*, *.php"), ("token_param", "token"), ("tokens", "s3cret")]);
-        assert_eq!(r.check(&head("/admin/x", None, false).request(), never), Decision::Forbidden("path denied"));
-        assert_eq!(r.check(&head("/x/index.php", None, false).request(), never), Decision::Forbidden("path denied"));
-        assert_eq!(r.check(&head("/ws", None, true).request(), never), Decision::Allow);
+        assert_eq!(r.check(&head("/admin/x", None, false).request()), Decision::Forbidden("path denied"));
+        assert_eq!(r.check(&head("/x/index.php", None, false).request()), Decision::Forbidden("path denied"));
+        assert_eq!(r.check(&head("/ws", None, true).request()), Decision::Allow);
         let wrong = rules(&[("token_param", "token"), ("tokens", "other")]);
-        assert_eq!(
-            wrong.check(&head("/ws", None, true).request(), never),
-            Decision::Forbidden("token missing or wrong")
-        );
-        assert_eq!(wrong.check(&head("/ws", None, false).request(), never), Decision::Allow);
+        assert_eq!(wrong.check(&head("/ws", None, true).request()), Decision::Forbidden("token missing or wrong"));
+        assert_eq!(wrong.check(&head("/ws", None, false).request()), Decision::Allow);
         let need = rules(&[("required_headers", "x-api-key x-other"), ("auth_scope", "all")]);
-        assert_eq!(
-            need.check(&head("/", None, false).request(), never),
-            Decision::Forbidden("required header missing")
-        );
+        assert_eq!(need.check(&head("/", None, false).request()), Decision::Forbidden("required header missing"));
     }
 
     #[test]
     fn rate_limit_answers_429_past_the_limit() {
+        testing::reset();
         let r = rules(&[("rate_limit", "2/10s")]);
-        let n = Cell::new(0);
-        let counter = |key: &str, window: u32| {
-            assert_eq!((key, window), ("ip:127.0.0.1", 10_000));
-            n.set(n.get() + 1);
-            n.get()
-        };
-        assert_eq!(r.check(&head("/", None, false).request(), counter), Decision::Allow);
-        assert_eq!(r.check(&head("/", None, false).request(), counter), Decision::Allow);
-        assert_eq!(
-            r.check(&head("/", None, false).request(), counter),
-            Decision::TooManyRequests { retry_after_s: 10 }
-        );
+        assert_eq!(r.check(&head("/", None, false).request()), Decision::Allow);
+        assert_eq!(r.check(&head("/", None, false).request()), Decision::Allow);
+        assert_eq!(r.check(&head("/", None, false).request()), Decision::TooManyRequests { retry_after_s: 10 });
+        assert_eq!(testing::counted("ip:127.0.0.1"), 3, "one count per request, by client IP");
     }
 
     #[test]
