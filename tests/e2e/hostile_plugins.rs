@@ -219,3 +219,45 @@ async fn a_panicking_plugins_message_reaches_the_gateway_log_with_its_name() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Guest stdout and stderr reach the log under the plugin's name, within a
+/// budget of lines a second; the rest is counted, not written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_stdout_and_stderr_reach_the_log_within_a_budget() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("hostile", "hostile", "");
+    let config = plugins.path().join("gateway.toml");
+    std::fs::write(&config, routed_by("hostile", &app, "dir = \".\"")).unwrap();
+    let gateway = GatewayProcess::start(&config, &plugins.path().join("gateway.log"), 1).await;
+    let addr = gateway.addr("web");
+    assert_eq!(get(addr, "/print").await.status, StatusCode::OK);
+    let line = |log: &str, text: &str| log.lines().find(|l| l.contains(text)).map(str::to_owned);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (out, err) = loop {
+        let log = gateway.log_text();
+        if let (Some(out), Some(err)) = (line(&log, "hostile plugin prints"), line(&log, "hostile plugin complains")) {
+            break (out, err);
+        }
+        assert!(Instant::now() < deadline, "the plugin's output never reached the log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(out.contains("INFO") && out.contains("plugin=hostile") && out.contains("stream=stdout"), "{out}");
+    assert!(err.contains("WARN") && err.contains("plugin=hostile") && err.contains("stream=stderr"), "{err}");
+
+    // A flood: at most a second's budget is written, the rest counted.
+    assert_eq!(get(addr, "/print-flood").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(addr, "/print").await.status, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = gateway.log_text();
+        if log.contains("lines dropped") {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "the dropped lines were never reported:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let written = log.lines().filter(|l| l.contains("flood line")).count();
+    assert!((1..=50).contains(&written), "{written} flood lines written");
+    assert!(log.lines().any(|l| l.contains("lines dropped") && l.contains("plugin=hostile")), "{log}");
+}

@@ -139,8 +139,8 @@ async fn a_call_under_way_finishes_on_the_version_it_started_with() {
     let gateway = start_gateway(&config, &plugins).await;
     let addr = web(&gateway);
     let looper = gateway.registry().get("guard").unwrap().identity.sha256.clone();
-    // An 800 ms call on version 1 (which allows it)...
-    let under_way = tokio::spawn(async move { get(addr, "/spin").await.status });
+    // A 2.5 s call on version 1 (which allows it)...
+    let under_way = tokio::spawn(async move { get(addr, "/spin?ms=2500").await.status });
     tokio::time::sleep(Duration::from_millis(100)).await;
     // ...while a new version, which denies every path, takes over.
     std::fs::write(plugins.path().join("guard.toml"), "[config]\ndeny_paths = \"/*\"\n").unwrap();

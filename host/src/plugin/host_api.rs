@@ -2,8 +2,9 @@
 //! per-instance state ([`HostState`]) those calls run against.
 //!
 //! Nothing here gives a plugin a socket, a file or the environment: WASI is
-//! linked with an empty context (no preopens, no env, no args, stdio
-//! discarded), so a plugin can only compute and call these four functions.
+//! linked with an empty context (no preopens, no env, no args; stdout and
+//! stderr only reach the log, see [`super::output`]), so a plugin can only
+//! compute and call these four functions.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{Header, Level, TlsInfo, WebsocketHandshake, host, types};
 use super::counter::Counters;
+use super::output::{PluginOutput, PrintBudget, Stream};
 use super::view::{RequestHandle, RequestView};
 use crate::upstream::Pools;
 
@@ -30,6 +32,14 @@ pub struct PluginContext {
     pub name: String,
     pub config: BTreeMap<String, String>,
     pub services: Arc<HostServices>,
+    /// How many lines its stdout and stderr may still log this second.
+    pub print_budget: Arc<PrintBudget>,
+}
+
+impl PluginContext {
+    pub fn new(name: String, config: BTreeMap<String, String>, services: Arc<HostServices>) -> PluginContext {
+        PluginContext { name, config, services, print_budget: Arc::default() }
+    }
 }
 
 /// An instance's caps on memories and tables, which remembers that it
@@ -81,9 +91,15 @@ pub struct HostState {
 
 impl HostState {
     pub fn new(plugin: Arc<PluginContext>, limits: StoreLimits) -> HostState {
-        // The builder's defaults grant nothing: stdin closed, stdout/stderr
-        // discarded, no environment, no arguments, no directories, no sockets.
-        let wasi = wasmtime_wasi::WasiCtxBuilder::new().build();
+        // The builder's defaults grant nothing: stdin closed, no environment,
+        // no arguments, no directories, no sockets. Stdout and stderr go to
+        // the gateway's log, line by line, within the plugin's budget.
+        let name: Arc<str> = plugin.name.as_str().into();
+        let budget = plugin.print_budget.clone();
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+            .stdout(PluginOutput::new(name.clone(), Stream::Stdout, budget.clone()))
+            .stderr(PluginOutput::new(name, Stream::Stderr, budget))
+            .build();
         let caps = Caps { limits, refused_memory: false };
         HostState {
             plugin,

@@ -111,7 +111,7 @@ pub async fn inspect(file: &Path) -> anyhow::Result<Inspection> {
     let limits = PluginLimits::new(&PluginsConfig::default(), &settings);
     let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_owned();
-    let context = Arc::new(PluginContext { name, config: settings.config, services });
+    let context = Arc::new(PluginContext::new(name, settings.config, services));
     let source =
         PluginSource { sha256: inspection.sha256.clone(), source_hash: String::new(), version: 0, from_cache: false };
     let started = tokio::task::spawn_blocking(move || LoadedPlugin::new(runtime, component, source, context, limits))

@@ -8,6 +8,7 @@
 //!   [`wasi`] makes WASI's waiting calls fail instead of blocking a worker.
 //! - [`host_api`]: what a plugin can ask of the gateway (`log`, `config`,
 //!   `healthy-servers`, `count`), with [`counter`] behind `count`.
+//! - [`output`]: a plugin's stdout and stderr, into the log, rate-limited.
 //! - [`view`]: the request as plugins see it (the `request` resource).
 //! - [`loaded`]: one compiled plugin, its instances (one per worker thread),
 //!   its `init`, and the guarded call (deadline, memory cap, trap containment).
@@ -25,6 +26,7 @@ pub mod counter;
 pub mod host_api;
 pub mod inspect;
 pub mod loaded;
+pub mod output;
 pub mod registry;
 pub mod runtime;
 pub mod view;

@@ -118,8 +118,7 @@ impl Loader {
         };
 
         let limits = PluginLimits::new(&self.defaults, &settings);
-        let context =
-            Arc::new(PluginContext { name: name.clone(), config: settings.config, services: self.services.clone() });
+        let context = Arc::new(PluginContext::new(name.clone(), settings.config, self.services.clone()));
         let source = PluginSource { sha256, source_hash, version, from_cache };
         // Start-up (instantiation and the plugin's `init`) runs guest code
         // for up to a second: off the async workers too.

@@ -104,6 +104,19 @@ impl Router for Hostile {
             "/bad-rewrite" => RouteDecision::Forward(Upstream::pool("app").rewrite("http://elsewhere/")),
             "/escape" => RouteDecision::Respond(Response::text(200, escape(req))),
             // What the host offers: the live servers of `app`, and logging.
+            // Prints a line to stdout and one to stderr, then forwards.
+            "/print" => {
+                println!("hostile plugin prints");
+                eprintln!("hostile plugin complains");
+                RouteDecision::Forward(Upstream::pool("app"))
+            }
+            // A thousand lines at once, then forwards.
+            "/print-flood" => {
+                for i in 0..1000 {
+                    println!("flood line {i}");
+                }
+                RouteDecision::Forward(Upstream::pool("app"))
+            }
             "/healthy" => RouteDecision::Respond(Response::text(200, healthy_servers("app").join(","))),
             "/log" => {
                 for level in [Level::Trace, Level::Debug, Level::Info, Level::Warn, Level::Error] {

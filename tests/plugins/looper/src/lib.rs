@@ -1,6 +1,6 @@
 //! Test WAF: loops forever on requests whose path starts with `/loop`, traps on
 //! `/trap`, grows its memory until refused on `/grow`, answers `/count` with
-//! the number of calls its instance has served, spins 800 ms on `/spin`, denies
+//! the number of calls its instance has served, spins on `/spin` (`?ms=`, default 800), denies
 //! with an invalid 101 on `/bad-deny`, and
 //! allows everything else. Tests use it to prove a plugin is cut
 //! off at its deadline without hurting other requests.
@@ -41,9 +41,11 @@ impl Waf for Looper {
             return Verdict::Deny(Response::text(101, "switching?"));
         }
         if path.starts_with("/spin") {
-            // Busy for 800 ms, then allows: a call that is long under way.
+            // Busy for `?ms=` milliseconds (800 by default), then allows: a
+            // call that is long under way.
+            let ms = req.query_param("ms").and_then(|ms| ms.parse().ok()).unwrap_or(800);
             let started = std::time::Instant::now();
-            while started.elapsed() < std::time::Duration::from_millis(800) {
+            while started.elapsed() < std::time::Duration::from_millis(ms) {
                 std::hint::black_box(());
             }
         }
