@@ -39,9 +39,10 @@ pub fn plugin_wasm(krate: &str) -> PathBuf {
     file
 }
 
-/// Every plugin crate the tests load, built by `scripts/build-plugins`.
-const TEST_PLUGINS: [&str; 7] =
-    ["path-router", "handshake-guard", "hello-router", "head-echo", "looper", "hostile", "init-trap"];
+/// Every plugin the tests load, built by `scripts/build-plugins`: the Rust
+/// crates, and the examples in other languages.
+const TEST_PLUGINS: [&str; 8] =
+    ["path-router", "handshake-guard", "hello-router", "head-echo", "looper", "hostile", "init-trap", "api-key-guard"];
 
 /// The compiled-artifact cache the whole test run shares (under cargo's
 /// per-target scratch directory), filled with every test plugin before the

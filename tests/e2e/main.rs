@@ -11,6 +11,7 @@ mod cli;
 mod dashboard;
 mod hostile_plugins;
 mod http_routing;
+mod languages;
 mod layering;
 mod limits;
 mod plugin_sandbox;
