@@ -41,8 +41,17 @@ pub fn plugin_wasm(krate: &str) -> PathBuf {
 
 /// Every plugin the tests load, built by `scripts/build-plugins`: the Rust
 /// crates, and the examples in other languages.
-const TEST_PLUGINS: [&str; 8] =
-    ["path-router", "handshake-guard", "hello-router", "head-echo", "looper", "hostile", "init-trap", "api-key-guard"];
+const TEST_PLUGINS: [&str; 9] = [
+    "path-router",
+    "handshake-guard",
+    "hello-router",
+    "head-echo",
+    "looper",
+    "hostile",
+    "init-trap",
+    "api-key-guard",
+    "canary-router",
+];
 
 /// The compiled-artifact cache the whole test run shares (under cargo's
 /// per-target scratch directory), filled with every test plugin before the

@@ -225,7 +225,8 @@ async fn a_panicking_plugins_message_reaches_the_gateway_log_with_its_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugins_stdout_and_stderr_reach_the_log_within_a_budget() {
     let app = Backend::start("app").await;
-    let plugins = PluginDir::new().add("hostile", "hostile", "");
+    // Time for a thousand writes in a debug build on a busy machine.
+    let plugins = PluginDir::new().add("hostile", "hostile", "call_timeout_ms = 2000\n");
     let config = plugins.path().join("gateway.toml");
     std::fs::write(&config, routed_by("hostile", &app, "dir = \".\"")).unwrap();
     let gateway = GatewayProcess::start(&config, &plugins.path().join("gateway.log"), 1).await;

@@ -71,27 +71,121 @@ async fn the_python_api_key_guard_checks_keys_and_tokens_and_limits_each_key() {
 }
 
 #[test]
-fn check_refuses_the_python_guard_with_its_own_message() {
-    let plugins = PluginDir::new().add("api-key-guard", "api-key-guard", "[config]\napi_keys = \"demo=short\"\n");
-    let config = plugins.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[plugins]\ndir = \".\"\ncache_dir = \"{}\"\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\
-             default_pool = \"app\"\nwaf = [\"api-key-guard\"]\n[[pool]]\nname = \"app\"\nservers = [\"127.0.0.1:9\"]\n",
-            shared_cache().display()
+fn check_refuses_each_languages_plugin_with_its_own_message() {
+    for (plugin, role, settings, message) in [
+        (
+            "api-key-guard",
+            "waf = [\"api-key-guard\"]",
+            "[config]\napi_keys = \"demo=short\"\n",
+            "plugin `api-key-guard` refused its configuration: bad config: api_keys: the key of `demo` is shorter than 16 characters",
         ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
+        (
+            "canary-router",
+            "router = \"canary-router\"",
+            "[config]\ncanary = \"canary\"\npercent = \"150\"\n",
+            "plugin `canary-router` refused its configuration: bad config: percent: `150` is not a whole number from 0 to 100",
+        ),
+    ] {
+        let plugins = PluginDir::new().add(plugin, plugin, settings);
+        let config = plugins.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[plugins]\ndir = \".\"\ncache_dir = \"{}\"\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\
+                 default_pool = \"app\"\n{role}\n[[pool]]\nname = \"app\"\nservers = [\"127.0.0.1:9\"]\n",
+                shared_cache().display()
+            ),
+        )
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{plugin}: {text}");
+        assert!(text.contains(message), "{plugin}: {text}");
+    }
+}
+
+const CANARY: &str = "[config]\ncanary = \"canary\"\npercent = \"30\"\nstable = \"app\"\nsticky = \"cookie:session\"\n";
+
+fn canary_config(app: &Backend, canary: &Backend, router: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"{router}\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n[[pool]]\nname = \"canary\"\nservers = [\"{}\"]\n",
+        app.addr, canary.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_canary_router_splits_traffic_keeps_clients_on_their_side_and_obeys_its_header() {
+    let (app, canary) = (Backend::start("app").await, Backend::start("canary").await);
+    let plugins = PluginDir::new().add("canary-router", "canary-router", CANARY);
+    let gateway = start_gateway(&canary_config(&app, &canary, "canary-router"), &plugins).await;
+    let addr = web(&gateway);
+
+    // 1,000 clients, one request each: 30% ± 5 points to the canary.
+    for i in 0..1000 {
+        let cookie = format!("session=client-{i}");
+        let got = request(addr, "GET", "/page", &[("cookie", &cookie)], vec![]).await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+    let to_canary = canary.requests().len();
+    assert_eq!(to_canary + app.requests().len(), 1000);
+    assert!((250..=350).contains(&to_canary), "{to_canary} of 1,000 went to the canary (30% ± 5 points)");
     assert!(
-        text.contains("plugin `api-key-guard` refused its configuration: bad config: api_keys: the key of `demo` is shorter than 16 characters"),
-        "{text}"
+        canary.requests().iter().all(|r| r.headers.get("x-canary-side").is_some_and(|v| v == "canary")),
+        "the backend is told which side it is"
     );
+
+    // The same client twenty times: always the same side.
+    let (before_app, before_canary) = (app.requests().len(), canary.requests().len());
+    for _ in 0..20 {
+        request(addr, "GET", "/page", &[("cookie", "session=client-7")], vec![]).await;
+    }
+    let (to_app, to_canary) = (app.requests().len() - before_app, canary.requests().len() - before_canary);
+    assert!((to_app, to_canary) == (20, 0) || (to_app, to_canary) == (0, 20), "{to_app} / {to_canary}");
+
+    // The override header forces either side.
+    let before = canary.requests().len();
+    request(addr, "GET", "/page", &[("cookie", "session=client-7"), ("x-canary", "canary")], vec![]).await;
+    assert_eq!(canary.requests().len(), before + 1);
+    let before = app.requests().len();
+    request(addr, "GET", "/page", &[("x-canary", "stable")], vec![]).await;
+    assert_eq!(app.requests().len(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_the_rust_router_for_the_js_router_under_load_fails_no_request() {
+    let (app, canary) = (Backend::start("app").await, Backend::start("canary").await);
+    let plugins = PluginDir::new().add("router", "path-router", "[config]\nroutes = \"* / pool=app\"\n");
+    let gateway = start_gateway(&canary_config(&app, &canary, "router"), &plugins).await;
+    let addr = web(&gateway);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let load = tokio::spawn({
+        let (stop, failed) = (stop.clone(), failed.clone());
+        async move {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 20_000 {
+                if get(addr, "/loop").await.status != StatusCode::OK {
+                    failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                sent += 1;
+            }
+            sent
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Everything to the canary, so its first request shows the swap.
+    std::fs::write(plugins.path().join("router.toml"), CANARY.replace("\"30\"", "\"100\"")).unwrap();
+    std::fs::copy(plugin_wasm("canary-router"), plugins.path().join("router.wasm")).unwrap();
+    wait_until("the JavaScript router serves", std::time::Duration::from_secs(30), || !canary.requests().is_empty())
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = load.await.unwrap();
+    assert_eq!(failed.load(std::sync::atomic::Ordering::Relaxed), 0, "of {sent} requests");
+    assert!(!app.requests().is_empty(), "the Rust router served first");
 }
