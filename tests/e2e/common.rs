@@ -41,7 +41,7 @@ pub fn plugin_wasm(krate: &str) -> PathBuf {
 
 /// Every plugin the tests load, built by `scripts/build-plugins`: the Rust
 /// crates, and the examples in other languages.
-const TEST_PLUGINS: [&str; 9] = [
+const TEST_PLUGINS: [&str; 10] = [
     "path-router",
     "handshake-guard",
     "hello-router",
@@ -51,6 +51,7 @@ const TEST_PLUGINS: [&str; 9] = [
     "init-trap",
     "api-key-guard",
     "canary-router",
+    "ip-filter",
 ];
 
 /// The compiled-artifact cache the whole test run shares (under cargo's

@@ -85,6 +85,12 @@ fn check_refuses_each_languages_plugin_with_its_own_message() {
             "[config]\ncanary = \"canary\"\npercent = \"150\"\n",
             "plugin `canary-router` refused its configuration: bad config: percent: `150` is not a whole number from 0 to 100",
         ),
+        (
+            "ip-filter",
+            "waf = [\"ip-filter\"]",
+            "[config]\ndeny_cidrs = \"10.0.0.0/33\"\n",
+            "plugin `ip-filter` refused its configuration: bad config: deny_cidrs: `10.0.0.0/33` is not valid here",
+        ),
     ] {
         let plugins = PluginDir::new().add(plugin, plugin, settings);
         let config = plugins.path().join("gateway.toml");
@@ -188,4 +194,44 @@ async fn swapping_the_rust_router_for_the_js_router_under_load_fails_no_request(
     let sent = load.await.unwrap();
     assert_eq!(failed.load(std::sync::atomic::Ordering::Relaxed), 0, "of {sent} requests");
     assert!(!app.requests().is_empty(), "the Rust router served first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_c_ip_filter_blocks_denied_addresses_and_paths_and_allows_the_rest() {
+    let app = Backend::start("app").await;
+    let config = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"ip-filter\"]\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    );
+    let start = |settings: &str| {
+        let plugins = PluginDir::new().add("ip-filter", "ip-filter", settings);
+        let config = config.clone();
+        async move { (start_gateway(&config, &plugins).await, plugins) }
+    };
+
+    // The test client is 127.0.0.1.
+    let (gateway, _p) = start("[config]\ndeny_cidrs = \"10.0.0.0/8, 127.0.0.0/24\"\n").await;
+    let denied = get(web(&gateway), "/x").await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert!(denied.body.contains("client address denied"), "{}", denied.body);
+
+    let (gateway, _p) = start("[config]\ndeny_cidrs = \"10.0.0.0/8\"\ndeny_paths = \"/admin, /.git\"\n").await;
+    let addr = web(&gateway);
+    for (path, status) in [
+        ("/admin", StatusCode::FORBIDDEN),
+        ("/admin/users", StatusCode::FORBIDDEN),
+        ("/.git/config", StatusCode::FORBIDDEN),
+        ("/administrator", StatusCode::OK),
+        ("/", StatusCode::OK),
+    ] {
+        assert_eq!(get(addr, path).await.status, status, "{path}");
+    }
+    assert!(app.requests().iter().all(|r| !r.target.starts_with("/admin/") && !r.target.starts_with("/.git")));
+
+    let (gateway, _p) = start("[config]\nallow_cidrs = \"10.0.0.0/8, 2001:db8::/32\"\n").await;
+    let outside = get(web(&gateway), "/x").await;
+    assert!(outside.body.contains("client address not allowed"), "{}", outside.body);
+    let (gateway, _p) = start("[config]\nallow_cidrs = \"127.0.0.1\"\n").await;
+    assert_eq!(get(web(&gateway), "/x").await.status, StatusCode::OK);
 }
