@@ -235,3 +235,19 @@ async fn the_c_ip_filter_blocks_denied_addresses_and_paths_and_allows_the_rest()
     let (gateway, _p) = start("[config]\nallow_cidrs = \"127.0.0.1\"\n").await;
     assert_eq!(get(web(&gateway), "/x").await.status, StatusCode::OK);
 }
+
+#[test]
+fn a_component_importing_what_the_host_does_not_provide_is_refused_naming_the_import() {
+    // componentize-js with fetch() left in imports wasi:http.
+    let plugins = PluginDir::new().add("canary-router", "canary-router-with-fetch", CANARY);
+    let file = plugins.path().join("canary-router.wasm");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+        .args(["plugin", "inspect"])
+        .arg(&file)
+        .env("XDG_CACHE_HOME", plugins.path())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("verdict: rejected: component imports instance `wasi:http/"), "names the import: {text}");
+}
