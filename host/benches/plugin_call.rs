@@ -182,5 +182,61 @@ fn plugin_calls(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, plugin_calls);
+/// The example plugins in each language: component size, first load
+/// (compile + instantiate + init), load from the compiled-artifact cache,
+/// and the call itself.
+fn languages(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let examples = [
+        ("rust", "path-router", "[config]\nroutes = \"* / pool=app\"\n", false),
+        ("python", "api-key-guard", "[config]\napi_keys = \"demo=demo-key-0123456789\"\n", true),
+        ("js", "canary-router", "[config]\ncanary = \"canary\"\npercent = \"30\"\n", false),
+        ("c", "ip-filter", "[config]\ndeny_cidrs = \"10.0.0.0/8\"\ndeny_paths = \"/admin\"\n", true),
+    ];
+    let mut group = c.benchmark_group("languages");
+    group.measurement_time(Duration::from_secs(3));
+    for (language, name, settings, websocket) in examples {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(format!("{name}.wasm"));
+        std::fs::copy(plugin_file(name), &file).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.toml")), settings).unwrap();
+        let size = std::fs::metadata(&file).unwrap().len();
+        let defaults = PluginsConfig {
+            dir: dir.path().to_owned(),
+            cache_dir: Some(cache.path().to_owned()),
+            ..PluginsConfig::default()
+        };
+        let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
+        let loader = rt
+            .block_on(async { Loader::new(Arc::new(Runtime::new().unwrap()), defaults, services, Default::default()) });
+        let started = std::time::Instant::now();
+        rt.block_on(loader.load(&file, 1)).unwrap();
+        let compiled = started.elapsed();
+        let started = std::time::Instant::now();
+        let plugin = rt.block_on(loader.load(&file, 2)).unwrap();
+        let cached = started.elapsed();
+        assert!(plugin.identity.from_cache);
+        eprintln!(
+            "{language} {name}: {:.1} MB, first load {compiled:.2?} (compile, instantiate, init), from the cache {cached:.2?}",
+            size as f64 / 1e6
+        );
+        let mut req = request(10, websocket);
+        if name == "api-key-guard" {
+            req.parts.headers.insert("x-api-key", "demo-key-0123456789".parse().unwrap());
+        }
+        // A failed call (a fresh instance replaces the failed one) is
+        // counted, not fatal: how often it happens is part of the result.
+        let mut call = || match plugin.kind {
+            wasmgate::config::PluginKind::Router => plugin.route(&mut req).map(drop),
+            wasmgate::config::PluginKind::Waf => plugin.inspect(&mut req).map(drop),
+        };
+        let failures = (0..100_000).filter(|_| call().is_err()).count();
+        eprintln!("{language} {name}: {failures} of 100,000 calls failed; last error: {:?}", plugin.stats().last_error);
+        group.bench_function(format!("{language}/{name}/call"), |b| b.iter(|| std::hint::black_box(call())));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, plugin_calls, languages);
 criterion_main!(benches);

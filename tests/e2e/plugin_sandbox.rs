@@ -191,3 +191,19 @@ async fn a_request_handle_kept_past_its_call_never_reads_that_request_again() {
     assert!(reason.contains("could not be instantiated") && reason.contains("unknown handle index 1"), "{reason}");
     assert_eq!(gateway.registry().get("hostile").unwrap().identity.version, hostile.identity.version);
 }
+
+// One worker thread: every call meets the same instance until it is retired.
+#[tokio::test(flavor = "current_thread")]
+async fn an_instance_near_its_memory_cap_is_retired_between_calls_not_failed() {
+    let app = Backend::start("app").await;
+    // /hoard keeps 4 MiB more on every call: a leaking plugin.
+    let plugins = PluginDir::new().add("hostile", "hostile", "memory_limit_mb = 32\n");
+    let gateway = start_gateway(&routed_by("hostile", &app, ""), &plugins).await;
+    let addr = web(&gateway);
+    for i in 0..30 {
+        assert_eq!(get(addr, "/hoard").await.status, StatusCode::OK, "call {i}");
+    }
+    let stats = gateway.registry().get("hostile").unwrap().stats();
+    assert_eq!((stats.errors, stats.memory_limit_hits), (0, 0), "no call reached the cap");
+    assert!(stats.instances_retired >= 3, "retired past 24 MiB every few calls: {stats:?}");
+}

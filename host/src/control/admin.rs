@@ -230,6 +230,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
                 "errors": stats.errors,
                 "timeouts": stats.timeouts,
                 "memory_limit_hits": stats.memory_limit_hits,
+                "instances_retired": stats.instances_retired,
                 "last_error": stats.last_error,
                 "quarantines": stats.quarantines,
                 "quarantined": stats.quarantined,

@@ -53,11 +53,14 @@ impl Collector for LiveState {
 
         let plugins = self.plugins.all();
         type Field = fn(&PluginStats) -> u64;
-        let counters: [(&str, &str, Field); 5] = [
+        let counters: [(&str, &str, Field); 6] = [
             ("plugin_calls", "Calls into the plugin's current version", |s| s.calls),
             ("plugin_errors", "Failed calls (traps, timeouts, memory cap, invalid output)", |s| s.errors),
             ("plugin_timeouts", "Calls stopped at their deadline", |s| s.timeouts),
             ("plugin_memory_limit_hits", "Calls that failed on the instance's memory cap", |s| s.memory_limit_hits),
+            ("plugin_instances_retired", "Instances retired between calls near their memory cap", |s| {
+                s.instances_retired
+            }),
             ("plugin_quarantines", "Times the crash-loop breaker quarantined the plugin", |s| s.quarantines),
         ];
         let stats: Vec<_> =

@@ -48,12 +48,17 @@ pub struct Caps {
     limits: StoreLimits,
     /// Set when a memory growth was refused (cleared before every call).
     pub(crate) refused_memory: bool,
+    /// The largest linear memory this instance has grown to, in bytes.
+    pub(crate) memory_bytes: usize,
 }
 
 impl ResourceLimiter for Caps {
     fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         let allowed = self.limits.memory_growing(current, desired, maximum)?;
         self.refused_memory |= !allowed;
+        if allowed {
+            self.memory_bytes = self.memory_bytes.max(desired);
+        }
         Ok(allowed)
     }
 
@@ -100,7 +105,7 @@ impl HostState {
             .stdout(PluginOutput::new(name.clone(), Stream::Stdout, budget.clone()))
             .stderr(PluginOutput::new(name, Stream::Stderr, budget))
             .build();
-        let caps = Caps { limits, refused_memory: false };
+        let caps = Caps { limits, refused_memory: false, memory_bytes: 0 };
         HostState {
             plugin,
             caps,

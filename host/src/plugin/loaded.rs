@@ -112,6 +112,8 @@ pub struct PluginStats {
     pub timeouts: u64,
     /// Calls that failed because the instance's memory cap refused a growth.
     pub memory_limit_hits: u64,
+    /// Instances retired between calls, past three quarters of the cap.
+    pub instances_retired: u64,
     pub quarantines: u64,
     /// Whether calls are currently refused by the crash-loop breaker.
     pub quarantined: bool,
@@ -192,6 +194,8 @@ struct Counters {
     errors: AtomicU64,
     timeouts: AtomicU64,
     memory_limit_hits: AtomicU64,
+    /// Instances retired after a call because they neared the memory cap.
+    retired: AtomicU64,
     /// Set on failures only: the success path never touches it.
     last_error: ArcSwapOption<String>,
 }
@@ -297,6 +301,7 @@ impl LoadedPlugin {
             errors: c.errors.load(Ordering::Relaxed),
             timeouts: c.timeouts.load(Ordering::Relaxed),
             memory_limit_hits: c.memory_limit_hits.load(Ordering::Relaxed),
+            instances_retired: c.retired.load(Ordering::Relaxed),
             quarantines: self.breaker.quarantines(),
             quarantined: self.breaker.is_open(),
             last_error: c.last_error.load_full().map(|e| e.as_ref().clone()),
@@ -346,7 +351,17 @@ impl LoadedPlugin {
 
         match result {
             Ok(value) => {
-                *slot.borrow_mut() = Some(instance);
+                // An instance whose memory has grown past three quarters of
+                // its cap is retired now, between calls, rather than failing
+                // a request when it reaches the cap (a garbage-collected
+                // guest, JavaScript say, can grow a little with every call).
+                let grown = instance.store.data().caps.memory_bytes;
+                if grown <= self.limits.memory_limit_bytes / 4 * 3 {
+                    *slot.borrow_mut() = Some(instance);
+                } else {
+                    self.counters.retired.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(plugin = %self.name, memory_bytes = grown, "instance retired near its memory cap");
+                }
                 self.succeeded();
                 Ok(value)
             }

@@ -13,6 +13,9 @@ fn recurse(depth: u64) -> u64 {
     std::hint::black_box(recurse(std::hint::black_box(depth + 1))) + 1
 }
 
+/// What `/hoard` keeps across calls.
+static HOARD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
 /// The raw number of a request handle kept from an earlier call (`/keep`).
 static KEPT: AtomicU32 = AtomicU32::new(0);
 
@@ -104,6 +107,11 @@ impl Router for Hostile {
             "/bad-rewrite" => RouteDecision::Forward(Upstream::pool("app").rewrite("http://elsewhere/")),
             "/escape" => RouteDecision::Respond(Response::text(200, escape(req))),
             // What the host offers: the live servers of `app`, and logging.
+            // Keeps 4 MiB more with every call (a leak), then forwards.
+            "/hoard" => {
+                HOARD.lock().unwrap_or_else(|p| p.into_inner()).push(vec![1u8; 4 << 20]);
+                RouteDecision::Forward(Upstream::pool("app"))
+            }
             // Prints a line to stdout and one to stderr, then forwards.
             "/print" => {
                 println!("hostile plugin prints");
