@@ -196,28 +196,38 @@ async fn plugins_reach_no_file_socket_or_environment() {
     assert!(app.requests().is_empty(), "only the gateway's probes reached the backend, not the plugin");
 }
 
+/// The hostile router in a gateway process of its own, whose log the test
+/// reads.
+async fn hostile_process(app: &Backend, settings: &str) -> (GatewayProcess, PluginDir) {
+    let plugins = PluginDir::new().add("hostile", "hostile", settings);
+    let config = plugins.path().join("gateway.toml");
+    std::fs::write(&config, routed_by("hostile", app, "dir = \".\"")).unwrap();
+    (GatewayProcess::start(&config, &plugins.path().join("gateway.log"), 1).await, plugins)
+}
+
+/// The first line of the gateway's log that holds every one of `texts`,
+/// waited for up to 5 s.
+async fn log_line(gateway: &GatewayProcess, texts: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = gateway.log_text();
+        if let Some(line) = log.lines().find(|l| texts.iter().all(|t| l.contains(t))) {
+            return line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no log line with {texts:?}:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The SDK's panic hook and `log` facade: what a failing plugin says reaches
 /// the gateway's own log, under the plugin's name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_plugins_message_reaches_the_gateway_log_with_its_name() {
     let app = Backend::start("app").await;
-    let plugins = PluginDir::new().add("hostile", "hostile", "");
-    let config = plugins.path().join("gateway.toml");
-    std::fs::write(&config, routed_by("hostile", &app, "dir = \".\"")).unwrap();
-    let gateway = GatewayProcess::start(&config, &plugins.path().join("gateway.log"), 1).await;
-    let addr = gateway.addr("web");
-    assert_eq!(get(addr, "/panic").await.status, StatusCode::SERVICE_UNAVAILABLE);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = gateway.log_text();
-        let said = log.lines().find(|l| l.contains("panicked at ") && l.contains("hostile plugin panics"));
-        if let Some(line) = said {
-            assert!(line.contains("ERROR") && line.contains("plugin=hostile"), "{line}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the panic's message never reached the log:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (gateway, _plugins) = hostile_process(&app, "").await;
+    assert_eq!(get(gateway.addr("web"), "/panic").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    let line = log_line(&gateway, &["panicked at ", "hostile plugin panics"]).await;
+    assert!(line.contains("ERROR") && line.contains("plugin=hostile"), "{line}");
 }
 
 /// Guest stdout and stderr reach the log under the plugin's name, within a
@@ -226,22 +236,11 @@ async fn a_panicking_plugins_message_reaches_the_gateway_log_with_its_name() {
 async fn a_plugins_stdout_and_stderr_reach_the_log_within_a_budget() {
     let app = Backend::start("app").await;
     // Time for a thousand writes in a debug build on a busy machine.
-    let plugins = PluginDir::new().add("hostile", "hostile", "call_timeout_ms = 2000\n");
-    let config = plugins.path().join("gateway.toml");
-    std::fs::write(&config, routed_by("hostile", &app, "dir = \".\"")).unwrap();
-    let gateway = GatewayProcess::start(&config, &plugins.path().join("gateway.log"), 1).await;
+    let (gateway, _plugins) = hostile_process(&app, "call_timeout_ms = 2000\n").await;
     let addr = gateway.addr("web");
     assert_eq!(get(addr, "/print").await.status, StatusCode::OK);
-    let line = |log: &str, text: &str| log.lines().find(|l| l.contains(text)).map(str::to_owned);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (out, err) = loop {
-        let log = gateway.log_text();
-        if let (Some(out), Some(err)) = (line(&log, "hostile plugin prints"), line(&log, "hostile plugin complains")) {
-            break (out, err);
-        }
-        assert!(Instant::now() < deadline, "the plugin's output never reached the log:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let out = log_line(&gateway, &["hostile plugin prints"]).await;
+    let err = log_line(&gateway, &["hostile plugin complains"]).await;
     assert!(out.contains("INFO") && out.contains("plugin=hostile") && out.contains("stream=stdout"), "{out}");
     assert!(err.contains("WARN") && err.contains("plugin=hostile") && err.contains("stream=stderr"), "{err}");
 
@@ -249,16 +248,9 @@ async fn a_plugins_stdout_and_stderr_reach_the_log_within_a_budget() {
     assert_eq!(get(addr, "/print-flood").await.status, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(get(addr, "/print").await.status, StatusCode::OK);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let log = loop {
-        let log = gateway.log_text();
-        if log.contains("lines dropped") {
-            break log;
-        }
-        assert!(Instant::now() < deadline, "the dropped lines were never reported:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let dropped = log_line(&gateway, &["lines dropped"]).await;
+    assert!(dropped.contains("plugin=hostile"), "{dropped}");
+    let log = gateway.log_text();
     let written = log.lines().filter(|l| l.contains("flood line")).count();
     assert!((1..=50).contains(&written), "{written} flood lines written");
-    assert!(log.lines().any(|l| l.contains("lines dropped") && l.contains("plugin=hostile")), "{log}");
 }
