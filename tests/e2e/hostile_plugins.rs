@@ -191,6 +191,9 @@ async fn plugins_reach_no_file_socket_or_environment() {
     assert!(report.contains("env: 0"), "{report}");
     assert!(report.contains("args: 0"), "{report}");
     assert!(report.contains("socket: Err("), "{report}");
+    // UDP is refused at once (wasmtime's own synchronous version would have
+    // panicked the worker thread).
+    assert!(report.contains("udp: Err("), "{report}");
     let accepted = tokio::time::timeout(Duration::from_millis(200), bait.accept()).await;
     assert!(accepted.is_err(), "the plugin reached a socket: {accepted:?}");
     assert!(app.requests().is_empty(), "only the gateway's probes reached the backend, not the plugin");

@@ -197,7 +197,8 @@ async fn a_request_handle_kept_past_its_call_never_reads_that_request_again() {
 async fn an_instance_near_its_memory_cap_is_retired_between_calls_not_failed() {
     let app = Backend::start("app").await;
     // /hoard keeps 4 MiB more on every call: a leaking plugin.
-    let plugins = PluginDir::new().add("hostile", "hostile", "memory_limit_mb = 32\n");
+    // (A generous deadline: filling 4 MiB must not time out on a busy machine.)
+    let plugins = PluginDir::new().add("hostile", "hostile", "memory_limit_mb = 32\ncall_timeout_ms = 2000\n");
     let gateway = start_gateway(&routed_by("hostile", &app, ""), &plugins).await;
     let addr = web(&gateway);
     for i in 0..30 {

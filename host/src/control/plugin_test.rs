@@ -180,13 +180,13 @@ pub async fn run(file: &Path, request: &Path, settings: Option<&Path>) -> anyhow
         described.listener,
         if described.websocket { " (WebSocket handshake)" } else { "" }
     );
-    // The first call starts this thread's instance; the second is a call
-    // as the gateway makes it on a warm instance.
-    let started = Instant::now();
-    call(&plugin, &mut view, &services.pools.load())?;
-    let first = started.elapsed();
+    // The first call starts this thread's instance, and its decision is the
+    // one reported; the second call, on the warm instance, is only timed.
     let started = Instant::now();
     let (outcome, decision) = call(&plugin, &mut view, &services.pools.load())?;
+    let first = started.elapsed();
+    let started = Instant::now();
+    call(&plugin, &mut view, &services.pools.load())?;
     let warm = started.elapsed();
     let _ = writeln!(out, "decision: {decision}");
     let _ = writeln!(out, "calls:    first {} (a new instance, init included), then {}", micros(first), micros(warm));

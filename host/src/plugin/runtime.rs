@@ -11,7 +11,7 @@ use wasmtime::{Config, Engine};
 
 use super::bindings::RouterPlugin;
 use super::host_api::HostState;
-use super::wasi::{Nonblocking, NonblockingIo};
+use super::wasi::{NoUdp, Nonblocking, NonblockingIo};
 
 /// How often the engine's epoch advances: the resolution of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -43,6 +43,10 @@ impl Runtime {
         }
         wasmtime_wasi::p2::bindings::sync::io::poll::add_to_linker::<HostState, NonblockingIo>(&mut linker, io)?;
         wasmtime_wasi::p2::bindings::sync::io::streams::add_to_linker::<HostState, NonblockingIo>(&mut linker, io)?;
+        wasmtime_wasi::p2::bindings::sync::sockets::udp_create_socket::add_to_linker::<HostState, NoUdp>(
+            &mut linker,
+            |_| NoUdp,
+        )?;
         linker.allow_shadowing(false);
         // Both plugin worlds import the same `host` interface; linking it
         // once through the router world serves WAF plugins as well.

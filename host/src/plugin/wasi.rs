@@ -13,9 +13,12 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use wasmtime::component::{HasData, Resource, ResourceTable};
+use wasmtime_wasi::p2::bindings::sockets::network;
 use wasmtime_wasi::p2::bindings::sync::io::poll::{self, Pollable as DynPollable};
 use wasmtime_wasi::p2::bindings::sync::io::streams::{self, InputStream, OutputStream};
-use wasmtime_wasi::p2::{StreamError, StreamResult};
+use wasmtime_wasi::p2::bindings::sync::sockets::udp::IpAddressFamily;
+use wasmtime_wasi::p2::bindings::sync::sockets::udp_create_socket;
+use wasmtime_wasi::p2::{SocketError, SocketResult, StreamError, StreamResult, UdpSocket};
 use wasmtime_wasi_io::bindings::wasi::io::poll as async_poll;
 use wasmtime_wasi_io::bindings::wasi::io::streams::{
     Host as AsyncHost, HostInputStream as AsyncInput, HostOutputStream as AsyncOutput,
@@ -34,17 +37,57 @@ impl HasData for NonblockingIo {
 
 pub struct Nonblocking<'a>(pub &'a mut ResourceTable);
 
-/// Runs `future` once: its output if it is ready now, else a trap.
+/// Runs `future` without waiting: its output if it is ready now, else a
+/// trap. It is polled twice, because wasmtime's pollable for a deadline
+/// that has already passed (a zero-length sleep) is ready on its second poll.
 fn now<F: Future>(future: F) -> wasmtime::Result<F::Output> {
-    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(output) => Ok(output),
-        Poll::Pending => Err(wasmtime::Error::msg(WOULD_WAIT)),
+    let mut future = pin!(future);
+    let mut context = Context::from_waker(Waker::noop());
+    for _ in 0..2 {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return Ok(output);
+        }
     }
+    Err(wasmtime::Error::msg(WOULD_WAIT))
 }
 
 /// [`now`] for stream calls, whose traps travel inside their error type.
 fn stream_now<T>(future: impl Future<Output = StreamResult<T>>) -> StreamResult<T> {
     now(future).map_err(StreamError::Trap)?
+}
+
+/// `wasi:sockets/udp-create-socket`, refused. wasmtime's synchronous version
+/// waits in tokio (a panic on a worker thread) before it even checks that
+/// UDP is not granted; plugins get no sockets, so it is refused at once.
+/// (TCP sockets are refused by the WASI context before anything waits.)
+pub struct NoUdp;
+
+impl HasData for NoUdp {
+    type Data<'a> = NoUdp;
+}
+
+/// Only the error conversion is used: `udp-create-socket` is the one
+/// interface linked through [`NoUdp`].
+impl network::Host for NoUdp {
+    fn convert_error_code(&mut self, error: SocketError) -> wasmtime::Result<network::ErrorCode> {
+        error.downcast()
+    }
+
+    fn network_error_code(&mut self, _: Resource<wasmtime::Error>) -> wasmtime::Result<Option<network::ErrorCode>> {
+        Ok(None)
+    }
+}
+
+impl network::HostNetwork for NoUdp {
+    fn drop(&mut self, _: Resource<network::Network>) -> wasmtime::Result<()> {
+        Ok(())
+    }
+}
+
+impl udp_create_socket::Host for NoUdp {
+    fn create_udp_socket(&mut self, _: IpAddressFamily) -> SocketResult<Resource<UdpSocket>> {
+        Err(network::ErrorCode::AccessDenied.into())
+    }
 }
 
 impl poll::Host for Nonblocking<'_> {

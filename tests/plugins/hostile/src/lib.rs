@@ -46,6 +46,7 @@ fn escape(req: &Request) -> String {
     report.push_str(&format!("args: {}\n", std::env::args().count()));
     let target = req.query_param("connect").unwrap_or_else(|| "127.0.0.1:9".into());
     report.push_str(&format!("socket: {:?}\n", std::net::TcpStream::connect(target).map(|_| "connected")));
+    report.push_str(&format!("udp: {:?}\n", std::net::UdpSocket::bind("127.0.0.1:0").map(|_| "bound")));
     report
 }
 
