@@ -5,7 +5,7 @@
 //! instance (instantiation and `init`). Before the timings it prints the
 //! host's heap allocations per call, counted by a counting allocator.
 //!
-//! Needs the plugins built: `scripts/build-plugins`. Run with
+//! Needs the plugins built: `scripts/build-plugins --languages`. Run with
 //! `cargo bench -p wasmgate --bench plugin_call`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -47,7 +47,7 @@ fn plugin_file(krate: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("bench executable");
     let target = exe.ancestors().nth(3).expect("target directory");
     let file = target.join("wasm32-wasip2/release").join(format!("{}.wasm", krate.replace('-', "_")));
-    assert!(file.exists(), "{} is missing: run scripts/build-plugins first", file.display());
+    assert!(file.exists(), "{} is missing: run scripts/build-plugins --languages first", file.display());
     file
 }
 

@@ -33,13 +33,13 @@ pub fn plugin_wasm(krate: &str) -> PathBuf {
     let file = target.join("wasm32-wasip2/release").join(format!("{}.wasm", krate.replace('-', "_")));
     assert!(
         file.exists(),
-        "{} is missing: build the plugins first (scripts/test does: cargo build --release --target wasm32-wasip2 ...)",
+        "{} is missing: build the plugins first (scripts/build-plugins --languages; scripts/test does)",
         file.display()
     );
     file
 }
 
-/// Every plugin the tests load, built by `scripts/build-plugins`: the Rust
+/// Every plugin the tests load, built by `scripts/build-plugins --languages`: the Rust
 /// crates, and the examples in other languages.
 const TEST_PLUGINS: [&str; 10] = [
     "path-router",
