@@ -234,8 +234,63 @@ fn languages(c: &mut Criterion) {
         let failures = (0..100_000).filter(|_| call().is_err()).count();
         eprintln!("{language} {name}: {failures} of 100,000 calls failed; last error: {:?}", plugin.stats().last_error);
         group.bench_function(format!("{language}/{name}/call"), |b| b.iter(|| std::hint::black_box(call())));
+
+        // Memory per instance: threads that each start an instance (one
+        // call), against threads that do nothing, measured while all live.
+        let resident = |with_instance: bool| {
+            resident_growth(INSTANCES, || {
+                if with_instance {
+                    let mut req = request(10, websocket);
+                    if name == "api-key-guard" {
+                        req.parts.headers.insert("x-api-key", "demo-key-0123456789".parse().unwrap());
+                    }
+                    let _ = match plugin.kind {
+                        wasmgate::config::PluginKind::Router => plugin.route(&mut req).map(drop),
+                        wasmgate::config::PluginKind::Waf => plugin.inspect(&mut req).map(drop),
+                    };
+                }
+            })
+        };
+        let per_instance = (resident(true).saturating_sub(resident(false))) / INSTANCES as u64;
+        eprintln!("{language} {name}: {:.2} MiB resident per instance", per_instance as f64 / (1 << 20) as f64);
     }
     group.finish();
+}
+
+/// How many instances the memory measure starts at once.
+const INSTANCES: usize = 8;
+
+/// This process's resident memory, in bytes (VmRSS of /proc/self/status).
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// How much resident memory grows while `threads` threads have each run
+/// `work` and are all still alive.
+fn resident_growth(threads: usize, work: impl Fn() + Sync) -> u64 {
+    let ready = std::sync::Barrier::new(threads + 1);
+    let done = std::sync::Barrier::new(threads + 1);
+    let before = resident_bytes();
+    let mut after = 0;
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                work();
+                ready.wait();
+                done.wait();
+            });
+        }
+        ready.wait();
+        after = resident_bytes();
+        done.wait();
+    });
+    after.saturating_sub(before)
 }
 
 criterion_group!(benches, plugin_calls, languages);

@@ -1,6 +1,7 @@
 //! The `wasmgate` command: `run` serves a config, `check` validates a config
 //! and its plugins without serving, `reload` asks a running gateway to
-//! reload, `plugin inspect` and `plugin test` look at one plugin file.
+//! reload, `plugin inspect` and `plugin test` look at one plugin file,
+//! `plugin new` and `plugin build` make and build a plugin project.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use wasmgate::control::gateway::{Gateway, prepare};
+use wasmgate::control::plugin_project::{self, Kind, Language};
 use wasmgate::{Config, config};
 
 #[derive(Parser)]
@@ -48,6 +50,24 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Create a plugin project (source, settings, request tests, the WIT
+    /// contract, a README and its build manifest) in a new directory.
+    New {
+        /// The language of the project.
+        #[arg(long, value_enum)]
+        lang: Language,
+        /// A router picks where a request goes; a WAF allows or denies it.
+        #[arg(long, value_enum)]
+        kind: Kind,
+        /// The plugin's name (its file will be NAME.wasm, its settings NAME.toml).
+        name: String,
+        /// Where to create it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Build the plugin project in DIR (default: the current directory) with
+    /// the commands its wasmgate-plugin.toml names, leaving DIR/NAME.wasm.
+    Build { dir: Option<PathBuf> },
     /// Print a component's world, imports and exports, and whether the
     /// gateway would accept it.
     Inspect { file: PathBuf },
@@ -56,9 +76,9 @@ enum PluginCommand {
     /// the request file's `expect` does not match.
     Test {
         file: PathBuf,
-        /// A TOML file describing the request (and `expect`).
-        #[arg(long)]
-        request: PathBuf,
+        /// TOML files describing a request each (and `expect`).
+        #[arg(long, required = true, num_args = 1..)]
+        request: Vec<PathBuf>,
         /// The plugin's settings (default: the NAME.toml beside the file).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -89,6 +109,10 @@ fn main() -> ExitCode {
             Command::Plugin { command: PluginCommand::Test { file, request, config } } => {
                 plugin_test(file, request, config).await
             }
+            Command::Plugin { command: PluginCommand::New { lang, kind, name, dir } } => {
+                plugin_new(lang, kind, name, dir)
+            }
+            Command::Plugin { command: PluginCommand::Build { dir } } => plugin_build(dir).await,
         }
     });
     match result {
@@ -146,8 +170,42 @@ async fn inspect(file: PathBuf) -> anyhow::Result<()> {
     if report.accepted() { Ok(()) } else { anyhow::bail!("{}: the gateway would reject this plugin", file.display()) }
 }
 
-async fn plugin_test(file: PathBuf, request: PathBuf, config: Option<PathBuf>) -> anyhow::Result<()> {
-    let report = wasmgate::control::plugin_test::run(&file, &request, config.as_deref()).await?;
+async fn plugin_test(file: PathBuf, requests: Vec<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<()> {
+    let report = wasmgate::control::plugin_test::run(&file, &requests, config.as_deref()).await?;
     print!("{}", report.text);
-    if report.passed { Ok(()) } else { anyhow::bail!("{}: the decision is not the expected one", request.display()) }
+    if report.passed { Ok(()) } else { anyhow::bail!("a decision is not the expected one") }
+}
+
+fn plugin_new(lang: Language, kind: Kind, name: String, dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+    let created = plugin_project::new(lang, kind, &name, &dir)?;
+    println!("created {} ({lang} {kind}), {} files", created.dir.display(), created.files.len());
+    let me = command_name();
+    println!("next:");
+    println!("  cd {}", created.dir.display());
+    println!("  {me} plugin build");
+    println!("  {me} plugin test {name}.wasm --request tests/*.toml");
+    Ok(())
+}
+
+/// How to run this binary from anywhere: `wasmgate` when that is what PATH
+/// finds, else its full path.
+fn command_name() -> String {
+    let me = std::env::current_exe().and_then(std::fs::canonicalize).ok();
+    let on_path = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|d| d.join("wasmgate")).find(|p| p.is_file()))
+        .and_then(|p| std::fs::canonicalize(p).ok());
+    match me {
+        Some(me) if on_path.as_ref() != Some(&me) => me.display().to_string(),
+        _ => "wasmgate".into(),
+    }
+}
+
+async fn plugin_build(dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+    // The build's commands run for seconds to minutes: off the async runtime.
+    let built = tokio::task::spawn_blocking(move || plugin_project::build(&dir)).await??;
+    eprintln!("built {} ({}, {} bytes)", built.name, built.kind, built.size);
+    println!("{}", built.component.display());
+    Ok(())
 }

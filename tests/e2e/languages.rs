@@ -251,3 +251,37 @@ fn a_component_importing_what_the_host_does_not_provide_is_refused_naming_the_im
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("verdict: rejected: component imports instance `wasi:http/"), "names the import: {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_loads_the_js_router_from_the_artifact_cache_and_serves_its_first_request() {
+    let (app, canary) = (Backend::start("app").await, Backend::start("canary").await);
+    let plugins = PluginDir::new().add("canary-router", "canary-router", CANARY);
+    // GatewayProcess puts the cache under the config's directory: a new,
+    // empty one, so the first start compiles.
+    let config = plugins.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[plugins]\ndir = \".\"\n{}",
+            canary_config(&app, &canary, "canary-router")
+        ),
+    )
+    .unwrap();
+    let loaded = |log: &str| {
+        log.lines().find(|l| l.contains("plugin loaded") && l.contains("plugin=canary-router")).map(str::to_owned)
+    };
+    for (run, from_cache) in [("first", false), ("second", true)] {
+        let gateway = GatewayProcess::start(&config, &plugins.path().join(format!("{run}.log")), 2).await;
+        let line =
+            loaded(&gateway.log_text()).unwrap_or_else(|| panic!("{run}: no load line:\n{}", gateway.log_text()));
+        assert!(line.contains(&format!("from_cache={from_cache}")), "{run} start: {line}");
+        let status = status(gateway.addr("admin")).await;
+        let plugin = &status["plugins"][0];
+        assert_eq!(plugin["name"], "canary-router", "{status}");
+        assert_eq!(plugin["from_cache"], from_cache, "{run} start: {status}");
+        // The first request is served by the router, forced to either side.
+        let got = request(gateway.addr("web"), "GET", "/first", &[("x-canary", "canary")], vec![]).await;
+        assert_eq!(got.status, StatusCode::OK, "{run} start");
+        assert_eq!(canary.requests().last().map(|r| r.target.clone()).as_deref(), Some("/first"));
+    }
+}

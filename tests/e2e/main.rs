@@ -14,6 +14,7 @@ mod http_routing;
 mod languages;
 mod layering;
 mod limits;
+mod plugin_projects;
 mod plugin_sandbox;
 mod plugin_swap;
 mod pools;

@@ -1,5 +1,5 @@
-//! `wasmgate plugin test FILE.wasm --request REQUEST.toml [--config NAME.toml]`:
-//! one plugin asked about one described request, under the gateway's own
+//! `wasmgate plugin test FILE.wasm --request REQUEST.toml... [--config NAME.toml]`:
+//! one plugin asked about described requests, under the gateway's own
 //! sandbox, limits and output checks. Prints the decision and the time of
 //! the call; fails when the plugin fails, when the gateway would refuse its
 //! decision, or when the file's `expect` does not match.
@@ -141,11 +141,18 @@ pub struct Report {
 }
 
 /// Runs `file` (with `settings` as its `NAME.toml`, else the one beside it)
-/// on the request described in `request`.
-pub async fn run(file: &Path, request: &Path, settings: Option<&Path>) -> anyhow::Result<Report> {
-    let text = std::fs::read_to_string(request).with_context(|| format!("reading {}", request.display()))?;
-    let described: Described = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", request.display()))?;
-    let expected = described.expect.as_deref().map(Outcome::parse).transpose()?;
+/// on each request described in `requests`, loading it once.
+pub async fn run(file: &Path, requests: &[PathBuf], settings: Option<&Path>) -> anyhow::Result<Report> {
+    let mut described = Vec::with_capacity(requests.len());
+    for request in requests {
+        let text = std::fs::read_to_string(request).with_context(|| format!("reading {}", request.display()))?;
+        let parsed: Described = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", request.display()))?;
+        let expected =
+            parsed.expect.as_deref().map(Outcome::parse).transpose().context(request.display().to_string())?;
+        let pools = pools(&parsed.healthy_servers).context(request.display().to_string())?;
+        let view = view(&parsed).context(request.display().to_string())?;
+        described.push((request, parsed, expected, Arc::new(pools), view));
+    }
 
     // The plugin loads as the gateway loads it: from a directory holding
     // NAME.wasm and NAME.toml, through the compiled-artifact cache.
@@ -159,48 +166,53 @@ pub async fn run(file: &Path, request: &Path, settings: Option<&Path>) -> anyhow
         std::fs::copy(settings, staged.with_extension("toml"))
             .with_context(|| format!("reading {}", settings.display()))?;
     }
-    let pools = pools(&described.healthy_servers)?;
-    let services =
-        Arc::new(HostServices { counters: Counters::default(), pools: arc_swap::ArcSwap::from_pointee(pools) });
+    let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
     let defaults = PluginsConfig { dir: dir.0.clone(), ..PluginsConfig::default() };
     let loader = Loader::new(Arc::new(Runtime::new()?), defaults, services.clone(), Default::default());
     let plugin = loader.load(&staged, 1).await.map_err(|e| anyhow::anyhow!("plugin `{name}` is refused: {e:#}"))?;
 
-    let mut view = view(&described)?;
     let mut out = String::new();
     let _ = writeln!(out, "plugin:   {name} ({}), sha256 {}", plugin.kind, &plugin.identity.sha256[..16]);
-    let query = described.query.as_deref().map(|q| format!("?{q}")).unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "request:  {} {}{}{query} from {} on `{}`{}",
-        described.method,
-        described.authority,
-        described.path,
-        described.client_ip,
-        described.listener,
-        if described.websocket { " (WebSocket handshake)" } else { "" }
-    );
-    // The first call starts this thread's instance, and its decision is the
-    // one reported; the second call, on the warm instance, is only timed.
-    let started = Instant::now();
-    let (outcome, decision) = call(&plugin, &mut view, &services.pools.load())?;
-    let first = started.elapsed();
-    let started = Instant::now();
-    call(&plugin, &mut view, &services.pools.load())?;
-    let warm = started.elapsed();
-    let _ = writeln!(out, "decision: {decision}");
-    let _ = writeln!(out, "calls:    first {} (a new instance, init included), then {}", micros(first), micros(warm));
-    let passed = match expected {
-        None => true,
-        Some(expected) if expected == outcome => {
-            let _ = writeln!(out, "expect:   {expected}: ok");
-            true
+    let mut passed = true;
+    let mut fresh = true;
+    for (request, described, expected, pools, mut view) in described {
+        services.pools.store(pools);
+        if requests.len() > 1 {
+            let _ = writeln!(out, "\n{}", request.display());
         }
-        Some(expected) => {
-            let _ = writeln!(out, "expect:   {expected}: FAILED, the plugin decided `{outcome}`");
-            false
+        let query = described.query.as_deref().map(|q| format!("?{q}")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "request:  {} {}{}{query} from {} on `{}`{}",
+            described.method,
+            described.authority,
+            described.path,
+            described.client_ip,
+            described.listener,
+            if described.websocket { " (WebSocket handshake)" } else { "" }
+        );
+        // The first call may start this thread's instance, and its decision
+        // is the one reported; the second, on the warm instance, is only timed.
+        let started = Instant::now();
+        let (outcome, decision) = call(&plugin, &mut view, &services.pools.load())?;
+        let first = started.elapsed();
+        let started = Instant::now();
+        call(&plugin, &mut view, &services.pools.load())?;
+        let warm = started.elapsed();
+        let _ = writeln!(out, "decision: {decision}");
+        let start = if std::mem::take(&mut fresh) { " (a new instance, init included)" } else { "" };
+        let _ = writeln!(out, "calls:    first {}{start}, then {}", micros(first), micros(warm));
+        match expected {
+            None => {}
+            Some(expected) if expected == outcome => {
+                let _ = writeln!(out, "expect:   {expected}: ok");
+            }
+            Some(expected) => {
+                let _ = writeln!(out, "expect:   {expected}: FAILED, the plugin decided `{outcome}`");
+                passed = false;
+            }
         }
-    };
+    }
     Ok(Report { text: out, passed })
 }
 

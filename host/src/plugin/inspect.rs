@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use wasmtime::component::Component;
 
+use super::cache::ArtifactCache;
 use super::counter::Counters;
 use super::host_api::{HostServices, PluginContext};
 use super::loaded::{LoadedPlugin, PluginLimits, PluginSource, Pre};
@@ -70,7 +71,18 @@ pub async fn inspect(file: &Path) -> anyhow::Result<Inspection> {
         world: None,
         rejection: None,
     };
-    let component = match Component::from_binary(runtime.engine(), &bytes) {
+    // Through the compiled-artifact cache, as the gateway loads it: a big
+    // component is compiled once for `inspect`, `plugin test` and the gateway.
+    let cache = ArtifactCache::default_dir().and_then(|dir| ArtifactCache::open(&dir, runtime.engine()).ok());
+    let compiled = match cache.as_ref().and_then(|cache| cache.get(runtime.engine(), &inspection.sha256)) {
+        Some(component) => Ok(component),
+        None => Component::from_binary(runtime.engine(), &bytes).inspect(|component| {
+            if let Some(cache) = &cache {
+                cache.put(&inspection.sha256, component);
+            }
+        }),
+    };
+    let component = match compiled {
         Ok(component) => component,
         Err(error) => {
             inspection.rejection = Some(format!("not a valid WebAssembly component: {error:#}"));
