@@ -398,7 +398,8 @@ impl Backend {
 /// What a backend's handler records into: requests, its health, closes.
 type BackendState = (Arc<Mutex<Vec<Seen>>>, Arc<AtomicU16>, Arc<Mutex<Vec<(u16, String)>>>);
 
-/// Answers one request. Upgrade paths that misbehave on purpose:
+/// Answers one request. `/spoof-gateway-error` answers 503 with the
+/// gateway's own `x-wasmgate-error` header. Upgrade paths that misbehave on purpose:
 /// `/reject-upgrade` (403), `/ws-bad-accept`, `/ws-no-upgrade`,
 /// `/ws-no-connection`, `/ws-unoffered-protocol`, `/ws-unoffered-extension`
 /// (a 101 a client must refuse).
@@ -471,6 +472,12 @@ async fn backend_handle(
     let checksum: u64 = body.iter().map(|&b| u64::from(b)).sum();
     let record = Seen { method: method.clone(), target: target.clone(), version, headers, body_len: body.len() };
     seen.lock().unwrap().push(record);
+    if path == "/spoof-gateway-error" {
+        // A backend that answers as if it were the gateway.
+        let mut response = text(StatusCode::SERVICE_UNAVAILABLE, "backend says: no healthy server");
+        response.headers_mut().insert("x-wasmgate-error", http::HeaderValue::from_static("no-healthy-server"));
+        return Ok(response);
+    }
     Ok(text(
         StatusCode::OK,
         &format!("backend={name} method={method} target={target} body_len={} checksum={checksum}", body.len()),

@@ -138,10 +138,31 @@ pub struct ListenerConfig {
     /// Concurrent upgraded WebSockets on this listener; past it, 503 `at-capacity`.
     #[serde(default = "default_max_websockets")]
     pub max_websockets: usize,
+    /// Peers (addresses or CIDR blocks) whose forwarding headers are kept:
+    /// a load balancer or CDN in front of the gateway. From any other peer,
+    /// `X-Forwarded-For` is replaced by the peer's address and `Forwarded`,
+    /// `X-Real-IP`, `X-Forwarded-Port` and `X-Forwarded-Prefix` are removed.
+    /// Default: none.
+    #[serde(default, deserialize_with = "addresses_or_blocks")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 fn default_max_websockets() -> usize {
     100_000
+}
+
+/// A list of `10.0.0.0/8`-style blocks or single addresses.
+fn addresses_or_blocks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(deserializer)?
+        .iter()
+        .map(|entry| {
+            entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| serde::de::Error::custom(format!("`{entry}` is not an address or a CIDR block")))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

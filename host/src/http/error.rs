@@ -12,6 +12,11 @@ pub const ERROR_HEADER: &str = "x-wasmgate-error";
 /// status and body are kept).
 pub const WAF_DENY: &str = "waf-deny";
 
+/// The methods a 405 says the gateway proxies (any but `CONNECT`, which
+/// only opens RFC 8441 WebSockets, and `TRACE`, which is forwarded but not
+/// advertised).
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 /// Why the gateway answered a request itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
@@ -21,6 +26,10 @@ pub enum GatewayError {
     /// 400: the request could not be understood.
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    /// 405: a method the gateway does not proxy (`CONNECT` other than an
+    /// RFC 8441 WebSocket).
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(http::Method),
     /// 400: an `Upgrade: websocket` request that breaks RFC 6455 §4.2.1.
     #[error("malformed WebSocket handshake: {0}")]
     BadHandshake(&'static str),
@@ -77,6 +86,7 @@ impl GatewayError {
         match self {
             GatewayError::RedirectToHttps { .. } => StatusCode::PERMANENT_REDIRECT,
             GatewayError::BadRequest(_) | GatewayError::BadHandshake(_) => StatusCode::BAD_REQUEST,
+            GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UnsupportedWebSocketVersion => StatusCode::UPGRADE_REQUIRED,
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::BackendUnreachable { .. }
@@ -94,6 +104,7 @@ impl GatewayError {
         match self {
             GatewayError::RedirectToHttps { .. } => "redirect-to-https",
             GatewayError::BadRequest(_) => "bad-request",
+            GatewayError::MethodNotAllowed(_) => "method-not-allowed",
             GatewayError::BadHandshake(_) => "bad-handshake",
             GatewayError::UnsupportedWebSocketVersion => "unsupported-websocket-version",
             GatewayError::NoRoute => "no-route",
@@ -129,6 +140,10 @@ impl GatewayError {
             }
             GatewayError::AtCapacity { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            GatewayError::MethodNotAllowed(_) => {
+                // RFC 9110 §15.5.6: a 405 lists what is allowed.
+                headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
             }
             GatewayError::RedirectToHttps { location } => {
                 if let Ok(location) = HeaderValue::from_str(location) {

@@ -1,7 +1,8 @@
 //! The request head sent upstream, made from the client's: origin-form
-//! target (rewritten if the route says so), hop-by-hop headers removed,
-//! `Host` from `:authority`, `X-Forwarded-For/-Proto/-Host` added, the
-//! route's headers set. The same head serves a plain request and a WebSocket
+//! target (rewritten if the route says so), hop-by-hop headers removed
+//! first (so a client's `Connection` cannot name what the gateway sets),
+//! `Host` from the settled authority, forwarding headers set (appended to
+//! only from a trusted proxy), the route's headers set. The same head serves a plain request and a WebSocket
 //! handshake; [`copy_head`] makes a copy for another server.
 
 use http::Request;
@@ -14,10 +15,19 @@ use crate::http::ConnInfo;
 use crate::http::GatewayError;
 use crate::http::headers::remove_hop_by_hop;
 
+/// Forwarding headers a client could forge, believed only from a trusted proxy.
+const FORWARDING: [&str; 4] = ["forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix"];
+
 /// Turns the client's request head into the head sent upstream (to whichever
 /// server): origin-form target (rewritten if the route says so), hop-by-hop
-/// headers removed, forwarding headers added, the route's headers set.
-pub fn prepare_upstream(parts: &mut Parts, route: &Route, client: &ConnInfo) -> Result<(), GatewayError> {
+/// headers removed, forwarding headers set, the route's headers set.
+/// `trusted`: the peer is a trusted proxy, whose forwarding headers are kept.
+pub fn prepare_upstream(
+    parts: &mut Parts,
+    route: &Route,
+    client: &ConnInfo,
+    trusted: bool,
+) -> Result<(), GatewayError> {
     let original = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let path_and_query = match &route.rewrite {
         Some(rewrite) if rewrite.query().is_none() => match original.query() {
@@ -29,36 +39,50 @@ pub fn prepare_upstream(parts: &mut Parts, route: &Route, client: &ConnInfo) -> 
         Some(rewrite) => rewrite.clone(),
         None => original,
     };
+    // Read before hop-by-hop removal: `Connection: host` must not drop it.
     // HTTP/2 carries the host in `:authority`; HTTP/1.1 backends need `Host`.
     let host = match parts.headers.get(header::HOST) {
         Some(host) => Some(host.clone()),
         None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
+    remove_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::UPGRADE);
     if let Some(host) = &host {
         parts.headers.insert(header::HOST, host.clone());
     }
     parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
 
-    remove_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::UPGRADE);
-
     let client_ip = client.addr.ip().to_canonical().to_string();
-    let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {client_ip}"),
-        None => client_ip,
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        parts.headers.insert("x-forwarded-for", value);
+    let earlier = if trusted { joined(&parts.headers, "x-forwarded-for") } else { None };
+    let forwarded_for = earlier.map_or_else(|| client_ip.clone(), |earlier| format!("{earlier}, {client_ip}"));
+    let value = HeaderValue::from_str(&forwarded_for)
+        .or_else(|_| HeaderValue::from_str(&client_ip))
+        .map_err(|_| GatewayError::BadRequest("the client address is not a header value"))?;
+    parts.headers.insert("x-forwarded-for", value);
+    if !trusted {
+        for name in FORWARDING {
+            parts.headers.remove(name);
+        }
     }
-    parts.headers.insert("x-forwarded-proto", HeaderValue::from_static(client.scheme()));
-    if let Some(host) = host {
+    if !trusted || !parts.headers.contains_key("x-forwarded-proto") {
+        parts.headers.insert("x-forwarded-proto", HeaderValue::from_static(client.scheme()));
+    }
+    if let Some(host) = host
+        && (!trusted || !parts.headers.contains_key("x-forwarded-host"))
+    {
         parts.headers.insert("x-forwarded-host", host);
     }
     for (name, value) in &route.set_headers {
         parts.headers.insert(name.clone(), value.clone());
     }
     Ok(())
+}
+
+/// Every line of header `name`, joined with `, `.
+fn joined(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    let values: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+    (!values.is_empty()).then(|| values.join(", "))
 }
 
 /// A copy of a request head, for sending it again to another server.

@@ -2,23 +2,26 @@
 //! [`ListenerProxy::handle`] runs them. Each phase is a method below, in the
 //! same order; each may end the request with its [`Answer`].
 //!
-//! 1. [`handshake`](ListenerProxy::handshake): is it a WebSocket handshake,
+//! 1. [`target`](ListenerProxy::target): the method, authority and path
+//!    settled (normalized, or refused with 400/405) before anything reads them.
+//! 2. [`handshake`](ListenerProxy::handshake): is it a WebSocket handshake,
 //!    and a valid one (400/426)?
-//! 2. [`redirect`](ListenerProxy::redirect): on a listener with
+//! 3. [`redirect`](ListenerProxy::redirect): on a listener with
 //!    `redirect_to_https`, a plain request without a body is answered 308
 //!    to the same URL on the HTTPS listener.
-//! 3. [`decide`](ListenerProxy::decide): on a listener with plugins, the
-//!    request head lent to them as a [`RequestView`] for phases 4 and 5.
-//! 4. [`waf`](ListenerProxy::waf): the listener's WAF plugins, in order; a
+//! 4. [`decide`](ListenerProxy::decide): on a listener with plugins, the
+//!    request head lent to them as a [`RequestView`] for phases 5 and 6.
+//! 5. [`waf`](ListenerProxy::waf): the listener's WAF plugins, in order; a
 //!    deny answers the client.
-//! 5. [`route`](ListenerProxy::route): the router plugin (or the default
+//! 6. [`route`](ListenerProxy::route): the router plugin (or the default
 //!    pool) picks a pool, or answers the client itself.
-//! 6. [`forward`](ListenerProxy::forward) a plain request, or
+//! 7. [`forward`](ListenerProxy::forward) a plain request, or
 //!    [`upgrade`](ListenerProxy::upgrade) a handshake: a healthy server of
 //!    the pool (another if it cannot be reached and the request can be sent
-//!    again, [`try_servers`](ListenerProxy::try_servers)), then its answer;
-//!    an upgrade starts the relay.
-//! 7. [`log`](ListenerProxy::log): the outcome counted in the metrics and
+//!    again, [`try_servers`](ListenerProxy::try_servers)), then its answer
+//!    (without the `x-wasmgate-*` headers only the gateway may make); an
+//!    upgrade starts the relay.
+//! 8. [`log`](ListenerProxy::log): the outcome counted in the metrics and
 //!    written to the access log.
 //!
 //! The detail of each phase lives in the file named for it; the logic here
@@ -42,6 +45,7 @@ use hyper::body::Incoming;
 use super::forward;
 use super::outcome::{Answer, Outcome};
 use super::route::Route;
+use super::target;
 use super::validate;
 use crate::config::{ListenerConfig, OnError};
 use crate::http::{ConnInfo, ERROR_HEADER, GatewayError, ResponseBody, WAF_DENY};
@@ -87,6 +91,16 @@ pub struct ListenerRules {
     pools: Arc<Pools>,
     relay_limits: RelayLimits,
     requests: RequestCounters,
+    /// Peers whose forwarding headers are kept.
+    trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl ListenerRules {
+    /// Whether `client` is a proxy this listener trusts.
+    fn trusts(&self, client: &ConnInfo) -> bool {
+        let ip = client.addr.ip().to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
 }
 
 impl ListenerRules {
@@ -113,6 +127,7 @@ impl ListenerRules {
             redirect_to_https: if config.redirect_to_https { redirect_to_https } else { None },
             pools,
             relay_limits,
+            trusted_proxies: config.trusted_proxies.clone(),
         }
     }
 }
@@ -201,24 +216,30 @@ impl ListenerProxy {
         response
     }
 
-    /// Phases 1 to 6, in order.
-    async fn pass(&self, rules: &ListenerRules, req: Request<Incoming>, client: &Arc<ConnInfo>) -> Step<Answer> {
+    /// Phases 1 to 7, in order.
+    async fn pass(&self, rules: &ListenerRules, mut req: Request<Incoming>, client: &Arc<ConnInfo>) -> Step<Answer> {
+        Self::target(&mut req)?;
         let handshake = Self::handshake(&req)?;
         Self::redirect(rules, &req, handshake.is_some())?;
         let (req, route) = self.decide(rules, req, client, handshake.is_some())?;
         let answer = match handshake {
-            None => self.forward(req, &route, client).await,
+            None => self.forward(rules, req, &route, client).await,
             Some(handshake) => self.upgrade(rules, req, handshake, &route, client).await,
         };
         answer.map_err(|error| Answer::from(error).routed_to(&route.pool))
     }
 
-    /// Phase 1: reads the WebSocket handshake, if the request asks for one.
+    /// Phase 1: settles the method, the authority and the path.
+    fn target(req: &mut Request<Incoming>) -> Step<()> {
+        Ok(target::settle(req)?)
+    }
+
+    /// Phase 2: reads the WebSocket handshake, if the request asks for one.
     fn handshake(req: &Request<Incoming>) -> Step<Option<ClientHandshake>> {
         Ok(ClientHandshake::from_request(req)?)
     }
 
-    /// Phase 2: the 308 to the same URL on the HTTPS listener's port, for a
+    /// Phase 3: the 308 to the same URL on the HTTPS listener's port, for a
     /// plain request without a body on a listener that redirects.
     fn redirect(rules: &ListenerRules, req: &Request<Incoming>, handshake: bool) -> Step<()> {
         match rules.redirect_to_https {
@@ -229,7 +250,7 @@ impl ListenerProxy {
         }
     }
 
-    /// Phases 3 to 5: lends the request head to the plugins (the body stays
+    /// Phases 4 to 6: lends the request head to the plugins (the body stays
     /// aside, unread), then takes it back to send on. A listener without
     /// plugins builds nothing and looks nothing up.
     fn decide(
@@ -249,7 +270,7 @@ impl ListenerProxy {
         Ok((Request::from_parts(view.parts, body), route))
     }
 
-    /// Phase 4: runs the WAF plugins in order; the first deny ends the request.
+    /// Phase 5: runs the WAF plugins in order; the first deny ends the request.
     fn waf(&self, rules: &ListenerRules, req: &mut RequestView) -> Step<()> {
         for waf in &rules.waf {
             let name = &waf.name;
@@ -285,7 +306,7 @@ impl ListenerProxy {
         Ok(())
     }
 
-    /// Phase 5: asks the router plugin (if any) where the request goes.
+    /// Phase 6: asks the router plugin (if any) where the request goes.
     fn route(&self, rules: &ListenerRules, req: &mut RequestView) -> Step<Route> {
         let Some(router) = &rules.router else {
             return Self::default_route(rules);
@@ -347,11 +368,17 @@ impl ListenerProxy {
         }
     }
 
-    /// Phase 6 for a plain request. Without a body it can be sent again to
+    /// Phase 7 for a plain request. Without a body it can be sent again to
     /// another server if the first cannot be reached.
-    async fn forward(&self, req: Request<Incoming>, route: &Route, client: &ConnInfo) -> Result<Answer, GatewayError> {
+    async fn forward(
+        &self,
+        rules: &ListenerRules,
+        req: Request<Incoming>,
+        route: &Route,
+        client: &ConnInfo,
+    ) -> Result<Answer, GatewayError> {
         let (mut parts, body) = req.into_parts();
-        forward::prepare_upstream(&mut parts, route, client)?;
+        forward::prepare_upstream(&mut parts, route, client, rules.trusts(client))?;
         let replayable = body.is_end_stream();
         let idempotent = matches!(
             parts.method,
@@ -371,11 +398,12 @@ impl ListenerProxy {
                 forwarder.send(head, body, &server.address, timeout).await
             }
         };
-        let (response, server) = self.try_servers(route, replayable && idempotent, attempt).await?;
+        let (mut response, server) = self.try_servers(route, replayable && idempotent, attempt).await?;
+        remove_gateway_headers(response.headers_mut());
         Ok(Answer::served(response, Outcome::Served, &route.pool, server))
     }
 
-    /// Phase 6 for a WebSocket handshake: a place under the listener's cap,
+    /// Phase 7 for a WebSocket handshake: a place under the listener's cap,
     /// the handshake to a server (another if it cannot be reached), then the
     /// client's answer and the relay.
     async fn upgrade(
@@ -395,7 +423,7 @@ impl ListenerProxy {
             path: req.uri().path().to_owned(),
         });
         let (mut parts, _body) = req.into_parts();
-        forward::prepare_upstream(&mut parts, route, client)?;
+        forward::prepare_upstream(&mut parts, route, client, rules.trusts(client))?;
         let (timeout, tls) = (route.pool.request_timeout, route.pool.tls.as_ref());
         let attempt = |server: Arc<Server>| {
             let (head, handshake) = (forward::copy_head(&parts), &handshake);
@@ -406,7 +434,8 @@ impl ListenerProxy {
                 answer.map(|response| (response, active))
             }
         };
-        let ((response, active), server) = self.try_servers(route, true, attempt).await?;
+        let ((mut response, active), server) = self.try_servers(route, true, attempt).await?;
+        remove_gateway_headers(response.headers_mut());
         let relaying = Relaying {
             client_upgrade,
             handshake,
@@ -426,7 +455,7 @@ impl ListenerProxy {
         })
     }
 
-    /// Phase 6's choice of server: picks a healthy one and sends to it. A
+    /// Phase 7's choice of server: picks a healthy one and sends to it. A
     /// server that cannot be connected to is marked unhealthy and, if
     /// `retryable` (nothing reached any server and the request can be sent
     /// again), another is tried, up to the pool's `retries`.
@@ -496,7 +525,7 @@ impl ListenerProxy {
         }
     }
 
-    /// Phase 7: counts the answer in the metrics and writes its access-log
+    /// Phase 8: counts the answer in the metrics and writes its access-log
     /// line (and a debug line).
     fn log(&self, rules: &ListenerRules, answer: &Answer, client: &ConnInfo, asked: Asked) {
         let elapsed = asked.started.elapsed();
@@ -537,5 +566,16 @@ impl ListenerProxy {
             elapsed_us = elapsed.as_micros() as u64,
             "request"
         );
+    }
+}
+
+/// Removes the `x-wasmgate-*` headers from a backend's answer: a client,
+/// and whoever reads its traces, must be able to tell the gateway's own
+/// answers (`x-wasmgate-error`) from a backend's.
+fn remove_gateway_headers(headers: &mut http::HeaderMap) {
+    let names: Vec<http::HeaderName> =
+        headers.keys().filter(|name| name.as_str().starts_with("x-wasmgate-")).cloned().collect();
+    for name in names {
+        headers.remove(name);
     }
 }

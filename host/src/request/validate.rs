@@ -1,6 +1,7 @@
 //! Checks on what plugins return, as strict as on what clients send: a plugin
 //! cannot inject a header line, answer with a 1xx/101, name a pool that does
-//! not exist, or return an oversized body.
+//! not exist, rewrite to a path that is not normal, or return an oversized
+//! body.
 
 use http::header::{HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -8,6 +9,7 @@ use http::{Response, StatusCode};
 
 use super::route::Route;
 use crate::http::body::{self, ResponseBody};
+use crate::http::target::normalize_path;
 use crate::plugin::PluginError;
 use crate::plugin::bindings::{self, Header};
 use crate::upstream::Pools;
@@ -66,8 +68,20 @@ pub fn upstream(plugin: &str, upstream: bindings::Upstream, pools: &Pools) -> Re
             if !path.starts_with('/') {
                 return Err(invalid(plugin, format!("rewrite `{path}` is not origin-form (must start with /)")));
             }
+            let target = path
+                .parse::<PathAndQuery>()
+                .map_err(|_| invalid(plugin, format!("rewrite `{path}` is not a valid request target")))?;
+            // Normalized as a client's path is: a rewrite cannot reach
+            // upstream with `..` or `//` in it.
+            let normal = normalize_path(target.path())
+                .map_err(|reason| invalid(plugin, format!("rewrite `{path}`: {reason}")))?;
+            let normal = match target.query() {
+                Some(query) => format!("{normal}?{query}"),
+                None => normal.into_owned(),
+            };
             Some(
-                path.parse::<PathAndQuery>()
+                normal
+                    .parse::<PathAndQuery>()
                     .map_err(|_| invalid(plugin, format!("rewrite `{path}` is not a valid request target")))?,
             )
         }
