@@ -360,3 +360,35 @@ async fn at_capacity_listener_answers_503_with_retry_after() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_at_the_idle_timeout() {
+    // The backend sends binary frames as fast as it can; the client never
+    // reads, so the gateway's writes to it stop making progress.
+    let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<(u64, Instant)>();
+    let backend = raw_backend(|mut socket| async move {
+        let mut frame = vec![0x82u8, 126, 0xff, 0x00];
+        frame.resize(4 + 0xff00, 0xab);
+        let mut sent = 0u64;
+        // Bounded: 64 MiB at most, far more than the socket buffers hold.
+        while sent < 64 << 20 {
+            match tokio::time::timeout(Duration::from_secs(30), socket.write_all(&frame)).await {
+                Ok(Ok(())) => sent += frame.len() as u64,
+                _ => break,
+            }
+        }
+        let _ = cut_tx.send((sent, Instant::now()));
+    })
+    .await;
+    let gateway = start_gateway(&raw_config(backend, "[websocket]\nidle_timeout_s = 1\n"), &PluginDir::new()).await;
+    let _client = raw_upgrade(web(&gateway), "/ws").await;
+    let started = Instant::now();
+    let (sent, cut_at) =
+        tokio::time::timeout(Duration::from_secs(15), cut_rx).await.expect("the backend was cut").unwrap();
+    assert!(sent < 64 << 20, "the backend could send everything: the client's side never filled");
+    // Cut once the writes to the client stood still for the idle timeout
+    // (plus the time to fill the buffers), not after the backend's 30 s.
+    let took = cut_at - started;
+    assert!(took < Duration::from_secs(1) + Duration::from_secs(3) + CI_MARGIN, "cut after {took:?}");
+    wait_until("the WebSocket is released", Duration::from_secs(5), || gateway.websockets() == 0).await;
+}

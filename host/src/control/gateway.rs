@@ -151,6 +151,11 @@ impl Gateway {
         self.admin
     }
 
+    /// WebSockets relayed now, over every listener.
+    pub fn websockets(&self) -> usize {
+        self.control.shared().drain.websockets()
+    }
+
     /// Pool `name` of the config in force, with its servers' live health.
     pub fn pool(&self, name: &str) -> Option<Arc<Pool>> {
         self.control.view().pools.get(name).cloned()

@@ -11,6 +11,11 @@
 //!
 //! A side that closes its write half (EOF) has that half-close passed on, and
 //! the other direction keeps flowing until it closes too.
+//!
+//! Every write is bounded: a peer that takes no bytes for the idle timeout
+//! (it stopped reading) ends the relay, and a stop signal is noticed while a
+//! write waits, so a stuck peer never holds the relay, its capacity slot
+//! and its two sockets past the idle timeout or the drain.
 
 use std::hash::{BuildHasher, RandomState};
 use std::io;
@@ -168,29 +173,90 @@ struct Direction {
 impl Direction {
     /// Passes one read on to `to`: EOF becomes a half-close, bytes are
     /// followed through their frames and written (unless the gateway's Close
-    /// already went that way).
-    async fn pass_on<W: AsyncWrite + Unpin>(
+    /// already went that way). Writing is bounded by `ending`.
+    async fn pass_on<W: AsyncWrite + Unpin, F: Future<Output = CloseReason>>(
         &mut self,
         read: io::Result<usize>,
         buf: &[u8],
         to: &mut W,
         last_activity: &mut Instant,
+        ending: &mut Ending<'_, F>,
     ) -> io::Result<()> {
         match read? {
             0 => {
                 self.ended = true;
-                let _ = to.shutdown().await;
+                let _ = tokio::time::timeout(CLOSE_GRACE, to.shutdown()).await;
             }
             n => {
                 *last_activity = Instant::now();
                 self.bytes += n as u64;
                 if !self.closed {
                     self.frames.feed(&buf[..n]);
-                    to.write_all(&buf[..n]).await?;
+                    ending.write(to, &buf[..n]).await?;
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// How the gateway ends a relay: its stop signal, and once it fired (or a
+/// limit was reached) the reason and since when.
+struct Ending<'s, F> {
+    stop: std::pin::Pin<&'s mut F>,
+    closing: Option<(CloseReason, Instant)>,
+    /// The gateway began closing before either peer had.
+    gateway_first: bool,
+    /// No peer has begun closing yet.
+    peers_quiet: bool,
+    idle_timeout: Duration,
+}
+
+impl<F: Future<Output = CloseReason>> Ending<'_, F> {
+    /// The gateway begins closing, for `reason`.
+    fn begin(&mut self, reason: CloseReason) {
+        self.gateway_first = self.peers_quiet;
+        self.closing = Some((reason, Instant::now()));
+    }
+
+    /// Writes all of `data` to `to`. A peer that takes none of it for the
+    /// idle timeout (or, once closing, for what is left of the grace) is
+    /// given up on (`TimedOut`); a stop signal arriving meanwhile is
+    /// noted, and shortens the wait to the grace.
+    async fn write<W: AsyncWrite + Unpin>(&mut self, to: &mut W, data: &[u8]) -> io::Result<()> {
+        let write = to.write_all(data);
+        tokio::pin!(write);
+        let mut deadline = match self.closing {
+            Some((_, since)) => since + CLOSE_GRACE,
+            None => Instant::now() + self.idle_timeout,
+        };
+        loop {
+            tokio::select! {
+                written = &mut write => return written,
+                reason = self.stop.as_mut(), if self.closing.is_none() => {
+                    self.begin(reason);
+                    deadline = deadline.min(Instant::now() + CLOSE_GRACE);
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"));
+                }
+            }
+        }
+    }
+}
+
+/// How a relay ends on a failed write: a peer that stopped reading ends it
+/// for the gateway's reason (the idle timeout, unless it was already
+/// closing for another), anything else as `cause` says.
+fn stuck_or(
+    cause: impl Fn(Option<io::Error>) -> EndCause,
+    error: io::Error,
+    closing: Option<(CloseReason, Instant)>,
+) -> EndCause {
+    match (error.kind(), closing) {
+        (io::ErrorKind::TimedOut, Some((reason, _))) => EndCause::Gateway(reason),
+        (io::ErrorKind::TimedOut, None) => EndCause::Gateway(CloseReason::IdleTimeout),
+        _ => cause(Some(error)),
     }
 }
 
@@ -225,13 +291,11 @@ where
     let (mut up_buf, mut down_buf) = (vec![0u8; BUFFER], vec![0u8; BUFFER]);
     let started = Instant::now();
     let mut last_activity = started;
-    let mut closing: Option<(CloseReason, Instant)> = None;
     // Who sent the first Close frame, else the first EOF.
     let mut first: Option<Side> = None;
-    // The gateway began closing before either peer had (only then is the
-    // end the gateway's).
-    let mut gateway_first = false;
     tokio::pin!(stop);
+    let mut ending =
+        Ending { stop, closing: None, gateway_first: false, peers_quiet: true, idle_timeout: limits.idle_timeout };
     let end = |cause: EndCause, up: &Direction, down: &Direction| RelayEnd {
         cause,
         client_to_server: up.bytes,
@@ -246,6 +310,8 @@ where
                 first = Some(Side::Server);
             }
         }
+        ending.peers_quiet = first.is_none();
+        let (closing, gateway_first) = (ending.closing, ending.gateway_first);
         // Who ended it: a peer that started closing before the gateway did
         // keeps the credit.
         let cause = |error: Option<io::Error>| {
@@ -268,13 +334,13 @@ where
             if !up.closed && up.frames.at_boundary() {
                 up.closed = true;
                 if !up.frames.saw_close {
-                    let _ = server_wr.write_all(&close_frame(reason, true)).await;
+                    let _ = ending.write(&mut server_wr, &close_frame(reason, true)).await;
                 }
             }
             if !down.closed && down.frames.at_boundary() {
                 down.closed = true;
                 if !down.frames.saw_close {
-                    let _ = client_wr.write_all(&close_frame(reason, false)).await;
+                    let _ = ending.write(&mut client_wr, &close_frame(reason, false)).await;
                 }
             }
         }
@@ -284,30 +350,21 @@ where
         };
         tokio::select! {
             read = client_rd.read(&mut up_buf), if !up.ended => {
-                if let Err(e) = up.pass_on(read, &up_buf, &mut server_wr, &mut last_activity).await {
-                    return end(cause(Some(e)), &up, &down);
+                if let Err(e) = up.pass_on(read, &up_buf, &mut server_wr, &mut last_activity, &mut ending).await {
+                    return end(stuck_or(cause, e, ending.closing), &up, &down);
                 }
             }
             read = server_rd.read(&mut down_buf), if !down.ended => {
-                if let Err(e) = down.pass_on(read, &down_buf, &mut client_wr, &mut last_activity).await {
-                    return end(cause(Some(e)), &up, &down);
+                if let Err(e) = down.pass_on(read, &down_buf, &mut client_wr, &mut last_activity, &mut ending).await {
+                    return end(stuck_or(cause, e, ending.closing), &up, &down);
                 }
             }
-            reason = &mut stop, if closing.is_none() => {
-                gateway_first = first.is_none();
-                closing = Some((reason, Instant::now()));
-            }
+            reason = ending.stop.as_mut(), if closing.is_none() => ending.begin(reason),
             _ = tokio::time::sleep_until(deadline) => match closing {
                 // The grace is over: cut what is left.
                 Some(_) => return end(cause(None), &up, &down),
-                None if Instant::now() >= started + limits.max_lifetime => {
-                    gateway_first = first.is_none();
-                    closing = Some((CloseReason::MaxLifetime, Instant::now()));
-                }
-                None if Instant::now() >= last_activity + limits.idle_timeout => {
-                    gateway_first = first.is_none();
-                    closing = Some((CloseReason::IdleTimeout, Instant::now()));
-                }
+                None if Instant::now() >= started + limits.max_lifetime => ending.begin(CloseReason::MaxLifetime),
+                None if Instant::now() >= last_activity + limits.idle_timeout => ending.begin(CloseReason::IdleTimeout),
                 None => {}
             },
         }
