@@ -111,3 +111,52 @@ async fn past_the_connection_cap_new_connections_are_refused() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Reads until the peer closes; how long that took (panics after `limit`).
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue, // a GOAWAY or settings before the close
+            Err(_) => panic!("still open {limit:?} later"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_preface_only_connections_are_closed_at_the_header_timeout() {
+    let app = Backend::start("app").await;
+    let gateway = start_gateway(&config(&app, "header_read_timeout_s = 1"), &PluginDir::new()).await;
+    let addr = web(&gateway);
+    // Connects and sends nothing: the protocol is never sniffed.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Sends the HTTP/2 preface and an empty SETTINGS frame, then nothing.
+    let mut preface = tokio::net::TcpStream::connect(addr).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    for (what, stream) in [("silent", &mut silent), ("preface only", &mut preface)] {
+        let lived = closed_within(stream, Duration::from_secs(10)).await;
+        assert!(lived < Duration::from_secs(1) + Duration::from_secs(1) + CI_MARGIN, "{what}: closed after {lived:?}");
+    }
+    assert_eq!(get(addr, "/").await.status, StatusCode::OK, "others are served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_left_idle_is_closed_at_the_idle_timeout() {
+    let app = Backend::start("app").await;
+    let gateway = start_gateway(&config(&app, "client_idle_timeout_s = 1"), &PluginDir::new()).await;
+    let mut stream = tokio::net::TcpStream::connect(web(&gateway)).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: gw.test\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !String::from_utf8_lossy(&head).contains("checksum=") {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before answering");
+        head.extend_from_slice(&buf[..n]);
+    }
+    // Kept alive past a short pause, then closed once idle for 1 s.
+    let lived = closed_within(&mut stream, Duration::from_secs(10)).await;
+    assert!(lived >= Duration::from_millis(900), "closed after {lived:?}, before the idle timeout");
+    assert!(lived < Duration::from_secs(1) + Duration::from_secs(1) + CI_MARGIN, "closed after {lived:?}");
+}

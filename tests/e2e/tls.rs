@@ -480,3 +480,26 @@ async fn plain_http_is_redirected_to_https_without_losing_bodies() {
     assert_eq!(posted.status, StatusCode::OK, "a request with a body is not redirected");
     assert!(posted.body.contains("body_len=3"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_websocket_keeps_its_http2_connection_past_the_client_idle_timeout() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("gw", &["gw.test"]);
+    let app = Backend::start("app").await;
+    let config = format!(
+        "{}[limits]\nclient_idle_timeout_s = 1\n",
+        https_config(&plain_pool(&app), &[(&["gw.test"], &cert, &key)], "")
+    );
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let mut h2 = h2_sender(web(&gateway), &pki).await;
+    let mut response = h2_websocket(&mut h2, "https://gw.test").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let upgraded = hyper::upgrade::on(&mut response).await.expect("h2 stream");
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    assert!(matches!(next_message(&mut ws).await, Message::Text(_)), "greeting");
+    // Quiet for twice the connection's idle timeout: the WebSocket (whose
+    // own idle timeout is 5 minutes) keeps the connection.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("still here"));
+}

@@ -406,6 +406,11 @@ pub struct LimitsConfig {
     pub header_read_timeout_s: u64,
     /// Largest request head accepted; past it, 431.
     pub max_header_bytes: usize,
+    /// A client connection that moves no byte for this long while no
+    /// request or WebSocket is under way on it is closed (HTTP/2 gets a
+    /// GOAWAY first). Before its first request a connection has
+    /// `header_read_timeout_s` instead.
+    pub client_idle_timeout_s: u64,
     /// Client connections plus WebSockets the process serves at once; past
     /// it new connections are refused. Default: derived from the open-file
     /// limit (raised to its hard limit at start), keeping headroom.
@@ -414,7 +419,12 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { header_read_timeout_s: 30, max_header_bytes: 64 * 1024, max_connections: None }
+        LimitsConfig {
+            header_read_timeout_s: 30,
+            max_header_bytes: 64 * 1024,
+            client_idle_timeout_s: 60,
+            max_connections: None,
+        }
     }
 }
 

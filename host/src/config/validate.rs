@@ -44,6 +44,9 @@ impl Config {
         if !(1..=3600).contains(&self.limits.header_read_timeout_s) {
             return Err(invalid("limits.header_read_timeout_s".into(), "must be 1-3600".into()));
         }
+        if !(1..=86400).contains(&self.limits.client_idle_timeout_s) {
+            return Err(invalid("limits.client_idle_timeout_s".into(), "must be 1-86400".into()));
+        }
         if !(8192..=16 << 20).contains(&self.limits.max_header_bytes) {
             return Err(invalid("limits.max_header_bytes".into(), "must be 8192 to 16 MiB".into()));
         }

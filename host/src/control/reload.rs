@@ -188,6 +188,7 @@ impl Control {
         let limits = ConnectionLimits {
             header_read_timeout: Duration::from_secs(started_with.limits.header_read_timeout_s),
             max_header_bytes: started_with.limits.max_header_bytes,
+            client_idle_timeout: Duration::from_secs(started_with.limits.client_idle_timeout_s),
         };
         Control {
             shared,

@@ -6,17 +6,20 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::http::{ConnInfo, TlsDetails};
+use crate::http::{ConnInfo, TlsDetails, Tunnels};
 use crate::request::ListenerProxy;
 use crate::shutdown::Drain;
 
@@ -87,6 +90,7 @@ impl ConnectionCap {
 pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    pub client_idle_timeout: Duration,
 }
 
 /// Binds `addr` with `SO_REUSEPORT`, so a new gateway process (a new binary
@@ -132,8 +136,7 @@ pub async fn serve(
                 // SO_REUSEPORT a successor takes every new one.
                 while let Ok(Ok((stream, addr))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
                     let Some(admitted) = cap.admit() else { continue };
-                    let handshake_timeout = limits.header_read_timeout;
-                    tokio::spawn(connection(stream, addr, proxy.clone(), tls.clone(), builder.clone(), handshake_timeout, admitted));
+                    tokio::spawn(connection(stream, addr, proxy.clone(), tls.clone(), builder.clone(), limits, admitted));
                 }
                 tracing::info!(listener = %proxy.name, "stopped accepting");
                 return;
@@ -151,16 +154,7 @@ pub async fn serve(
         // Past the cap the connection is closed at once (dropped).
         let Some(admitted) = cap.admit() else { continue };
         let _ = stream.set_nodelay(true);
-        let handshake_timeout = limits.header_read_timeout;
-        tokio::spawn(connection(
-            stream,
-            addr,
-            proxy.clone(),
-            tls.clone(),
-            builder.clone(),
-            handshake_timeout,
-            admitted,
-        ));
+        tokio::spawn(connection(stream, addr, proxy.clone(), tls.clone(), builder.clone(), limits, admitted));
     }
 }
 
@@ -170,14 +164,16 @@ async fn connection(
     proxy: Arc<ListenerProxy>,
     tls: Option<TlsAcceptor>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    handshake_timeout: Duration,
+    limits: ConnectionLimits,
     _admitted: Admitted,
 ) {
+    let activity = Arc::new(Activity::new());
+    let stream = Tracked { io: stream, activity: activity.clone() };
     let Some(acceptor) = tls else {
         let conn = Arc::new(ConnInfo { addr, tls: None });
-        return serve_http(TokioIo::new(stream), conn, proxy, &builder).await;
+        return serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
     };
-    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+    let stream = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             tracing::debug!(listener = %proxy.name, client = %addr, %error, "TLS handshake failed");
@@ -194,21 +190,105 @@ async fn connection(
         alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
     };
     let conn = Arc::new(ConnInfo { addr, tls: Some(details) });
-    serve_http(TokioIo::new(stream), conn, proxy, &builder).await;
+    serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
 }
+
+/// When a connection last moved a byte, in milliseconds since it opened.
+struct Activity {
+    opened: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity { opened: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since the last byte moved.
+    fn quiet_for(&self) -> Duration {
+        self.opened.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// A client stream that notes in its [`Activity`] every read or write that
+/// moves bytes.
+struct Tracked<I> {
+    io: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// How long a connection closed as idle has to finish (a GOAWAY answered,
+/// a last response written) before it is cut.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 async fn serve_http<I>(
     io: TokioIo<I>,
     conn: Arc<ConnInfo>,
     proxy: Arc<ListenerProxy>,
     builder: &auto::Builder<TokioExecutor>,
+    limits: ConnectionLimits,
+    activity: &Activity,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    // Requests of this connection being handled (up to their response head).
+    // Requests of this connection being handled (up to their response head),
+    // whether one ever was, and the WebSockets it carries.
     let handling = Arc::new(AtomicUsize::new(0));
-    let service = service_fn(|req| {
+    let asked = Arc::new(AtomicBool::new(false));
+    let tunnels = Tunnels::default();
+    let service = service_fn(|mut req: hyper::Request<hyper::body::Incoming>| {
         let (proxy, conn, handling) = (proxy.clone(), conn.clone(), handling.clone());
+        asked.store(true, Ordering::Relaxed);
+        req.extensions_mut().insert(tunnels.clone());
         async move {
             handling.fetch_add(1, Ordering::AcqRel);
             let response = proxy.handle(req, &conn).await;
@@ -220,18 +300,55 @@ async fn serve_http<I>(
     tokio::pin!(connection);
     // A listener a reload removed ends its connections politely: once no
     // request is being handled, HTTP/1.1 closes and HTTP/2 sends GOAWAY
-    // (responses under way are finished either way).
+    // (responses under way are finished either way). So does a connection
+    // left idle: no request by `header_read_timeout` after it opened (a
+    // client that connects, or sends an HTTP/2 preface, and nothing more),
+    // or no byte for `client_idle_timeout` with nothing under way.
     let retired = proxy.retired();
     tokio::pin!(retired);
-    let (mut retiring, mut shut) = (false, false);
+    let (mut retiring, mut shut) = (false, None::<Instant>);
+    let floor = Duration::from_millis(20);
     let result = loop {
+        let busy = handling.load(Ordering::Acquire) > 0 || tunnels.live() > 0;
+        let asked_once = asked.load(Ordering::Relaxed);
+        // When to look again: the earliest moment something can change.
+        let wait = if shut.is_some() || retiring {
+            floor.max(IDLE_CLOSE_GRACE / 4).min(Duration::from_millis(250))
+        } else if busy {
+            limits.client_idle_timeout / 2
+        } else if asked_once {
+            limits.client_idle_timeout.saturating_sub(activity.quiet_for()).max(floor)
+        } else {
+            // A first request may come before then, starting the idle clock.
+            limits
+                .header_read_timeout
+                .saturating_sub(activity.opened.elapsed())
+                .min(limits.client_idle_timeout)
+                .max(floor)
+        };
         tokio::select! {
             result = connection.as_mut() => break result,
             _ = &mut retired, if !retiring => retiring = true,
-            _ = tokio::time::sleep(Duration::from_millis(20)), if retiring && !shut => {
-                if handling.load(Ordering::Acquire) == 0 {
+            _ = tokio::time::sleep(wait) => {
+                let busy = handling.load(Ordering::Acquire) > 0 || tunnels.live() > 0;
+                if let Some(since) = shut {
+                    // Cut only what has gone quiet: a response still being
+                    // written finishes.
+                    if since.elapsed() >= IDLE_CLOSE_GRACE && !busy && activity.quiet_for() >= IDLE_CLOSE_GRACE {
+                        tracing::debug!(listener = %proxy.name, client = %conn.addr, "closed connection cut");
+                        return;
+                    }
+                    continue;
+                }
+                let idle = !busy
+                    && if asked.load(Ordering::Relaxed) {
+                        activity.quiet_for() >= limits.client_idle_timeout
+                    } else {
+                        activity.opened.elapsed() >= limits.header_read_timeout
+                    };
+                if idle || (retiring && !busy) {
                     connection.as_mut().graceful_shutdown();
-                    shut = true;
+                    shut = Some(Instant::now());
                 }
             }
         }

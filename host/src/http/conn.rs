@@ -2,6 +2,8 @@
 //! listener when it accepts, shared by every request on the connection.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The client's socket address and, on TLS connections, what the TLS
 /// handshake told.
@@ -23,5 +25,33 @@ impl ConnInfo {
     /// `https` on TLS connections, else `http`.
     pub fn scheme(&self) -> &'static str {
         if self.tls.is_some() { "https" } else { "http" }
+    }
+}
+
+/// The upgraded streams (WebSockets) a client connection carries now. The
+/// listener puts it in every request's extensions; a relay counts itself in
+/// with [`Tunnels::enter`], so an HTTP/2 connection whose only traffic is a
+/// quiet WebSocket is not closed as idle.
+#[derive(Debug, Clone, Default)]
+pub struct Tunnels(Arc<AtomicUsize>);
+
+/// One tunnel counted while it lives.
+#[derive(Debug)]
+pub struct TunnelGuard(Arc<AtomicUsize>);
+
+impl Tunnels {
+    pub fn enter(&self) -> TunnelGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        TunnelGuard(self.0.clone())
+    }
+
+    pub fn live(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

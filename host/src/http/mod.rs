@@ -10,5 +10,5 @@ pub mod headers;
 pub mod target;
 
 pub use body::ResponseBody;
-pub use conn::{ConnInfo, TlsDetails};
+pub use conn::{ConnInfo, TlsDetails, TunnelGuard, Tunnels};
 pub use error::{ERROR_HEADER, GatewayError, WAF_DENY};

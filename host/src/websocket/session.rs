@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use super::handshake::{ClientHandshake, check_server_handshake};
 use super::relay::{self, CloseReason, EndCause, RelayLimits};
 use crate::http::headers::remove_hop_by_hop;
-use crate::http::{GatewayError, ResponseBody};
+use crate::http::{GatewayError, ResponseBody, TunnelGuard};
 use crate::shutdown::{Drain, Spread};
 use crate::telemetry::access_log::{self, AccessLog, WebSocketEntry};
 use crate::telemetry::metrics::{DirectionLabel, ListenerPoolLabels, Metrics, ReasonLabel};
@@ -62,6 +62,8 @@ pub struct Relaying {
     pub listener: Arc<str>,
     /// Set when the access log is on.
     pub log: Option<WebSocketLog>,
+    /// Counts this WebSocket on its client connection while it lives.
+    pub tunnel: Option<TunnelGuard>,
 }
 
 /// Holds a gauge one higher while it lives.
@@ -112,6 +114,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
         metrics,
         listener,
         log,
+        tunnel,
     } = relaying;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server declined the upgrade: its answer is the client's answer.
@@ -146,6 +149,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
     tokio::spawn(async move {
         let _slot = slot;
         let _active = active;
+        let _tunnel = tunnel;
         let (client_io, server_io) = match tokio::try_join!(client_upgrade, server_upgrade) {
             Ok(both) => both,
             Err(e) => {
