@@ -595,7 +595,20 @@ pub async fn get(addr: SocketAddr, target: &str) -> Got {
 /// Writes `raw` bytes to the gateway and reads the response head and body
 /// until the server closes or `Content-Length` bytes arrived.
 pub async fn raw_exchange(addr: SocketAddr, raw: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    exchange_on(stream, raw).await
+}
+
+/// [`raw_exchange`] from the loopback address `source` (any of 127.0.0.0/8),
+/// as another client would.
+pub async fn raw_exchange_from(source: std::net::IpAddr, addr: SocketAddr, raw: &str) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::new(source, 0)).expect("bind the source address");
+    let stream = socket.connect(addr).await.expect("connect");
+    exchange_on(stream, raw).await
+}
+
+async fn exchange_on(mut stream: TcpStream, raw: &str) -> String {
     stream.write_all(raw.as_bytes()).await.expect("write");
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];

@@ -115,14 +115,21 @@ async fn crash_looping_plugin_is_quarantined_then_recovers() {
     let config = config(&app).replace("quarantine_after_failures = 100\n", "").replace(
         "call_timeout_ms = 50",
         "call_timeout_ms = 50\nquarantine_after_failures = 3\nquarantine_initial_ms = 400\nquarantine_max_ms = 1000",
-    );
+    ) + "[admin]\nlisten = \"127.0.0.1:0\"\n";
     let gateway = start_gateway(&config, &plugins).await;
     let addr = web(&gateway);
-    for _ in 0..3 {
-        assert_eq!(get(addr, "/trap").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    // Three traps, every call, from two clients: it fails for everyone.
+    for source in ["127.0.0.1", "127.0.0.2", "127.0.0.1"] {
+        let answer =
+            raw_exchange_from(source.parse().unwrap(), addr, "GET /trap HTTP/1.1\r\nHost: gw.test\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     }
     let looper = gateway.registry().get("looper").unwrap();
     assert!(looper.stats().quarantined);
+    assert_eq!(
+        status(gateway.admin_addr().unwrap()).await["plugins"][0]["quarantine_reason"],
+        "3 of 3 calls failed within 10 s, from 2 or more clients"
+    );
     let calls = looper.stats().calls;
     // Quarantined: even a good request gets the on_error outcome, and the
     // plugin is not called.
@@ -135,6 +142,28 @@ async fn crash_looping_plugin_is_quarantined_then_recovers() {
     assert_eq!(get(addr, "/fine").await.status, StatusCode::OK);
     assert!(!looper.stats().quarantined);
     assert_eq!(looper.stats().quarantines, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traps_from_one_client_do_not_quarantine_a_plugin_that_serves_others() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("looper", "looper", "");
+    let config = config(&app).replace("quarantine_after_failures = 100\n", "quarantine_after_failures = 5\n");
+    let gateway = start_gateway(&config, &plugins).await;
+    let addr = web(&gateway);
+    // One client makes the plugin trap, again and again: its own requests fail...
+    for _ in 0..20 {
+        let answer =
+            raw_exchange_from("127.0.0.9".parse().unwrap(), addr, "GET /trap HTTP/1.1\r\nHost: gw.test\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
+    // ...and only those: the plugin still serves everyone else.
+    let looper = gateway.registry().get("looper").unwrap();
+    assert!(!looper.stats().quarantined, "{:?}", looper.stats());
+    assert_eq!(looper.stats().quarantines, 0);
+    for _ in 0..5 {
+        assert_eq!(get(addr, "/fine").await.status, StatusCode::OK);
+    }
 }
 
 // One worker thread: the gateway (in this process) runs every call on it,

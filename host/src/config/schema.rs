@@ -66,8 +66,9 @@ pub struct PluginsConfig {
     /// Where compiled plugins are kept (must be private to the gateway's
     /// user). Default: `$XDG_CACHE_HOME/wasmgate` or `~/.cache/wasmgate`.
     pub cache_dir: Option<PathBuf>,
-    /// Consecutive failures after which a plugin is quarantined (its
-    /// `on_error` outcome applies without calling it).
+    /// Failed calls within 10 s after which a plugin is quarantined (its
+    /// `on_error` outcome applies without calling it), if they were at least
+    /// half of its calls and came from at least two client addresses.
     pub quarantine_after_failures: u32,
     /// First quarantine length; each further one doubles it.
     pub quarantine_initial_ms: u64,

@@ -233,6 +233,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
                 "instances_retired": stats.instances_retired,
                 "last_error": stats.last_error,
                 "quarantines": stats.quarantines,
+                "quarantine_reason": stats.quarantine_reason,
                 "quarantined": stats.quarantined,
                 "p50_us": micros(timing.quantile(0.5)),
                 "p99_us": micros(timing.quantile(0.99)),

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use wasmtime::component::{Resource, ResourceTable};
@@ -90,8 +91,37 @@ pub struct HostState {
     pub(crate) call: Option<u32>,
     /// Calls started on this instance (the next call's number).
     pub(crate) calls: u32,
+    /// The CPU time the running code may use: its thread's CPU clock when
+    /// it started, and its budget (the call deadline, or start-up's).
+    pub(crate) cpu: CpuBudget,
     wasi: WasiCtx,
     table: ResourceTable,
+}
+
+/// A deadline in the CPU time of the thread running the plugin: what the
+/// plugin itself spent, not the time its thread waited for a core.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBudget {
+    started: Duration,
+    budget: Duration,
+}
+
+impl CpuBudget {
+    /// A budget of `budget` from now, on this thread.
+    pub fn starting_now(budget: Duration) -> CpuBudget {
+        CpuBudget { started: thread_cpu_time(), budget }
+    }
+
+    /// What is left of it (zero once spent).
+    pub fn left(&self) -> Duration {
+        self.budget.saturating_sub(thread_cpu_time().saturating_sub(self.started))
+    }
+}
+
+/// This thread's CPU time.
+fn thread_cpu_time() -> Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(now.tv_sec.max(0) as u64, now.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
 impl HostState {
@@ -112,6 +142,7 @@ impl HostState {
             request: RequestView::empty(),
             call: None,
             calls: 0,
+            cpu: CpuBudget::default(),
             wasi,
             table: ResourceTable::new(),
         }

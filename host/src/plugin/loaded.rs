@@ -18,11 +18,11 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use thread_local::ThreadLocal;
 use wasmtime::component::{Component, InstancePre, Resource};
-use wasmtime::{Store, StoreLimitsBuilder, Trap};
+use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
 
 use super::bindings::{RouteDecision, Verdict, lifecycle, router, waf};
 use super::breaker::{Breaker, BreakerLimits};
-use super::host_api::{HostState, PluginContext, printable};
+use super::host_api::{CpuBudget, HostState, PluginContext, printable};
 use super::runtime::{EPOCH_TICK, Runtime};
 use super::view::{RequestHandle, RequestView};
 use crate::config::{OnError, PluginKind};
@@ -117,6 +117,8 @@ pub struct PluginStats {
     pub quarantines: u64,
     /// Whether calls are currently refused by the crash-loop breaker.
     pub quarantined: bool,
+    /// Why the breaker last tripped.
+    pub quarantine_reason: Option<String>,
     /// Why the latest failed call failed.
     pub last_error: Option<String>,
 }
@@ -304,13 +306,14 @@ impl LoadedPlugin {
             instances_retired: c.retired.load(Ordering::Relaxed),
             quarantines: self.breaker.quarantines(),
             quarantined: self.breaker.is_open(),
+            quarantine_reason: self.breaker.last_reason(),
             last_error: c.last_error.load_full().map(|e| e.as_ref().clone()),
         }
     }
 
     /// Counts a failure found after the call returned (an invalid decision).
-    pub fn record_failure(&self, error: &PluginError) {
-        self.failed(error);
+    pub fn record_failure(&self, error: &PluginError, req: &RequestView) {
+        self.failed(error, req);
     }
 
     /// One call on this thread's instance: the request moved into the
@@ -334,7 +337,7 @@ impl LoadedPlugin {
         let taken = slot.borrow_mut().take();
         let mut instance = match taken {
             Some(instance) => instance,
-            None => self.instantiate().inspect_err(|error| self.failed(error))?,
+            None => self.instantiate().inspect_err(|error| self.failed(error, req))?,
         };
 
         let state = instance.store.data_mut();
@@ -343,6 +346,7 @@ impl LoadedPlugin {
         state.call = Some(call);
         state.caps.refused_memory = false;
         std::mem::swap(&mut state.request, req);
+        state.cpu = CpuBudget::starting_now(self.limits.call_timeout);
         instance.store.set_epoch_deadline(self.call_ticks);
         let result = export(&instance.bindings, &mut instance.store, Resource::new_borrow(call));
         let state = instance.store.data_mut();
@@ -370,7 +374,7 @@ impl LoadedPlugin {
                 // The instance is dropped here: after a trap or an overrun its
                 // state is unknown, so it never serves another request.
                 drop(instance);
-                self.failed(&error);
+                self.failed(&error, req);
                 Err(error)
             }
         }
@@ -405,7 +409,7 @@ impl LoadedPlugin {
     }
 
     /// Counts a failed call by its cause, remembers why, and feeds the breaker.
-    fn failed(&self, error: &PluginError) {
+    fn failed(&self, error: &PluginError, req: &RequestView) {
         let c = &self.counters;
         c.errors.fetch_add(1, Ordering::Relaxed);
         match error {
@@ -414,11 +418,11 @@ impl LoadedPlugin {
             _ => 0,
         };
         c.last_error.store(Some(Arc::new(error.to_string())));
-        if let Some(tripped) = self.breaker.failed() {
+        if let Some(tripped) = self.breaker.failed(req.client.addr.ip()) {
             tracing::warn!(
                 plugin = %self.name,
                 version = self.identity.version,
-                consecutive_failures = tripped.consecutive_failures,
+                why = %tripped.reason,
                 backoff_ms = tripped.backoff.as_millis() as u64,
                 last_error = %error,
                 "plugin quarantined; its on_error policy applies until the backoff ends"
@@ -439,8 +443,16 @@ impl LoadedPlugin {
             .build();
         let mut store = Store::new(&self.runtime.engine, HostState::new(self.context.clone(), limits));
         store.limiter(|state| &mut state.caps);
-        store.epoch_deadline_trap();
+        // Deadlines count the plugin's own CPU time: the epoch ticks (wall
+        // time) only say when to look. Time its thread spent waiting for a
+        // core (a CPU flood, a busy machine) is given back, so load alone
+        // never makes a plugin time out.
+        store.epoch_deadline_callback(|store| {
+            let left = store.data().cpu.left();
+            Ok(if left.is_zero() { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(ticks(left)) })
+        });
         // Start-up code (constructors, static initialisers, `init`) is bounded too.
+        store.data_mut().cpu = CpuBudget::starting_now(INIT_TIMEOUT);
         store.set_epoch_deadline(ticks(INIT_TIMEOUT));
         let failed = |err: wasmtime::Error| PluginError::Instantiate {
             plugin: self.name.clone(),
@@ -468,6 +480,62 @@ impl LoadedPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call that spins for 3 ms of wall time (so it never uses more CPU
+    /// than that) under a call deadline of 10 ms, while eight threads keep
+    /// both cores busy: its thread waits for a core for longer than the
+    /// deadline, yet the call never times out.
+    #[test]
+    fn time_waiting_for_a_core_does_not_count_against_the_deadline() {
+        use crate::config::PluginsConfig;
+        use crate::plugin::{Loader, counter::Counters, host_api::HostServices};
+        use std::sync::atomic::AtomicBool;
+
+        let exe = std::env::current_exe().expect("test executable");
+        let looper = exe.ancestors().nth(3).expect("target dir").join("wasm32-wasip2/release/looper.wasm");
+        assert!(looper.exists(), "{} is missing: run scripts/build-plugins", looper.display());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(&looper, dir.path().join("looper.wasm")).unwrap();
+        std::fs::write(dir.path().join("looper.toml"), "call_timeout_ms = 10\n").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let plugin = rt.block_on(async {
+            let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
+            let defaults = PluginsConfig { dir: dir.path().to_owned(), cache: false, ..PluginsConfig::default() };
+            let loader = Loader::new(Arc::new(Runtime::new().unwrap()), defaults, services, Default::default());
+            loader.load(&dir.path().join("looper.wasm"), 1).await.unwrap()
+        });
+
+        let flooding = Arc::new(AtomicBool::new(true));
+        let flood: Vec<_> = (0..8)
+            .map(|_| {
+                let flooding = flooding.clone();
+                std::thread::spawn(move || {
+                    while flooding.load(Ordering::Relaxed) {
+                        std::hint::black_box(());
+                    }
+                })
+            })
+            .collect();
+        let (mut timeouts, mut slowest) = (0, Duration::ZERO);
+        for _ in 0..100 {
+            let parts = http::Request::builder().uri("/spin?ms=3").body(()).unwrap().into_parts().0;
+            let client = Arc::new(crate::http::ConnInfo { addr: "192.0.2.1:5000".parse().unwrap(), tls: None });
+            let mut view = RequestView::new(parts, client, Arc::from("web"), false);
+            let started = std::time::Instant::now();
+            match plugin.inspect(&mut view) {
+                Ok(_) => {}
+                Err(PluginError::Timeout { .. }) => timeouts += 1,
+                Err(other) => panic!("{other}"),
+            }
+            slowest = slowest.max(started.elapsed());
+        }
+        flooding.store(false, Ordering::Relaxed);
+        for thread in flood {
+            thread.join().unwrap();
+        }
+        assert!(slowest > Duration::from_millis(10), "the flood never held a call past its deadline: {slowest:?}");
+        assert_eq!(timeouts, 0, "calls timed out while waiting for a core (slowest {slowest:?})");
+    }
 
     #[test]
     fn deadlines_round_up_to_whole_ticks() {

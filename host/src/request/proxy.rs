@@ -298,7 +298,7 @@ impl ListenerProxy {
                     return Err(Answer::new(response, Outcome::WafDenied));
                 }
                 Err(error) => {
-                    plugin.record_failure(&error);
+                    plugin.record_failure(&error, req);
                     self.plugin_failed(error, policy)?;
                 }
             }
@@ -332,7 +332,7 @@ impl ListenerProxy {
         match decided {
             Ok(step) => step,
             Err(error) => {
-                plugin.record_failure(&error);
+                plugin.record_failure(&error, req);
                 self.router_failed(rules, error, policy)
             }
         }
