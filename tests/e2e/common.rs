@@ -142,15 +142,37 @@ impl GatewayProcess {
     /// under the config's directory; returns once `listening_lines` lines
     /// saying "listening" were logged.
     pub async fn start(config: &Path, log: &Path, listening_lines: usize) -> GatewayProcess {
+        Self::start_limited(config, log, listening_lines, None).await
+    }
+
+    /// [`GatewayProcess::start`], with the open-file limit (soft and hard)
+    /// set to `open_files` when given.
+    pub async fn start_limited(
+        config: &Path,
+        log: &Path,
+        listening_lines: usize,
+        open_files: Option<u64>,
+    ) -> GatewayProcess {
         let file = std::fs::File::create(log).expect("create log");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"));
+        command
             .args(["run", "--config"])
             .arg(config)
             .env("XDG_CACHE_HOME", config.parent().unwrap())
             .stdout(std::process::Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start wasmgate");
+            .stderr(file);
+        if let Some(open_files) = open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = rustix::process::Rlimit { current: Some(open_files), maximum: Some(open_files) };
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = command.spawn().expect("start wasmgate");
         let process = GatewayProcess { child, log: log.to_owned() };
         let started = Instant::now();
         while process.log_text().matches("listening").count() < listening_lines {

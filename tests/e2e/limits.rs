@@ -160,3 +160,56 @@ async fn a_keep_alive_connection_left_idle_is_closed_at_the_idle_timeout() {
     assert!(lived >= Duration::from_millis(900), "closed after {lived:?}, before the idle timeout");
     assert!(lived < Duration::from_secs(1) + Duration::from_secs(1) + CI_MARGIN, "closed after {lived:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_is_503_and_never_ejects_the_backend() {
+    let app = Backend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_connections = 1000\n\
+             [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
+             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\nrequest_timeout_s = 10\n",
+            app.addr
+        ),
+    )
+    .unwrap();
+    // 120 open files in all: one HTTP/2 connection asking for 150 slow
+    // responses at once needs more upstream sockets than that.
+    let gateway = GatewayProcess::start_limited(&config, &dir.path().join("gateway.log"), 2, Some(120)).await;
+    let tcp = tokio::net::TcpStream::connect(gateway.addr("web")).await.unwrap();
+    let (h2, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    let streams: Vec<_> = (0..150)
+        .map(|i| {
+            let mut h2 = h2.clone();
+            tokio::spawn(async move {
+                let request = http::Request::builder()
+                    .uri(format!("http://gw.test/slow/{i}"))
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let response = h2.send_request(request).await.expect("an answer");
+                let code = response.headers().get("x-wasmgate-error").map(|v| v.to_str().unwrap().to_owned());
+                (response.status(), code)
+            })
+        })
+        .collect();
+    let mut answers = std::collections::BTreeMap::new();
+    for stream in streams {
+        *answers.entry(stream.await.unwrap()).or_insert(0) += 1;
+    }
+    let short = answers.get(&(StatusCode::SERVICE_UNAVAILABLE, Some("out-of-resources".to_owned()))).copied();
+    assert!(short.is_some_and(|n| n > 0), "the descriptors ran out: {answers:?}");
+    assert!(answers.get(&(StatusCode::OK, None)).is_some_and(|n| *n > 0), "{answers:?}");
+    assert_eq!(answers.len(), 2, "only served or out-of-resources: {answers:?}");
+
+    // The backend did nothing wrong: still healthy, and serving.
+    let status = status(gateway.addr("admin")).await;
+    assert_eq!(status["pools"][0]["servers"][0]["healthy"], true, "{status}");
+    assert_eq!(get(gateway.addr("web"), "/after").await.status, StatusCode::OK);
+}

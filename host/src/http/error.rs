@@ -54,6 +54,10 @@ pub enum GatewayError {
     /// 503: the listener has as many WebSockets as it may hold.
     #[error("listener `{listener}` is at its WebSocket capacity")]
     AtCapacity { listener: String },
+    /// 503: this host is out of descriptors or ports for a new upstream
+    /// connection (the server's health is left alone).
+    #[error("the gateway is out of connections to pool `{pool}`; retry shortly")]
+    OutOfResources { pool: String },
     /// 503: a plugin failed and fails closed.
     #[error("plugin `{plugin}` is unavailable")]
     PluginUnavailable { plugin: String },
@@ -94,6 +98,7 @@ impl GatewayError {
             | GatewayError::BackendTls { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::NoHealthyServer { .. }
             | GatewayError::AtCapacity { .. }
+            | GatewayError::OutOfResources { .. }
             | GatewayError::PluginUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -113,6 +118,7 @@ impl GatewayError {
             GatewayError::BackendTls { .. } => "backend-tls",
             GatewayError::NoHealthyServer { .. } => "no-healthy-server",
             GatewayError::AtCapacity { .. } => "at-capacity",
+            GatewayError::OutOfResources { .. } => "out-of-resources",
             GatewayError::PluginUnavailable { .. } => "plugin-unavailable",
             GatewayError::BackendTimeout { .. } => "backend-timeout",
         }
@@ -140,6 +146,9 @@ impl GatewayError {
             }
             GatewayError::AtCapacity { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            GatewayError::OutOfResources { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             GatewayError::MethodNotAllowed(_) => {
                 // RFC 9110 §15.5.6: a 405 lists what is allowed.

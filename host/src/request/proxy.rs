@@ -486,6 +486,7 @@ impl ListenerProxy {
             if let Err(error) = &outcome {
                 let kind = match error {
                     SendError::Connect(_) => Some("connect"),
+                    SendError::Local(_) => Some("local"),
                     SendError::Tls(_) => Some("tls"),
                     SendError::Timeout => Some("timeout"),
                     SendError::Failed(_) => None,
@@ -510,6 +511,12 @@ impl ListenerProxy {
                         server: server.address.clone(),
                         reason,
                     });
+                }
+                Err(SendError::Local(error)) => {
+                    // Not the server's doing: its health stays, and trying
+                    // another server would meet the same shortage.
+                    tracing::warn!(pool = %pool.name, server = %server.address, %error, "no resources for an upstream connection");
+                    return Err(GatewayError::OutOfResources { pool: pool.name.clone() });
                 }
                 Err(SendError::Connect(error)) => {
                     tracing::warn!(pool = %pool.name, server = %server.address, %error, retry = may_retry, "connect failed");

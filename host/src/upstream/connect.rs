@@ -29,6 +29,9 @@ use crate::http::headers::remove_hop_by_hop;
 /// that does not answer the connection is skipped like one that refuses it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Idle upstream connections kept open per server for reuse.
+pub const MAX_IDLE_PER_SERVER: usize = 32;
+
 /// The connect timeout of a pool: 5 s, or less if its request timeout is.
 pub fn connect_timeout(request_timeout: Duration) -> Duration {
     CONNECT_TIMEOUT.min(request_timeout / 2)
@@ -45,6 +48,31 @@ pub enum SendError {
     Failed(String),
     /// The TLS handshake with the server failed (certificate, name, protocol).
     Tls(String),
+    /// This host ran out of something a connection needs (descriptors,
+    /// ephemeral ports, buffers): not the server's doing, so its health is
+    /// left alone.
+    Local(String),
+}
+
+/// Whether `error` is this host running out of resources (`EMFILE`,
+/// `ENFILE`, `EADDRNOTAVAIL`, `ENOBUFS`, `ENOMEM`) rather than the server
+/// refusing or failing.
+pub fn is_local_exhaustion(error: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    let local = [Errno::MFILE, Errno::NFILE, Errno::ADDRNOTAVAIL, Errno::NOBUFS, Errno::NOMEM];
+    error.raw_os_error().is_some_and(|code| local.iter().any(|errno| errno.raw_os_error() == code))
+}
+
+/// The first I/O error in `error`'s chain that is a local exhaustion.
+fn local_exhaustion(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error.downcast_ref::<std::io::Error>().is_some_and(is_local_exhaustion) {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// A byte stream to a server, plain or TLS.
@@ -60,6 +88,7 @@ pub async fn connect(
 ) -> Result<Box<dyn Io>, SendError> {
     let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(address)).await {
         Ok(Ok(stream)) => stream,
+        Ok(Err(e)) if is_local_exhaustion(&e) => return Err(SendError::Local(e.to_string())),
         Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
         Err(_) => return Err(SendError::Connect(format!("no connection within {connect_timeout:?}"))),
     };
@@ -93,7 +122,10 @@ impl Forwarder {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
-        let builder = Client::builder(TokioExecutor::new());
+        let mut builder = Client::builder(TokioExecutor::new());
+        // Idle connections kept per server: a burst's connections do not all
+        // stay open (each is a descriptor) once it has passed.
+        builder.pool_max_idle_per_host(MAX_IDLE_PER_SERVER);
         let Some(tls) = tls else {
             return Forwarder::Plain(builder.build(connector));
         };
@@ -134,6 +166,9 @@ impl Forwarder {
         let response = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(response)) => response,
             Ok(Err(err)) if is_tls_error(&err) => return Err(SendError::Tls(error_chain(&err))),
+            Ok(Err(err)) if err.is_connect() && local_exhaustion(&err) => {
+                return Err(SendError::Local(error_chain(&err)));
+            }
             Ok(Err(err)) if err.is_connect() => return Err(SendError::Connect(error_chain(&err))),
             Ok(Err(err)) => return Err(SendError::Failed(error_chain(&err))),
             Err(_) => return Err(SendError::Timeout),
@@ -160,4 +195,20 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_or_ports_is_local_and_a_refusal_is_not() {
+        use rustix::io::Errno;
+        for errno in [Errno::MFILE, Errno::NFILE, Errno::ADDRNOTAVAIL, Errno::NOBUFS, Errno::NOMEM] {
+            assert!(is_local_exhaustion(&std::io::Error::from_raw_os_error(errno.raw_os_error())), "{errno:?}");
+        }
+        for errno in [Errno::CONNREFUSED, Errno::CONNRESET, Errno::HOSTUNREACH, Errno::TIMEDOUT] {
+            assert!(!is_local_exhaustion(&std::io::Error::from_raw_os_error(errno.raw_os_error())), "{errno:?}");
+        }
+    }
 }

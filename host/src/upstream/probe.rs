@@ -95,8 +95,18 @@ struct Streak {
     was_healthy: Option<bool>,
 }
 
+/// How a probe that this host could not even start (out of descriptors or
+/// ports) says so: it counts neither way, the server's health is untouched.
+const LOCAL: &str = "this host is out of resources: ";
+
 impl Streak {
     fn record(&mut self, server: &Server, config: &ProbeConfig, outcome: Result<(), String>) {
+        if let Err(reason) = &outcome
+            && reason.starts_with(LOCAL)
+        {
+            tracing::warn!(pool = %server.pool, server = %server.address, %reason, "probe not run; health unchanged");
+            return;
+        }
         server.record_probe(&outcome);
         let healthy = server.is_healthy();
         if self.was_healthy.is_some_and(|was| was != healthy) {
@@ -136,6 +146,7 @@ async fn probe_inner(server: &Server, tls: Option<&PoolTls>, config: &ProbeConfi
     let connect_timeout = Duration::from_secs_f64(config.timeout_s);
     let io = connect::connect(&server.address, tls, connect_timeout).await.map_err(|e| match e {
         SendError::Connect(e) => format!("connect: {e}"),
+        SendError::Local(e) => format!("{LOCAL}{e}"),
         SendError::Tls(e) => format!("tls: {e}"),
         SendError::Failed(e) => e,
         SendError::Timeout => "timed out".into(),
