@@ -182,10 +182,19 @@ fn plugin_new(lang: Language, kind: Kind, name: String, dir: Option<PathBuf>) ->
     println!("created {} ({lang} {kind}), {} files", created.dir.display(), created.files.len());
     let me = command_name();
     println!("next:");
-    println!("  cd {}", created.dir.display());
-    println!("  {me} plugin build");
-    println!("  {me} plugin test {name}.wasm --request tests/*.toml");
+    println!("  cd {}", shell_quoted(&created.dir.display().to_string()));
+    println!("  {} plugin build", shell_quoted(&me));
+    println!("  {} plugin test {name}.wasm --request tests/*.toml", shell_quoted(&me));
     Ok(())
+}
+
+/// `text` as one shell word.
+fn shell_quoted(text: &str) -> String {
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_alphanumeric() || "._/-+=:,@".contains(c)) {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 /// How to run this binary from anywhere: `wasmgate` when that is what PATH
@@ -205,7 +214,8 @@ async fn plugin_build(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = dir.unwrap_or_else(|| PathBuf::from("."));
     // The build's commands run for seconds to minutes: off the async runtime.
     let built = tokio::task::spawn_blocking(move || plugin_project::build(&dir)).await??;
-    eprintln!("built {} ({}, {} bytes)", built.name, built.kind, built.size);
+    plugin_project::verify(&built).await?;
+    eprintln!("built {} ({}, {} bytes), accepted by the gateway", built.name, built.kind, built.size);
     println!("{}", built.component.display());
     Ok(())
 }

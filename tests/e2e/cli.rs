@@ -204,7 +204,7 @@ fn plugin_test_prints_the_decision_and_fails_on_an_unmet_expect() {
         "plugin:   path-router (router)",
         "request:  GET example.test/api/users from 192.0.2.1 on `web`",
         "decision: forward to pool `api`, rewrite `/v1/users`, affinity key `42`",
-        "calls:    first ",
+        "call:     ",
         "expect:   forward api: ok",
     ] {
         assert!(out.lines().any(|l| l.starts_with(line)), "missing `{line}`:\n{out}");
@@ -230,6 +230,22 @@ fn plugin_test_prints_the_decision_and_fails_on_an_unmet_expect() {
     let (ok, out) = wasmgate(&["plugin", "test", &router, "--request", &api, "--config", &bad]);
     assert!(!ok, "{out}");
     assert!(out.contains("plugin `path-router` refused its configuration: bad config: `routes`: line 1"), "{out}");
+
+    // A call that fails fails its file, and the other files still run.
+    let looper = PluginDir::new().add("looper", "looper", "");
+    let (trap, fine) = (looper.path().join("trap.toml"), looper.path().join("fine.toml"));
+    std::fs::write(&trap, "path = \"/trap\"\nexpect = \"allow\"\n").unwrap();
+    std::fs::write(&fine, "path = \"/fine\"\nexpect = \"allow\"\n").unwrap();
+    let wasm = looper.path().join("looper.wasm").to_string_lossy().into_owned();
+    let (ok, out) = wasmgate(&["plugin", "test", &wasm, "--request", &trap.to_string_lossy(), &fine.to_string_lossy()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("error:    plugin `looper` trapped"), "{out}");
+    assert!(out.contains("expect:   allow: ok"), "the file after it ran: {out}");
+
+    // A request the gateway would refuse is refused here too.
+    let encoded = request("encoded.toml", "path = \"/a%2fb\"\n");
+    let (ok, out) = wasmgate(&["plugin", "test", &router, "--request", &encoded]);
+    assert!(!ok && out.contains("the gateway would refuse it"), "{out}");
 
     // A request file with a typo is refused with its key.
     let typo = request("typo.toml", "pth = \"/x\"\n");

@@ -46,6 +46,12 @@ fn new_build_inspect_test(language: &str, kind: &str) {
     }
     let (ok, out, err) = wasmgate_in(&dir, &["plugin", "build"], &[]);
     assert!(ok, "{language} {kind}: plugin build failed:\n{out}{err}");
+    assert!(err.contains("accepted by the gateway"), "{err}");
+    if language == "rust" || language == "c" {
+        // Built again with nothing changed (cargo has nothing to do): fine.
+        let (ok, out, err) = wasmgate_in(&dir, &["plugin", "build"], &[]);
+        assert!(ok, "{language} {kind}: an up-to-date build failed:\n{out}{err}");
+    }
     let component = dir.join(out.lines().last().expect("the component's path"));
     assert_eq!(
         std::fs::canonicalize(&component).unwrap(),
@@ -129,6 +135,17 @@ fn plugin_build_without_its_toolchain_names_the_script_that_installs_it() {
         "error: `componentize-py` is not installed: the Python toolchain (componentize-py 0.25.1) is installed by \
          scripts/toolchains/python in the wasmgate repository"
     );
+
+    // A manifest that names the wrong kind: the build says what it made,
+    // and leaves no component behind.
+    let (ok, out, err) =
+        wasmgate_in(root.path(), &["plugin", "new", "--lang", "c", "--kind", "waf", "wrong-kind"], &[]);
+    assert!(ok, "{out}{err}");
+    let manifest = root.path().join("wrong-kind/wasmgate-plugin.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap().replace("kind = \"waf\"", "kind = \"router\"");
+    std::fs::write(&manifest, text).unwrap();
+    let (ok, _, err) = wasmgate_in(&root.path().join("wrong-kind"), &["plugin", "build"], &[]);
+    assert!(!ok && err.contains("is not a router plugin (its world: wasmgate:plugin/waf-plugin)"), "{err}");
 
     // Not a project: said so, and nothing is run.
     let (ok, _, err) = wasmgate_in(root.path(), &["plugin", "build"], &[]);

@@ -66,6 +66,9 @@ pub struct PluginsConfig {
     /// Where compiled plugins are kept (must be private to the gateway's
     /// user). Default: `$XDG_CACHE_HOME/wasmgate` or `~/.cache/wasmgate`.
     pub cache_dir: Option<PathBuf>,
+    /// The most the compiled-artifact cache takes on disk; past it, the
+    /// least recently used artifacts are removed.
+    pub cache_max_mb: u64,
     /// Failed calls within 10 s after which a plugin is quarantined (its
     /// `on_error` outcome applies without calling it), if they were at least
     /// half of its calls and came from at least two client addresses.
@@ -86,6 +89,7 @@ impl Default for PluginsConfig {
             watch: true,
             cache: true,
             cache_dir: None,
+            cache_max_mb: 1024,
             quarantine_after_failures: 5,
             quarantine_initial_ms: 1_000,
             quarantine_max_ms: 60_000,

@@ -26,6 +26,9 @@ impl Config {
         if self.plugins.quarantine_max_ms > MAX_TIMEOUT_S * 1000 {
             return Err(invalid("plugins.quarantine_max_ms".into(), "must be at most 30 days".into()));
         }
+        if !(64..=1 << 20).contains(&self.plugins.cache_max_mb) {
+            return Err(invalid("plugins.cache_max_mb".into(), "must be 64 MiB to 1 TiB".into()));
+        }
         if self.plugins.quarantine_after_failures == 0 {
             return Err(invalid("plugins.quarantine_after_failures".into(), "must be at least 1".into()));
         }

@@ -295,6 +295,8 @@ pub struct Built {
 /// Runs the build of the project in `dir` and leaves its component at
 /// `dir/NAME.wasm`.
 pub fn build(dir: &Path) -> anyhow::Result<Built> {
+    // Absolute: the commands run inside it, whatever the caller's directory.
+    let dir = &std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
     let manifest_path = dir.join(MANIFEST);
     let text = match std::fs::read_to_string(&manifest_path) {
         Ok(text) => text,
@@ -306,11 +308,11 @@ pub fn build(dir: &Path) -> anyhow::Result<Built> {
     };
     let manifest: Manifest = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", manifest_path.display()))?;
     check_name(&manifest.name).with_context(|| format!("{}: name", manifest_path.display()))?;
-    let output = Path::new(&manifest.output);
+    let output: PathBuf = Path::new(&manifest.output).components().filter(|c| *c != Component::CurDir).collect();
     if output.as_os_str().is_empty() || !output.components().all(|c| matches!(c, Component::Normal(_))) {
         bail!("{}: output `{}` must be a path inside the project", manifest_path.display(), manifest.output);
     }
-    if manifest.build.is_empty() || manifest.build.iter().any(Vec::is_empty) {
+    if manifest.build.is_empty() || manifest.build.iter().any(|c| c.first().is_none_or(|p| p.is_empty())) {
         bail!("{}: build must list commands, each a program and its arguments", manifest_path.display());
     }
 
@@ -322,7 +324,14 @@ pub fn build(dir: &Path) -> anyhow::Result<Built> {
             bail!("`{program}` is not installed: {}", install_hint(manifest.language));
         }
     }
-    let started = std::time::SystemTime::now();
+    // The previous component goes first: a failed build leaves none behind
+    // to be tested or deployed by mistake.
+    let component = dir.join(format!("{}.wasm", manifest.name));
+    match std::fs::remove_file(&component) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the previous {}", component.display())),
+    }
     for (step, command) in manifest.build.iter().enumerate() {
         let program = find_program(&command[0], dir, &path).expect("checked above");
         let status = Command::new(&program)
@@ -342,18 +351,41 @@ pub fn build(dir: &Path) -> anyhow::Result<Built> {
         }
     }
 
-    let produced = dir.join(output);
-    let fresh = std::fs::metadata(&produced).and_then(|m| m.modified()).is_ok_and(|modified| modified >= started);
-    if !fresh {
-        bail!("the build ran but did not write {} (the manifest's `output`)", produced.display());
+    // A regular file, not a link out of the project (a build tool that is
+    // up to date, cargo say, may leave it as it was).
+    let produced = dir.join(&output);
+    if !std::fs::symlink_metadata(&produced).is_ok_and(|m| m.is_file()) {
+        bail!("the build did not write {} (the manifest's `output`) as a file", produced.display());
     }
-    let component = dir.join(format!("{}.wasm", manifest.name));
     if produced != component {
         std::fs::copy(&produced, &component)
             .with_context(|| format!("copying {} to {}", produced.display(), component.display()))?;
     }
     let size = std::fs::metadata(&component).with_context(|| format!("reading {}", component.display()))?.len();
     Ok(Built { name: manifest.name, kind: manifest.kind.into(), component, size })
+}
+
+/// Checks what [`build`] produced as the gateway would load it (compiled,
+/// linked, instantiated and initialised with the project's `NAME.toml`):
+/// a component of the manifest's kind that the gateway accepts.
+pub async fn verify(built: &Built) -> anyhow::Result<()> {
+    let inspection = crate::plugin::inspect::inspect(&built.component).await?;
+    let world = match built.kind {
+        PluginKind::Router => "wasmgate:plugin/router-plugin",
+        PluginKind::Waf => "wasmgate:plugin/waf-plugin",
+    };
+    if let Some(reason) = &inspection.rejection {
+        bail!("{} is built, but the gateway would refuse it: {reason}", built.component.display());
+    }
+    if inspection.world != Some(world) {
+        bail!(
+            "{} is built, but it is not a {} plugin (its world: {})",
+            built.component.display(),
+            built.kind,
+            inspection.world.unwrap_or("none")
+        );
+    }
+    Ok(())
 }
 
 /// Programs a language's build needs beyond those its commands name.
@@ -395,7 +427,8 @@ fn search_path() -> OsString {
         && let Ok(entries) = std::fs::read_dir(&toolchains)
     {
         let mut installed: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        installed.sort();
+        // By version, numbers compared as numbers (0.23 after 0.9).
+        installed.sort_by_key(|p| version_key(&p.to_string_lossy()));
         for toolchain in installed.iter().rev() {
             for bin in ["bin", "node_modules/.bin"] {
                 let dir = toolchain.join(bin);
@@ -406,6 +439,24 @@ fn search_path() -> OsString {
         }
     }
     std::env::join_paths(dirs).unwrap_or_default()
+}
+
+/// `text` as runs of digits (compared as numbers) and of other characters.
+fn version_key(text: &str) -> Vec<(u64, String)> {
+    let mut key = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits > 0 {
+            key.push((rest[..digits].parse().unwrap_or(u64::MAX), String::new()));
+            rest = &rest[digits..];
+        } else {
+            let other = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            key.push((0, rest[..other].to_owned()));
+            rest = &rest[other..];
+        }
+    }
+    key
 }
 
 /// The program a command names: a path (relative to the project) when it
@@ -451,6 +502,13 @@ mod tests {
                 assert_eq!(manifest.kind, kind);
             }
         }
+    }
+
+    #[test]
+    fn toolchain_versions_sort_as_numbers() {
+        let mut dirs = vec!["js-componentize-js-0.23.0", "js-componentize-js-0.9.1", "js-componentize-js-0.10.0"];
+        dirs.sort_by_key(|d| version_key(d));
+        assert_eq!(dirs, ["js-componentize-js-0.9.1", "js-componentize-js-0.10.0", "js-componentize-js-0.23.0"]);
     }
 
     #[test]

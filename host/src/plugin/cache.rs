@@ -27,7 +27,13 @@ fn scratch_name(what: &str) -> String {
 pub struct ArtifactCache {
     dir: PathBuf,
     compatibility: u64,
+    /// The most the cache's artifacts may take on disk; the least recently
+    /// used go first past it.
+    max_bytes: u64,
 }
+
+/// The cache's default size bound (`[plugins] cache_max_mb`).
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 
 impl ArtifactCache {
     /// Opens (creating if needed) the cache at `dir`, if it is private to
@@ -37,7 +43,13 @@ impl ArtifactCache {
         check_private(dir)?;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(ArtifactCache { dir: dir.to_owned(), compatibility: hasher.finish() })
+        Ok(ArtifactCache { dir: dir.to_owned(), compatibility: hasher.finish(), max_bytes: DEFAULT_MAX_BYTES })
+    }
+
+    /// The same cache, bounded to `max_bytes` on disk.
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> ArtifactCache {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// The default location: `$XDG_CACHE_HOME/wasmgate` or
@@ -63,7 +75,11 @@ impl ArtifactCache {
         // only ever holds artifacts this code serialized; wasmtime still
         // checks the header and the engine compatibility before using it.
         match unsafe { Component::deserialize_file(engine, &path) } {
-            Ok(component) => Some(component),
+            Ok(component) => {
+                // Used now: the last to go when the cache is pruned.
+                let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                Some(component)
+            }
             Err(error) => {
                 tracing::warn!(file = %path.display(), %error, "unusable cached artifact; recompiling");
                 let _ = std::fs::remove_file(&path);
@@ -89,6 +105,34 @@ impl ArtifactCache {
             let _ = std::fs::remove_file(&temp);
             tracing::warn!(dir = %self.dir.display(), %error, "could not write the compiled-artifact cache");
         }
+        self.prune();
+    }
+
+    /// Removes the least recently used artifacts until the cache fits its
+    /// bound (the newest always stays).
+    fn prune(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let mut artifacts: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+            .filter_map(|e| {
+                let meta = e.metadata().ok().filter(|m| m.is_file())?;
+                Some((meta.modified().ok()?, meta.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = artifacts.iter().map(|(_, len, _)| len).sum();
+        artifacts.sort();
+        let newest = artifacts.pop();
+        for (_, len, path) in artifacts {
+            if total <= self.max_bytes {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= len;
+                tracing::debug!(file = %path.display(), "compiled-artifact cache pruned");
+            }
+        }
+        drop(newest);
     }
 }
 
@@ -120,6 +164,29 @@ mod tests {
 
     fn engine() -> Engine {
         Engine::new(&wasmtime::Config::new()).unwrap()
+    }
+
+    #[test]
+    fn past_its_bound_the_least_recently_used_artifacts_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::open(dir.path(), &engine()).unwrap().with_max_bytes(2500);
+        let now = std::time::SystemTime::now();
+        for (i, age) in [30u64, 10, 20, 0].into_iter().enumerate() {
+            let path = dir.path().join(format!("artifact-{i}.cwasm"));
+            std::fs::write(&path, vec![0u8; 1000]).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(now - std::time::Duration::from_secs(age)).unwrap();
+        }
+        std::fs::write(dir.path().join("notes.txt"), vec![0u8; 5000]).unwrap();
+        cache.prune();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        // 4,000 bytes of artifacts, 2,500 allowed: the two oldest (30 s and
+        // 20 s) go; other files are not the cache's.
+        assert_eq!(left, ["artifact-1.cwasm", "artifact-3.cwasm", "notes.txt"]);
     }
 
     #[test]

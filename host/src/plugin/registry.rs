@@ -71,7 +71,7 @@ impl Loader {
                 None
             }
             (true, Some(dir)) => match ArtifactCache::open(&dir, runtime.engine()) {
-                Ok(cache) => Some(cache),
+                Ok(cache) => Some(cache.with_max_bytes(defaults.cache_max_mb << 20)),
                 Err(error) => {
                     tracing::warn!(dir = %dir.display(), %error, "compiled-artifact cache unusable; compiling every load");
                     None
@@ -243,6 +243,9 @@ impl Registry {
                     // Say why, when its file is there but was refused.
                     let why = match self.rejected.lock().unwrap_or_else(|p| p.into_inner()).get(&name) {
                         Some(rejected) => format!("{} was refused: {}", rejected.file.display(), rejected.reason),
+                        None if config.plugins.dir.join(format!("{name}.wasm")).is_file() => format!(
+                            "{name}.wasm is still loading; reload again once the log says `plugin loaded` for it"
+                        ),
                         None => format!("no valid {name}.wasm in {}", config.plugins.dir.display()),
                     };
                     return Err(format!("{}: `{key}`: plugin `{name}` is not loaded ({why})", config.source.display()));
