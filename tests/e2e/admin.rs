@@ -11,7 +11,7 @@ async fn status_shows_the_live_state_and_readyz_turns_false_while_draining() {
     let app = Backend::start("app").await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let config = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n\
          [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"handshake-guard\"]\n\
          [[pool]]\nname = \"app\"\nservers = [\"{}\", \"{closed}\"]\n\
          [pool.probe]\ninterval_s = 0.2\ntimeout_s = 0.1\nunhealthy_threshold = 1\n",
@@ -60,7 +60,7 @@ async fn a_token_file_guards_every_admin_endpoint() {
     let token = plugins.path().join("admin-token");
     std::fs::write(&token, "s3cret+/token=\n").unwrap();
     let config = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\ntoken_file = \"{}\"\n\
          [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
          [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
         token.display(),
@@ -122,7 +122,7 @@ async fn metrics_move_as_the_traffic_says() {
     let app = Backend::start("app").await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let config = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n\
          [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nwaf = [\"guard\"]\nrouter = \"router\"\n\
          [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n\
          [[pool]]\nname = \"dead\"\nservers = [\"{closed}\"]\n[pool.probe]\ninterval_s = 60\n",
@@ -277,4 +277,61 @@ async fn the_access_log_has_a_line_per_request_and_per_closed_websocket() {
             (Some(426), Some("unsupported-websocket-version"))
         );
     }
+}
+
+fn admin_only(extra: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"127.0.0.1:9\"]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_on_a_rebinding_name_cannot_read_the_admin() {
+    let gateway = start_gateway(&admin_only("allowed_hosts = [\"gw.internal\"]"), &PluginDir::new()).await;
+    let admin = gateway.admin_addr().unwrap();
+    let asked = |host: &str| format!("GET /status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    // What a browser sends for http://attacker.example:PORT/ once the name
+    // resolves to 127.0.0.1.
+    let rebound = raw_exchange(admin, &asked(&format!("attacker.example:{}", admin.port()))).await;
+    assert!(rebound.starts_with("HTTP/1.1 421"), "{rebound}");
+    assert!(!rebound.contains("\"listeners\""), "no status leaked: {rebound}");
+    for host in [admin.to_string(), format!("localhost:{}", admin.port()), "gw.internal".to_owned()] {
+        let answer = raw_exchange(admin, &asked(&host)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_event_streams_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gateway = start_gateway(&admin_only(""), &PluginDir::new()).await;
+    let admin = gateway.admin_addr().unwrap();
+    // Sixteen open dashboards...
+    let mut streams = Vec::new();
+    for _ in 0..16 {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+        stream.write_all(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+        streams.push(stream);
+    }
+    // ...and the seventeenth is turned away.
+    let refused = raw_exchange(admin, "GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    drop(streams);
+
+    // 64 connections at once; the 65th is closed without an answer.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await.expect("closed in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "the 65th connection was served");
+    drop(held);
 }

@@ -125,7 +125,7 @@ impl Page {
 async fn the_dashboard_follows_websockets_and_server_health_live() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let config = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n\
          [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"guard\"]\n\
          [[pool]]\nname = \"app\"\nservers = [\"{}\", \"{}\"]\n\
          [pool.probe]\npath = \"/health\"\ninterval_s = 0.2\ntimeout_s = 0.1\nunhealthy_threshold = 1\n",

@@ -257,3 +257,24 @@ async fn a_plugins_stdout_and_stderr_reach_the_log_within_a_budget() {
     let written = log.lines().filter(|l| l.contains("flood line")).count();
     assert!((1..=50).contains(&written), "{written} flood lines written");
 }
+
+/// The `log` host call shares the budget of what a plugin prints, and a
+/// mebibyte line is cut to one line of at most 1 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_log_calls_are_budgeted_and_cut() {
+    let app = Backend::start("app").await;
+    let (gateway, _plugins) = hostile_process(&app, "call_timeout_ms = 2000\n").await;
+    let addr = gateway.addr("web");
+    assert_eq!(get(addr, "/log-flood").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(addr, "/log").await.status, StatusCode::OK);
+    let dropped = log_line(&gateway, &["lines dropped"]).await;
+    assert!(dropped.contains("plugin=hostile"), "{dropped}");
+    let log = gateway.log_text();
+    let written = log.lines().filter(|l| l.contains("log flood line")).count();
+    assert!((1..=50).contains(&written), "{written} log lines written of 1,000");
+    // The mebibyte line is one line, cut to 1 KiB of it.
+    let long: Vec<&str> = log.lines().filter(|l| l.contains("yyyy")).collect();
+    assert_eq!(long.len(), 1, "one line");
+    assert!(long[0].len() < 1024 + 200 && long[0].contains("yyy…"), "a {} byte log line", long[0].len());
+}

@@ -262,7 +262,7 @@ async fn a_restart_loads_the_js_router_from_the_artifact_cache_and_serves_its_fi
     std::fs::write(
         &config,
         format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[plugins]\ndir = \".\"\n{}",
+            "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n[plugins]\ndir = \".\"\n{}",
             canary_config(&app, &canary, "canary-router")
         ),
     )

@@ -169,7 +169,7 @@ async fn out_of_descriptors_is_503_and_never_ejects_the_backend() {
     std::fs::write(
         &config,
         format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_connections = 1000\n\
+            "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n[limits]\nmax_connections = 1000\n\
              [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
              [[pool]]\nname = \"app\"\nservers = [\"{}\"]\nrequest_timeout_s = 10\n",
             app.addr

@@ -115,7 +115,7 @@ async fn crash_looping_plugin_is_quarantined_then_recovers() {
     let config = config(&app).replace("quarantine_after_failures = 100\n", "").replace(
         "call_timeout_ms = 50",
         "call_timeout_ms = 50\nquarantine_after_failures = 3\nquarantine_initial_ms = 400\nquarantine_max_ms = 1000",
-    ) + "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    ) + "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n";
     let gateway = start_gateway(&config, &plugins).await;
     let addr = web(&gateway);
     // Three traps, every call, from two clients: it fails for everyone.

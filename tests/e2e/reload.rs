@@ -50,7 +50,7 @@ impl Setup {
     fn write(&self, waf: &[&str], router: &str, rest: &str) {
         let waf: Vec<String> = waf.iter().map(|w| format!("\"{w}\"")).collect();
         let text = format!(
-            "[admin]\nlisten = \"{}\"\ntoken_file = \"admin.token\"\n\
+            "[admin]\nlisten = \"{}\"\nallowed_hosts = [\"gw.test\"]\ntoken_file = \"admin.token\"\n\
              [plugins]\ndir = \"plugins\"\n\
              [[listener]]\nname = \"web\"\nbind = \"{}\"\nwaf = [{}]\nrouter = \"{router}\"\n{rest}",
             "127.0.0.1:0",
@@ -210,14 +210,14 @@ async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(report["result"], "refused");
     let error = report["error"].as_str().unwrap();
-    assert!(error.contains("gateway.toml") && error.contains("line 20"), "{error}");
+    assert!(error.contains("gateway.toml") && error.contains("line 21"), "{error}");
 
     // A valid file with an unusable value: refused with file, line, key, reason.
     setup.write(&["guard"], "router-a", &good.replace("name = \"one\"", "name = \"one\"\nrequest_timeout_s = 0"));
     let (status, report) = setup.reload().await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let error = report["error"].as_str().unwrap();
-    assert!(error.contains("gateway.toml:16: `pool[1].request_timeout_s`"), "{error}");
+    assert!(error.contains("gateway.toml:17: `pool[1].request_timeout_s`"), "{error}");
 
     // A listener on a port that cannot be bound (the admin listener's).
     let taken = format!("[[listener]]\nname = \"taken\"\nbind = \"{}\"\ndefault_pool = \"app\"\n", setup.admin);

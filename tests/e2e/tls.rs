@@ -422,7 +422,11 @@ async fn replaced_certificate_serves_new_connections_while_open_wss_keeps_echoin
     let first = der_of(&cert);
     let app = Backend::start("app").await;
     let config = https_config(&plain_pool(&app), &[(&["gw.test"], &cert, &key)], "");
-    let gateway = start_gateway(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{config}"), &PluginDir::new()).await;
+    let gateway = start_gateway(
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n{config}"),
+        &PluginDir::new(),
+    )
+    .await;
     let (addr, admin) = (web(&gateway), gateway.admin_addr().unwrap());
     let certificates = |status: serde_json::Value| status["listeners"][0]["certificates"].clone();
 
@@ -502,4 +506,30 @@ async fn a_quiet_websocket_keeps_its_http2_connection_past_the_client_idle_timeo
     tokio::time::sleep(Duration::from_millis(2500)).await;
     ws.send(Message::text("still here")).await.unwrap();
     assert_eq!(next_message(&mut ws).await, Message::text("still here"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_sni_match_refuses_a_host_other_than_the_sni() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("gw", &["a.test", "b.test"]);
+    let app = Backend::start("app").await;
+    let gateway = start_gateway(
+        &https_config(&plain_pool(&app), &[(&["a.test", "b.test"], &cert, &key)], "require_sni_match = true"),
+        &PluginDir::new(),
+    )
+    .await;
+    let addr = web(&gateway);
+    // A connection made for a.test asking for b.test (domain fronting).
+    for (host, status) in [("a.test", "200"), ("A.TEST:443", "200"), ("b.test", "421")] {
+        let mut tls = tls_connect(addr, "a.test", pki.client(&[b"http/1.1"])).await.unwrap();
+        tls.write_all(format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{host}: {answer}");
+    }
+    assert_eq!(app.requests().len(), 2, "only the matching hosts reached the backend");
 }

@@ -44,6 +44,11 @@ pub struct AdminConfig {
     /// A file holding a bearer token every admin request must present
     /// (relative to the config file).
     pub token_file: Option<PathBuf>,
+    /// Host names the admin listener answers to, beside IP addresses and
+    /// `localhost` (a page on another name that resolves to the gateway, a
+    /// DNS-rebinding attack, gets 421). Default: none.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[plugins]`: where plugins live and the limits every call runs under.
@@ -53,7 +58,8 @@ pub struct PluginsConfig {
     /// Directory of `NAME.wasm` components (and optional `NAME.toml`), relative
     /// to the config file.
     pub dir: PathBuf,
-    /// Wall-clock deadline of one plugin call, enforced preemptively.
+    /// Deadline of one plugin call on the plugin's own CPU time, enforced
+    /// preemptively.
     pub call_timeout_ms: u64,
     /// Linear memory one plugin instance may grow to.
     pub memory_limit_mb: u64,
@@ -133,6 +139,12 @@ pub struct ListenerConfig {
     /// requests with a body are served as they are).
     #[serde(default)]
     pub redirect_to_https: bool,
+    /// On an `https` listener: answer 421 to a request whose `Host` (or
+    /// `:authority`) names another host than the TLS SNI, so one
+    /// certificate's connection cannot reach another host's routes (domain
+    /// fronting). Off by default.
+    #[serde(default)]
+    pub require_sni_match: bool,
     /// WAF plugins run in this order on every request head.
     #[serde(default)]
     pub waf: Vec<String>,

@@ -165,6 +165,9 @@ impl Config {
                 ListenerProtocol::Https if listener.redirect_to_https => {
                     return Err(invalid(key("redirect_to_https"), "only an http listener redirects".into()));
                 }
+                ListenerProtocol::Http if listener.require_sni_match => {
+                    return Err(invalid(key("require_sni_match"), "only an https listener has an SNI".into()));
+                }
                 ListenerProtocol::Http if !listener.certificate.is_empty() => {
                     return Err(invalid(key("certificate"), "certificates need protocol = \"https\"".into()));
                 }

@@ -14,10 +14,17 @@
 //!   and counters, recent reloads.
 //! - `POST /reload`: reads the config file again and applies it; the answer
 //!   (JSON) lists what changed, or why the file was refused (400).
+//!
+//! Hardened like a client listener: a request head within 10 s, at most 64
+//! connections and 16 event streams at once, and only requests whose `Host`
+//! is an IP address, `localhost` or one of `allowed_hosts` (421 otherwise),
+//! so a web page on a rebinding DNS name cannot read a tokenless loopback
+//! admin.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,10 +45,30 @@ pub struct AdminState {
     pub control: Arc<Control>,
     pub token: Option<String>,
     pub started: Instant,
+    /// Host names answered beside IP addresses and `localhost`.
+    allowed_hosts: Vec<String>,
+    /// `/events` streams open now.
+    event_streams: Arc<AtomicUsize>,
 }
+
+impl AdminState {
+    pub fn new(control: Arc<Control>, token: Option<String>, allowed_hosts: Vec<String>) -> AdminState {
+        AdminState { control, token, started: Instant::now(), allowed_hosts, event_streams: Arc::default() }
+    }
+}
+
+/// Admin connections served at once; past it, new ones are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+
+/// `/events` streams (open dashboards) at once; past it, 503.
+const MAX_EVENT_STREAMS: usize = 16;
+
+/// A request head must arrive within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -52,15 +79,34 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 continue;
             }
         };
+        // Past the cap the connection is closed at once (dropped).
+        let Ok(admitted) = connections.clone().try_acquire_owned() else { continue };
         let state = state.clone();
         tokio::spawn(async move {
+            let _admitted = admitted;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
+}
+
+/// Whether the request's `Host` names this admin listener: an IP address,
+/// `localhost`, or one of `allowed_hosts`. A browser page on another name
+/// that resolves to the gateway (DNS rebinding) sends that name.
+fn host_allowed(req: &Request<Incoming>, allowed_hosts: &[String]) -> bool {
+    let Some(host) = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) else { return false };
+    let Ok(authority) = host.parse::<http::uri::Authority>() else { return false };
+    let name = authority.host().trim_start_matches('[').trim_end_matches(']');
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed_hosts.iter().any(|allowed| allowed.eq_ignore_ascii_case(name))
 }
 
 /// True if `req` presents `token`: `Authorization: Bearer`, or the
@@ -92,6 +138,9 @@ const EVENT_INTERVAL: Duration = Duration::from_secs(1);
 type AdminBody = Either<Full<Bytes>, EventStream>;
 
 async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<AdminBody> {
+    if !host_allowed(&req, &state.allowed_hosts) {
+        return text(StatusCode::MISDIRECTED_REQUEST, "unknown host: add it to [admin] allowed_hosts\n");
+    }
     match &state.token {
         Some(token) if !presents(&req, token) => {
             return text(StatusCode::UNAUTHORIZED, "a bearer token is required\n");
@@ -105,7 +154,13 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Adm
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/") => whole(StatusCode::OK, "text/html; charset=utf-8", Bytes::from_static(DASHBOARD.as_bytes())),
         ("GET", "/events") => {
-            let stream = EventStream { state: state.clone(), interval: tokio::time::interval(EVENT_INTERVAL) };
+            let open = state.event_streams.fetch_add(1, Ordering::AcqRel);
+            let slot = EventSlot(state.event_streams.clone());
+            if open >= MAX_EVENT_STREAMS {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "too many open dashboards\n");
+            }
+            let stream =
+                EventStream { state: state.clone(), interval: tokio::time::interval(EVENT_INTERVAL), _slot: slot };
             let mut response = Response::new(Either::Right(stream));
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -135,6 +190,16 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Adm
 pub struct EventStream {
     state: Arc<AdminState>,
     interval: tokio::time::Interval,
+    _slot: EventSlot,
+}
+
+/// Counts one open `/events` stream while it lives.
+struct EventSlot(Arc<AtomicUsize>);
+
+impl Drop for EventSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl hyper::body::Body for EventStream {

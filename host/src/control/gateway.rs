@@ -112,7 +112,7 @@ impl Gateway {
                 let socket = TcpListener::bind(admin_config.listen)
                     .await
                     .with_context(|| format!("admin: cannot bind {}", admin_config.listen))?;
-                Some((socket, token))
+                Some((socket, token, admin_config.allowed_hosts.clone()))
             }
         };
         let access_log = AccessLog::open(&config.log)?.map(Arc::new);
@@ -126,10 +126,9 @@ impl Gateway {
         }
         let (admin, admin_task) = match admin_socket {
             None => (None, None),
-            Some((socket, token)) => {
+            Some((socket, token, allowed_hosts)) => {
                 let addr = socket.local_addr()?;
-                let state =
-                    Arc::new(AdminState { control: control.clone(), token, started: std::time::Instant::now() });
+                let state = Arc::new(AdminState::new(control.clone(), token, allowed_hosts));
                 tracing::info!(%addr, "admin listening (dashboard at /, /healthz, /readyz, /status, /metrics, POST /reload)");
                 (Some(addr), Some(tokio::spawn(admin::serve(socket, state))))
             }

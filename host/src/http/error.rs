@@ -26,6 +26,9 @@ pub enum GatewayError {
     /// 400: the request could not be understood.
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    /// 421: the request names another host than its TLS connection's SNI.
+    #[error("this connection is for another host")]
+    MisdirectedRequest,
     /// 405: a method the gateway does not proxy (`CONNECT` other than an
     /// RFC 8441 WebSocket).
     #[error("method {0} is not allowed here")]
@@ -91,6 +94,7 @@ impl GatewayError {
             GatewayError::RedirectToHttps { .. } => StatusCode::PERMANENT_REDIRECT,
             GatewayError::BadRequest(_) | GatewayError::BadHandshake(_) => StatusCode::BAD_REQUEST,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::MisdirectedRequest => StatusCode::MISDIRECTED_REQUEST,
             GatewayError::UnsupportedWebSocketVersion => StatusCode::UPGRADE_REQUIRED,
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::BackendUnreachable { .. }
@@ -110,6 +114,7 @@ impl GatewayError {
             GatewayError::RedirectToHttps { .. } => "redirect-to-https",
             GatewayError::BadRequest(_) => "bad-request",
             GatewayError::MethodNotAllowed(_) => "method-not-allowed",
+            GatewayError::MisdirectedRequest => "misdirected-request",
             GatewayError::BadHandshake(_) => "bad-handshake",
             GatewayError::UnsupportedWebSocketVersion => "unsupported-websocket-version",
             GatewayError::NoRoute => "no-route",

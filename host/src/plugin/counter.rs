@@ -38,7 +38,8 @@ struct Shard {
     sweep_at: usize,
 }
 
-/// Counters for every plugin, namespaced by plugin name.
+/// Counters for every plugin, namespaced by plugin name (a plugin counts
+/// only its own keys, and a flood of one plugin's keys evicts only its own).
 pub struct Counters {
     hasher: RandomState,
     shards: Vec<Mutex<Shard>>,
@@ -80,9 +81,16 @@ impl Counters {
             shard.plugins.insert(plugin.into(), HashMap::new());
         }
         let known = shard.plugins.get(plugin).is_some_and(|windows| windows.contains_key(key));
-        // Full of live keys (a key flood): make room by dropping one.
+        // Full of live keys (a key flood): make room by dropping one of this
+        // plugin's own keys, or, for a plugin holding none, one of the
+        // plugin holding the most: one plugin's flood never evicts another
+        // plugin's counts to make room for its own.
         if !known && shard.len >= MAX_KEYS_PER_SHARD {
-            let victim = shard.plugins.iter().find_map(|(p, w)| w.keys().next().map(|k| (p.clone(), k.clone())));
+            let own = shard.plugins.get(plugin).and_then(|w| w.keys().next().cloned()).map(|k| (Box::from(plugin), k));
+            let victim = own.or_else(|| {
+                let (p, windows) = shard.plugins.iter().max_by_key(|(_, w)| w.len())?;
+                windows.keys().next().map(|k| (p.clone(), k.clone()))
+            });
             if let Some((victim_plugin, victim_key)) = victim
                 && let Some(windows) = shard.plugins.get_mut(&victim_plugin)
                 && windows.remove(&victim_key).is_some()
@@ -175,5 +183,23 @@ mod tests {
         assert_eq!(counters.count_at("a", "k", 1000, now), 1);
         assert_eq!(counters.count_at("b", "k", 1000, now), 1);
         assert_eq!(counters.count_at("a", "k", 1000, now), 2);
+    }
+
+    #[test]
+    fn one_plugins_key_flood_does_not_evict_another_plugins_counts() {
+        let counters = Counters::default();
+        let now = Instant::now();
+        // A guard counting a few clients, then another plugin flooding keys.
+        for client in 0..100 {
+            for _ in 0..3 {
+                counters.count_at("guard", &format!("client-{client}"), 60_000, now);
+            }
+        }
+        for i in 0..(SHARDS * MAX_KEYS_PER_SHARD * 2) {
+            counters.count_at("flooder", &format!("k{i}"), 60_000, now);
+        }
+        for client in 0..100 {
+            assert_eq!(counters.count_at("guard", &format!("client-{client}"), 60_000, now), 4, "client {client}");
+        }
     }
 }

@@ -229,6 +229,11 @@ impl types::HostRequest for HostState {
 impl host::Host for HostState {
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
         let plugin = self.plugin.name.as_str();
+        // Within the plugin's budget of lines a second, shared with what it
+        // prints (the rest is counted and reported, not written).
+        if !self.plugin.print_budget.take(plugin) {
+            return Ok(());
+        }
         // One line, of bounded length: a plugin cannot forge log lines.
         let message = printable(&message);
         match level {

@@ -54,7 +54,7 @@ impl Default for PrintBudget {
 impl PrintBudget {
     /// Whether one more line may be logged now; reports what the previous
     /// second dropped when a new second begins.
-    fn take(&self, plugin: &str) -> bool {
+    pub(crate) fn take(&self, plugin: &str) -> bool {
         let now = self.started.elapsed().as_secs();
         let second = self.second.load(Ordering::Relaxed);
         if now != second && self.second.compare_exchange(second, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {

@@ -93,6 +93,8 @@ pub struct ListenerRules {
     requests: RequestCounters,
     /// Peers whose forwarding headers are kept.
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// HTTPS: the `Host` must name the SNI's host.
+    require_sni_match: bool,
 }
 
 impl ListenerRules {
@@ -128,6 +130,7 @@ impl ListenerRules {
             pools,
             relay_limits,
             trusted_proxies: config.trusted_proxies.clone(),
+            require_sni_match: config.require_sni_match,
         }
     }
 }
@@ -218,7 +221,7 @@ impl ListenerProxy {
 
     /// Phases 1 to 7, in order.
     async fn pass(&self, rules: &ListenerRules, mut req: Request<Incoming>, client: &Arc<ConnInfo>) -> Step<Answer> {
-        Self::target(&mut req)?;
+        Self::target(rules, &mut req, client)?;
         let handshake = Self::handshake(&req)?;
         Self::redirect(rules, &req, handshake.is_some())?;
         let (req, route) = self.decide(rules, req, client, handshake.is_some())?;
@@ -229,9 +232,15 @@ impl ListenerProxy {
         answer.map_err(|error| Answer::from(error).routed_to(&route.pool))
     }
 
-    /// Phase 1: settles the method, the authority and the path.
-    fn target(req: &mut Request<Incoming>) -> Step<()> {
-        Ok(target::settle(req)?)
+    /// Phase 1: settles the method, the authority and the path (and, where
+    /// the listener asks, checks the host against the SNI).
+    fn target(rules: &ListenerRules, req: &mut Request<Incoming>, client: &ConnInfo) -> Step<()> {
+        target::settle(req)?;
+        if rules.require_sni_match {
+            let sni = client.tls.as_ref().and_then(|tls| tls.sni.as_deref());
+            target::check_sni(req, sni)?;
+        }
+        Ok(())
     }
 
     /// Phase 2: reads the WebSocket handshake, if the request asks for one.

@@ -20,6 +20,17 @@ use hyper::body::Body;
 use crate::http::GatewayError;
 use crate::http::target::normalize_path;
 
+/// With `require_sni_match`, a request on a TLS connection whose settled
+/// `Host` names another host than the SNI is refused (421).
+pub fn check_sni<B>(req: &Request<B>, sni: Option<&str>) -> Result<(), GatewayError> {
+    let Some(sni) = sni else { return Ok(()) };
+    let host = req.headers().get(header::HOST).and_then(|h| authority(h.as_bytes()));
+    match host {
+        Some(host) if host.host().eq_ignore_ascii_case(sni) => Ok(()),
+        _ => Err(GatewayError::MisdirectedRequest),
+    }
+}
+
 /// Settles `req`'s method, authority and path, or says why it is refused.
 pub fn settle<B: Body>(req: &mut Request<B>) -> Result<(), GatewayError> {
     if req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_none() {
@@ -144,6 +155,15 @@ mod tests {
         }
         settle(&mut request("GET", "/", Version::HTTP_10, &[])).unwrap();
         assert_eq!(refused(request("GET", "http://u:p@a.example/", Version::HTTP_11, &[])).status(), 400);
+    }
+
+    #[test]
+    fn a_host_other_than_the_sni_is_421() {
+        let mut req = request("GET", "/", Version::HTTP_11, &[("host", "App.Example:443")]);
+        settle(&mut req).unwrap();
+        assert!(check_sni(&req, Some("app.example")).is_ok());
+        assert!(check_sni(&req, None).is_ok(), "no SNI sent: nothing to match");
+        assert_eq!(check_sni(&req, Some("admin.example")).unwrap_err().status(), 421);
     }
 
     #[test]

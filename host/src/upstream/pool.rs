@@ -12,7 +12,6 @@
 //! WebSockets are closed over the drain window.
 
 use std::collections::HashMap;
-use std::hash::Hasher;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -277,13 +276,14 @@ impl Pool {
 
 /// The weight of `server` for `key`: the highest-weight server takes the key.
 fn rendezvous_weight(key: &str, server: &str) -> u64 {
-    // A fixed hash (not randomly seeded) so every gateway instance and every
-    // restart maps a key to the same server.
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    hasher.write(key.as_bytes());
-    hasher.write_u8(0xff);
-    hasher.write(server.as_bytes());
-    hasher.finish()
+    // XXH3, whose output its specification fixes: every gateway instance,
+    // every restart and every build (whatever the Rust release) maps a key
+    // to the same server. (std's DefaultHasher promises no such thing.)
+    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+    hasher.update(key.as_bytes());
+    hasher.update(&[0xff]);
+    hasher.update(server.as_bytes());
+    hasher.digest()
 }
 
 /// Every pool by name.
@@ -438,6 +438,19 @@ mod tests {
         }
         // About a third of the keys move to the third server.
         assert!((800..1200).contains(&moved), "{moved} of 3000 keys moved");
+    }
+
+    #[test]
+    fn rendezvous_weights_are_fixed_by_the_hash_specification() {
+        // XXH3-64 (seed 0) of "user-42" 0xff "10.0.0.1:8080": the same on
+        // every build and machine; a change here remaps every affinity key.
+        let mut input = b"user-42".to_vec();
+        input.push(0xff);
+        input.extend_from_slice(b"10.0.0.1:8080");
+        assert_eq!(rendezvous_weight("user-42", "10.0.0.1:8080"), xxhash_rust::xxh3::xxh3_64(&input));
+        // The value the reference implementation (Python's `xxhash`, over
+        // the C library) gives for the same bytes.
+        assert_eq!(rendezvous_weight("user-42", "10.0.0.1:8080"), 7_192_698_035_205_052_000);
     }
 
     #[test]

@@ -127,6 +127,14 @@ impl Router for Hostile {
                 RouteDecision::Forward(Upstream::pool("app"))
             }
             "/healthy" => RouteDecision::Respond(Response::text(200, healthy_servers("app").join(","))),
+            // A log line of a mebibyte, then a thousand more.
+            "/log-flood" => {
+                log(Level::Warn, &"y".repeat(1 << 20));
+                for _ in 0..1000 {
+                    log(Level::Info, "log flood line");
+                }
+                RouteDecision::Respond(Response::text(200, "flooded"))
+            }
             "/log" => {
                 for level in [Level::Trace, Level::Debug, Level::Info, Level::Warn, Level::Error] {
                     log(level, "hostile plugin logs");
