@@ -169,7 +169,7 @@ async fn out_of_descriptors_is_503_and_never_ejects_the_backend() {
     std::fs::write(
         &config,
         format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n[limits]\nmax_connections = 1000\n\
+            "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n[limits]\nmax_connections = 1000\nmax_concurrent_streams = 200\n\
              [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
              [[pool]]\nname = \"app\"\nservers = [\"{}\"]\nrequest_timeout_s = 10\n",
             app.addr
@@ -177,7 +177,8 @@ async fn out_of_descriptors_is_503_and_never_ejects_the_backend() {
     )
     .unwrap();
     // 120 open files in all: one HTTP/2 connection asking for 150 slow
-    // responses at once needs more upstream sockets than that.
+    // responses at once (its stream limit raised to 200 for this) needs
+    // more upstream sockets than that.
     let gateway = GatewayProcess::start_limited(&config, &dir.path().join("gateway.log"), 2, Some(120)).await;
     let tcp = tokio::net::TcpStream::connect(gateway.addr("web")).await.unwrap();
     let (h2, connection) =
@@ -212,4 +213,26 @@ async fn out_of_descriptors_is_503_and_never_ejects_the_backend() {
     let status = status(gateway.addr("admin")).await;
     assert_eq!(status["pools"][0]["servers"][0]["healthy"], true, "{status}");
     assert_eq!(get(gateway.addr("web"), "/after").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_told_the_stream_limit() {
+    let app = Backend::start("app").await;
+    let gateway = start_gateway(&config(&app, "max_concurrent_streams = 7"), &PluginDir::new()).await;
+    let mut stream = tokio::net::TcpStream::connect(web(&gateway)).await.unwrap();
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    // The server's first frame is its SETTINGS: 9-byte header, then
+    // 6-byte (identifier, value) pairs.
+    let mut header = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut header)).await.unwrap().unwrap();
+    assert_eq!(header[3], 0x4, "a SETTINGS frame first");
+    let length = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    let mut payload = vec![0u8; length];
+    stream.read_exact(&mut payload).await.unwrap();
+    let settings: Vec<(u16, u32)> = payload
+        .chunks(6)
+        .map(|p| (u16::from_be_bytes([p[0], p[1]]), u32::from_be_bytes([p[2], p[3], p[4], p[5]])))
+        .collect();
+    // SETTINGS_MAX_CONCURRENT_STREAMS (0x3).
+    assert!(settings.contains(&(0x3, 7)), "{settings:?}");
 }

@@ -428,6 +428,10 @@ pub struct LimitsConfig {
     /// GOAWAY first). Before its first request a connection has
     /// `header_read_timeout_s` instead.
     pub client_idle_timeout_s: u64,
+    /// Requests one HTTP/2 client connection may have under way at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`); each may need an upstream
+    /// connection of its own.
+    pub max_concurrent_streams: u32,
     /// Client connections plus WebSockets the process serves at once; past
     /// it new connections are refused. Default: derived from the open-file
     /// limit (raised to its hard limit at start), keeping headroom.
@@ -440,6 +444,7 @@ impl Default for LimitsConfig {
             header_read_timeout_s: 30,
             max_header_bytes: 64 * 1024,
             client_idle_timeout_s: 60,
+            max_concurrent_streams: 100,
             max_connections: None,
         }
     }

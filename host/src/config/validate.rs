@@ -47,6 +47,9 @@ impl Config {
         if !(1..=3600).contains(&self.limits.header_read_timeout_s) {
             return Err(invalid("limits.header_read_timeout_s".into(), "must be 1-3600".into()));
         }
+        if !(1..=10_000).contains(&self.limits.max_concurrent_streams) {
+            return Err(invalid("limits.max_concurrent_streams".into(), "must be 1-10000".into()));
+        }
         if !(1..=86400).contains(&self.limits.client_idle_timeout_s) {
             return Err(invalid("limits.client_idle_timeout_s".into(), "must be 1-86400".into()));
         }

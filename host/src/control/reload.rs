@@ -189,6 +189,7 @@ impl Control {
             header_read_timeout: Duration::from_secs(started_with.limits.header_read_timeout_s),
             max_header_bytes: started_with.limits.max_header_bytes,
             client_idle_timeout: Duration::from_secs(started_with.limits.client_idle_timeout_s),
+            max_concurrent_streams: started_with.limits.max_concurrent_streams,
         };
         Control {
             shared,

@@ -91,6 +91,7 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub client_idle_timeout: Duration,
+    pub max_concurrent_streams: u32,
 }
 
 /// Binds `addr` with `SO_REUSEPORT`, so a new gateway process (a new binary
@@ -125,6 +126,7 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .enable_connect_protocol()
+        .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     tokio::pin!(stop);

@@ -2,8 +2,9 @@
 //! target (rewritten if the route says so), hop-by-hop headers removed
 //! first (so a client's `Connection` cannot name what the gateway sets),
 //! `Host` from the settled authority, forwarding headers set (appended to
-//! only from a trusted proxy), the route's headers set. The same head serves a plain request and a WebSocket
-//! handshake; [`copy_head`] makes a copy for another server.
+//! only from a trusted proxy), the route's headers set. The same head serves
+//! a plain request and a WebSocket handshake; [`copy_head`] makes a copy for
+//! another server.
 
 use http::Request;
 use http::header::{self, HeaderValue};

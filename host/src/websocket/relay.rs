@@ -420,6 +420,42 @@ mod tests {
         assert!(!frames.at_boundary(), "inside the second frame");
     }
 
+    proptest::proptest! {
+        /// For any valid frame stream cut into reads of any sizes, the
+        /// tracker says "between frames" exactly at the frame boundaries:
+        /// a gateway Close is never put inside a frame.
+        #[test]
+        fn the_tracker_finds_exactly_the_boundaries_for_any_split(
+            frames in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![
+                        0usize..=125,
+                        proptest::sample::select(vec![126usize, 127, 65_535, 65_536, 70_000]),
+                    ],
+                    proptest::bool::ANY,
+                ),
+                1..8,
+            ),
+            cuts in proptest::collection::vec(1usize..5000, 1..40),
+        ) {
+            let mut stream = Vec::new();
+            let mut boundaries = std::collections::BTreeSet::from([0usize]);
+            for (len, masked) in &frames {
+                stream.extend(frame(*len, *masked));
+                boundaries.insert(stream.len());
+            }
+            let mut tracker = Frames::default();
+            let (mut at, mut cut) = (0usize, 0usize);
+            while at < stream.len() {
+                let take = cuts[cut % cuts.len()].min(stream.len() - at);
+                cut += 1;
+                tracker.feed(&stream[at..at + take]);
+                at += take;
+                proptest::prop_assert_eq!(tracker.at_boundary(), boundaries.contains(&at), "after {} bytes", at);
+            }
+        }
+    }
+
     #[test]
     fn close_frames_are_valid_and_masked_toward_the_server() {
         let to_client = close_frame(CloseReason::IdleTimeout, false);
