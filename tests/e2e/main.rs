@@ -9,6 +9,7 @@ mod admin;
 mod claims;
 mod cli;
 mod dashboard;
+mod faults;
 mod hostile_clients;
 mod hostile_plugins;
 mod http_routing;

@@ -230,6 +230,9 @@ pub struct PluginSource {
 }
 
 /// Epoch ticks in `duration`, rounded up, at least one.
+/// The least CPU time an instance's first call may take (see `call`).
+pub const FIRST_CALL_BUDGET: Duration = Duration::from_millis(100);
+
 fn ticks(duration: Duration) -> u64 {
     (duration.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).max(1)
 }
@@ -346,8 +349,13 @@ impl LoadedPlugin {
         state.call = Some(call);
         state.caps.refused_memory = false;
         std::mem::swap(&mut state.request, req);
-        state.cpu = CpuBudget::starting_now(self.limits.call_timeout);
-        instance.store.set_epoch_deadline(self.call_ticks);
+        // An instance's first call also pays for its start: every page of
+        // the component's memory image it writes is copied in then (a
+        // JavaScript or Python engine's heap). It gets at least
+        // FIRST_CALL_BUDGET; later calls get the plugin's deadline.
+        let budget = if call == 1 { self.limits.call_timeout.max(FIRST_CALL_BUDGET) } else { self.limits.call_timeout };
+        state.cpu = CpuBudget::starting_now(budget);
+        instance.store.set_epoch_deadline(if call == 1 { ticks(budget) } else { self.call_ticks });
         let result = export(&instance.bindings, &mut instance.store, Resource::new_borrow(call));
         let state = instance.store.data_mut();
         std::mem::swap(&mut state.request, req);
@@ -481,29 +489,40 @@ impl LoadedPlugin {
 mod tests {
     use super::*;
 
+    /// Held by the tests that time plugin calls: the CPU flood of one would
+    /// skew the other's wall-clock spins.
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// The test plugin `looper` (built by scripts/build-plugins), loaded with
+    /// a call deadline of `ms`.
+    fn looper_with_deadline_ms(ms: u64) -> LoadedPlugin {
+        use crate::config::PluginsConfig;
+        use crate::plugin::{Loader, counter::Counters, host_api::HostServices};
+        let exe = std::env::current_exe().expect("test executable");
+        let looper = exe.ancestors().nth(3).expect("target dir").join("wasm32-wasip2/release/looper.wasm");
+        assert!(looper.exists(), "{} is missing: run scripts/build-plugins", looper.display());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(&looper, dir.path().join("looper.wasm")).unwrap();
+        std::fs::write(dir.path().join("looper.toml"), format!("call_timeout_ms = {ms}\n")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
+            let defaults = PluginsConfig { dir: dir.path().to_owned(), cache: false, ..PluginsConfig::default() };
+            let loader = Loader::new(Arc::new(Runtime::new().unwrap()), defaults, services, Default::default());
+            loader.load(&dir.path().join("looper.wasm"), 1).await.unwrap()
+        })
+    }
+
     /// A call that spins for 3 ms of wall time (so it never uses more CPU
     /// than that) under a call deadline of 10 ms, while eight threads keep
     /// both cores busy: its thread waits for a core for longer than the
     /// deadline, yet the call never times out.
     #[test]
     fn time_waiting_for_a_core_does_not_count_against_the_deadline() {
-        use crate::config::PluginsConfig;
-        use crate::plugin::{Loader, counter::Counters, host_api::HostServices};
+        let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
         use std::sync::atomic::AtomicBool;
 
-        let exe = std::env::current_exe().expect("test executable");
-        let looper = exe.ancestors().nth(3).expect("target dir").join("wasm32-wasip2/release/looper.wasm");
-        assert!(looper.exists(), "{} is missing: run scripts/build-plugins", looper.display());
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(&looper, dir.path().join("looper.wasm")).unwrap();
-        std::fs::write(dir.path().join("looper.toml"), "call_timeout_ms = 10\n").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let plugin = rt.block_on(async {
-            let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
-            let defaults = PluginsConfig { dir: dir.path().to_owned(), cache: false, ..PluginsConfig::default() };
-            let loader = Loader::new(Arc::new(Runtime::new().unwrap()), defaults, services, Default::default());
-            loader.load(&dir.path().join("looper.wasm"), 1).await.unwrap()
-        });
+        let plugin = looper_with_deadline_ms(10);
 
         let flooding = Arc::new(AtomicBool::new(true));
         let flood: Vec<_> = (0..8)
@@ -535,6 +554,22 @@ mod tests {
         }
         assert!(slowest > Duration::from_millis(10), "the flood never held a call past its deadline: {slowest:?}");
         assert_eq!(timeouts, 0, "calls timed out while waiting for a core (slowest {slowest:?})");
+    }
+
+    /// `/spin?ms=60` under a 10 ms deadline: the instance's first call may
+    /// run it (it pays for the instance's start), a later call may not.
+    #[test]
+    fn an_instances_first_call_has_the_larger_budget() {
+        let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
+        let plugin = looper_with_deadline_ms(10);
+        let spin = |plugin: &LoadedPlugin| {
+            let parts = http::Request::builder().uri("/spin?ms=60").body(()).unwrap().into_parts().0;
+            let client = Arc::new(crate::http::ConnInfo { addr: "192.0.2.1:5000".parse().unwrap(), tls: None });
+            plugin.inspect(&mut RequestView::new(parts, client, Arc::from("web"), false))
+        };
+        assert!(spin(&plugin).is_ok(), "the first call");
+        let later = spin(&plugin);
+        assert!(matches!(later, Err(PluginError::Timeout { .. })), "a later call: {later:?}");
     }
 
     #[test]

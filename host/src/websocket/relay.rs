@@ -12,6 +12,10 @@
 //! A side that closes its write half (EOF) has that half-close passed on, and
 //! the other direction keeps flowing until it closes too.
 //!
+//! A server connection that fails (a reset, a read error) ends the relay
+//! with a Close 1011 "backend connection lost" to the client, if its stream
+//! is between frames.
+//!
 //! Every write is bounded: a peer that takes no bytes for the idle timeout
 //! (it stopped reading) ends the relay, and a stop signal is noticed while a
 //! write waits, so a stuck peer never holds the relay, its capacity slot
@@ -46,6 +50,9 @@ pub enum CloseReason {
     Shutdown,
     /// A reload removed the server or the listener.
     Removed,
+    /// The server's connection failed (reset, error): the client is told,
+    /// between frames, before its side is closed.
+    ServerLost,
 }
 
 impl CloseReason {
@@ -57,6 +64,7 @@ impl CloseReason {
             CloseReason::ServerUnhealthy => (1001, "server unhealthy"),
             CloseReason::Shutdown => (1001, "gateway shutting down"),
             CloseReason::Removed => (1001, "removed by a config reload"),
+            CloseReason::ServerLost => (1011, "backend connection lost"),
         }
     }
 }
@@ -93,6 +101,7 @@ impl EndCause {
             EndCause::Gateway(CloseReason::ServerUnhealthy) => "unhealthy",
             EndCause::Gateway(CloseReason::Shutdown) => "drain",
             EndCause::Gateway(CloseReason::Removed) => "removed",
+            EndCause::Gateway(CloseReason::ServerLost) => "error",
             EndCause::Error(_) => "error",
         }
     }
@@ -355,7 +364,14 @@ where
                 }
             }
             read = server_rd.read(&mut down_buf), if !down.ended => {
+                let lost = read.is_err();
                 if let Err(e) = down.pass_on(read, &down_buf, &mut client_wr, &mut last_activity, &mut ending).await {
+                    // The server's side failed (not the client's write): the
+                    // client gets a Close 1011 if its stream is between frames.
+                    if lost && !down.closed && !down.frames.saw_close && down.frames.at_boundary() {
+                        let frame = close_frame(CloseReason::ServerLost, false);
+                        let _ = tokio::time::timeout(CLOSE_GRACE, client_wr.write_all(&frame)).await;
+                    }
                     return end(stuck_or(cause, e, ending.closing), &up, &down);
                 }
             }
