@@ -130,7 +130,7 @@ async fn refused(gateway: &Gateway, name: &str, reason: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_under_way_finishes_on_the_version_it_started_with() {
     let app = Backend::start("app").await;
-    let plugins = PluginDir::new().add("guard", "looper", "call_timeout_ms = 3000\n");
+    let plugins = PluginDir::new().add("guard", "looper", "call_timeout_ms = 6000\n");
     let config = format!(
         "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"guard\"]\n\
          [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
@@ -139,13 +139,13 @@ async fn a_call_under_way_finishes_on_the_version_it_started_with() {
     let gateway = start_gateway(&config, &plugins).await;
     let addr = web(&gateway);
     let looper = gateway.registry().get("guard").unwrap().identity.sha256.clone();
-    // A 2.5 s call on version 1 (which allows it)...
-    let under_way = tokio::spawn(async move { get(addr, "/spin?ms=2500").await.status });
+    // A 4.5 s call on version 1 (which allows it)...
+    let under_way = tokio::spawn(async move { get(addr, "/spin?ms=4500").await.status });
     tokio::time::sleep(Duration::from_millis(100)).await;
     // ...while a new version, which denies every path, takes over.
     std::fs::write(plugins.path().join("guard.toml"), "[config]\ndeny_paths = \"/*\"\n").unwrap();
     std::fs::copy(plugin_wasm("handshake-guard"), plugins.path().join("guard.wasm")).unwrap();
-    wait_until("the new component serves", Duration::from_secs(5), || {
+    wait_until("the new component serves", Duration::from_secs(4), || {
         gateway.registry().get("guard").is_some_and(|g| g.identity.sha256 != looper)
     })
     .await;

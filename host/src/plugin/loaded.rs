@@ -230,9 +230,6 @@ pub struct PluginSource {
 }
 
 /// Epoch ticks in `duration`, rounded up, at least one.
-/// The least CPU time an instance's first call may take (see `call`).
-pub const FIRST_CALL_BUDGET: Duration = Duration::from_millis(100);
-
 fn ticks(duration: Duration) -> u64 {
     (duration.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).max(1)
 }
@@ -349,13 +346,8 @@ impl LoadedPlugin {
         state.call = Some(call);
         state.caps.refused_memory = false;
         std::mem::swap(&mut state.request, req);
-        // An instance's first call also pays for its start: every page of
-        // the component's memory image it writes is copied in then (a
-        // JavaScript or Python engine's heap). It gets at least
-        // FIRST_CALL_BUDGET; later calls get the plugin's deadline.
-        let budget = if call == 1 { self.limits.call_timeout.max(FIRST_CALL_BUDGET) } else { self.limits.call_timeout };
-        state.cpu = CpuBudget::starting_now(budget);
-        instance.store.set_epoch_deadline(if call == 1 { ticks(budget) } else { self.call_ticks });
+        state.cpu = CpuBudget::starting_now(self.limits.call_timeout);
+        instance.store.set_epoch_deadline(self.call_ticks);
         let result = export(&instance.bindings, &mut instance.store, Resource::new_borrow(call));
         let state = instance.store.data_mut();
         std::mem::swap(&mut state.request, req);
@@ -489,10 +481,6 @@ impl LoadedPlugin {
 mod tests {
     use super::*;
 
-    /// Held by the tests that time plugin calls: the CPU flood of one would
-    /// skew the other's wall-clock spins.
-    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
     /// The test plugin `looper` (built by scripts/build-plugins), loaded with
     /// a call deadline of `ms`.
     fn looper_with_deadline_ms(ms: u64) -> LoadedPlugin {
@@ -519,7 +507,6 @@ mod tests {
     /// deadline, yet the call never times out.
     #[test]
     fn time_waiting_for_a_core_does_not_count_against_the_deadline() {
-        let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
         use std::sync::atomic::AtomicBool;
 
         let plugin = looper_with_deadline_ms(10);
@@ -554,22 +541,6 @@ mod tests {
         }
         assert!(slowest > Duration::from_millis(10), "the flood never held a call past its deadline: {slowest:?}");
         assert_eq!(timeouts, 0, "calls timed out while waiting for a core (slowest {slowest:?})");
-    }
-
-    /// `/spin?ms=60` under a 10 ms deadline: the instance's first call may
-    /// run it (it pays for the instance's start), a later call may not.
-    #[test]
-    fn an_instances_first_call_has_the_larger_budget() {
-        let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
-        let plugin = looper_with_deadline_ms(10);
-        let spin = |plugin: &LoadedPlugin| {
-            let parts = http::Request::builder().uri("/spin?ms=60").body(()).unwrap().into_parts().0;
-            let client = Arc::new(crate::http::ConnInfo { addr: "192.0.2.1:5000".parse().unwrap(), tls: None });
-            plugin.inspect(&mut RequestView::new(parts, client, Arc::from("web"), false))
-        };
-        assert!(spin(&plugin).is_ok(), "the first call");
-        let later = spin(&plugin);
-        assert!(matches!(later, Err(PluginError::Timeout { .. })), "a later call: {later:?}");
     }
 
     #[test]
