@@ -1,5 +1,5 @@
-//! The request target as every later reader sees it (plugins, the access
-//! log, the backend): one spelling of each path, so a rule on `/admin`
+//! The request target as the plugins and the backend see it (the access log
+//! keeps the client's): one spelling of each path, so a rule on `/admin`
 //! cannot be talked past with `/x/../admin`, `//admin` or `/%61dmin`.
 //!
 //! [`normalize_path`] applies RFC 3986 §6.2.2: percent-encodings of

@@ -1,5 +1,6 @@
 //! Phase 1: the request made unambiguous before anything reads it, so the
-//! plugins, the access log and the backend all see the same request:
+//! plugins and the backend see the same request (the access log keeps the
+//! path the client sent):
 //!
 //! - `CONNECT` is only an RFC 8441 WebSocket (with `:protocol`); any other
 //!   is answered 405, never tunnelled.
