@@ -70,7 +70,7 @@ fn request(headers: usize, websocket: bool) -> RequestView {
     }
     let parts = builder.body(()).unwrap().into_parts().0;
     let tls = TlsDetails { sni: Some("app.example.test".into()), alpn: Some("http/1.1".into()) };
-    let client = Arc::new(ConnInfo { addr: "203.0.113.7:50000".parse().unwrap(), tls: Some(tls) });
+    let client = Arc::new(ConnInfo::new("203.0.113.7:50000".parse().unwrap(), Some(tls)));
     RequestView::new(parts, client, Arc::from("web"), websocket)
 }
 

@@ -120,25 +120,6 @@ async fn a_101_a_client_must_refuse_is_502() {
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
 }
 
-/// Opens a WebSocket through `addr` on a raw socket; returns it after the 101.
-async fn raw_upgrade(addr: std::net::SocketAddr, path: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "GET {path} HTTP/1.1\r\nHost: gw.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    while !answer.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await.unwrap().unwrap();
-        assert_eq!(n, 1, "the 101 never came: {}", String::from_utf8_lossy(&answer));
-        answer.push(byte[0]);
-    }
-    assert!(answer.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&answer));
-    stream
-}
-
 /// Everything `stream` sends until it closes (within `limit`).
 async fn read_to_end(stream: &mut TcpStream, limit: Duration) -> Vec<u8> {
     let mut got = Vec::new();

@@ -274,7 +274,7 @@ fn view(described: &Described) -> anyhow::Result<RequestView> {
     crate::request::target::settle(&mut request).map_err(|e| anyhow::anyhow!("the gateway would refuse it: {e}"))?;
     let parts = request.into_parts().0;
     let tls = described.tls.as_ref().map(|tls| TlsDetails { sni: tls.sni.clone(), alpn: tls.alpn.clone() });
-    let client = Arc::new(ConnInfo { addr: SocketAddr::new(described.client_ip, 50000), tls });
+    let client = Arc::new(ConnInfo::new(SocketAddr::new(described.client_ip, 50000), tls));
     Ok(RequestView::new(parts, client, described.listener.as_str().into(), described.websocket))
 }
 

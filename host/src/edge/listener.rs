@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::http::{ConnInfo, TlsDetails, Tunnels};
+use crate::http::{ConnInfo, TlsDetails};
 use crate::request::ListenerProxy;
 use crate::shutdown::Drain;
 
@@ -172,7 +172,7 @@ async fn connection(
     let activity = Arc::new(Activity::new());
     let stream = Tracked { io: stream, activity: activity.clone() };
     let Some(acceptor) = tls else {
-        let conn = Arc::new(ConnInfo { addr, tls: None });
+        let conn = Arc::new(ConnInfo::new(addr, None));
         return serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
     };
     let stream = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
@@ -191,7 +191,7 @@ async fn connection(
         sni: session.server_name().map(str::to_owned),
         alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
     };
-    let conn = Arc::new(ConnInfo { addr, tls: Some(details) });
+    let conn = Arc::new(ConnInfo::new(addr, Some(details)));
     serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
 }
 
@@ -286,11 +286,10 @@ async fn serve_http<I>(
     // whether one ever was, and the WebSockets it carries.
     let handling = Arc::new(AtomicUsize::new(0));
     let asked = Arc::new(AtomicBool::new(false));
-    let tunnels = Tunnels::default();
-    let service = service_fn(|mut req: hyper::Request<hyper::body::Incoming>| {
+    let tunnels = conn.tunnels.clone();
+    let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| {
         let (proxy, conn, handling) = (proxy.clone(), conn.clone(), handling.clone());
         asked.store(true, Ordering::Relaxed);
-        req.extensions_mut().insert(tunnels.clone());
         async move {
             handling.fetch_add(1, Ordering::AcqRel);
             let response = proxy.handle(req, &conn).await;

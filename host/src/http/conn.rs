@@ -12,6 +12,8 @@ pub struct ConnInfo {
     pub addr: SocketAddr,
     /// Set on TLS connections.
     pub tls: Option<TlsDetails>,
+    /// The WebSockets this connection carries now.
+    pub tunnels: Tunnels,
 }
 
 /// What the TLS handshake told: the name asked for and the protocol agreed.
@@ -22,16 +24,20 @@ pub struct TlsDetails {
 }
 
 impl ConnInfo {
+    /// What is known of a new connection from `addr`.
+    pub fn new(addr: SocketAddr, tls: Option<TlsDetails>) -> ConnInfo {
+        ConnInfo { addr, tls, tunnels: Tunnels::default() }
+    }
+
     /// `https` on TLS connections, else `http`.
     pub fn scheme(&self) -> &'static str {
         if self.tls.is_some() { "https" } else { "http" }
     }
 }
 
-/// The upgraded streams (WebSockets) a client connection carries now. The
-/// listener puts it in every request's extensions; a relay counts itself in
-/// with [`Tunnels::enter`], so an HTTP/2 connection whose only traffic is a
-/// quiet WebSocket is not closed as idle.
+/// The upgraded streams (WebSockets) a client connection carries now: a
+/// relay counts itself in with [`Tunnels::enter`], so an HTTP/2 connection
+/// whose only traffic is a quiet WebSocket is not closed as idle.
 #[derive(Debug, Clone, Default)]
 pub struct Tunnels(Arc<AtomicUsize>);
 

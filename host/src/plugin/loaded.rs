@@ -525,7 +525,7 @@ mod tests {
         let (mut timeouts, mut slowest) = (0, Duration::ZERO);
         for _ in 0..100 {
             let parts = http::Request::builder().uri("/spin?ms=3").body(()).unwrap().into_parts().0;
-            let client = Arc::new(crate::http::ConnInfo { addr: "192.0.2.1:5000".parse().unwrap(), tls: None });
+            let client = Arc::new(crate::http::ConnInfo::new("192.0.2.1:5000".parse().unwrap(), None));
             let mut view = RequestView::new(parts, client, Arc::from("web"), false);
             let started = std::time::Instant::now();
             match plugin.inspect(&mut view) {

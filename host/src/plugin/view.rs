@@ -30,7 +30,7 @@ pub struct RequestView {
 
 static NOBODY: LazyLock<(Arc<ConnInfo>, Arc<str>)> = LazyLock::new(|| {
     let addr = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
-    (Arc::new(ConnInfo { addr, tls: None }), Arc::from(""))
+    (Arc::new(ConnInfo::new(addr, None)), Arc::from(""))
 });
 
 impl RequestView {
@@ -145,7 +145,7 @@ mod tests {
             builder = builder.header(*name, *value);
         }
         let parts = builder.body(()).unwrap().into_parts().0;
-        let client = Arc::new(ConnInfo { addr: "192.0.2.1:5000".parse().unwrap(), tls: None });
+        let client = Arc::new(ConnInfo::new("192.0.2.1:5000".parse().unwrap(), None));
         RequestView::new(parts, client, Arc::from("web"), false)
     }
 

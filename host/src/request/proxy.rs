@@ -48,7 +48,7 @@ use super::route::Route;
 use super::target;
 use super::validate;
 use crate::config::{ListenerConfig, OnError};
-use crate::http::{ConnInfo, ERROR_HEADER, GatewayError, ResponseBody, Tunnels, WAF_DENY};
+use crate::http::{ConnInfo, ERROR_HEADER, GatewayError, ResponseBody, WAF_DENY};
 use crate::plugin::bindings::{RouteDecision, Verdict};
 use crate::plugin::{PluginError, PluginSlot, Registry, RequestView};
 use crate::shutdown::{Drain, Spread};
@@ -426,7 +426,7 @@ impl ListenerProxy {
         let slot = WebSocketSlot::try_take(&self.live_websockets, rules.max_websockets)
             .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() })?;
         let client_upgrade = hyper::upgrade::on(&mut req);
-        let tunnel = req.extensions().get::<Tunnels>().map(Tunnels::enter);
+        let tunnel = client.tunnels.enter();
         let log = self.shared.access_log.clone().map(|access| WebSocketLog {
             access,
             client: client.addr,

@@ -63,7 +63,7 @@ pub struct Relaying {
     /// Set when the access log is on.
     pub log: Option<WebSocketLog>,
     /// Counts this WebSocket on its client connection while it lives.
-    pub tunnel: Option<TunnelGuard>,
+    pub tunnel: TunnelGuard,
 }
 
 /// Holds a gauge one higher while it lives.
