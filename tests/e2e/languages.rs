@@ -190,8 +190,7 @@ async fn swapping_the_rust_router_for_the_js_router_under_load_fails_no_request(
     // Everything to the canary, so its first request shows the swap.
     std::fs::write(plugins.path().join("router.toml"), CANARY.replace("\"30\"", "\"100\"")).unwrap();
     std::fs::copy(plugin_wasm("canary-router"), plugins.path().join("router.wasm")).unwrap();
-    wait_until("the JavaScript router serves", std::time::Duration::from_secs(30), || !canary.requests().is_empty())
-        .await;
+    wait_until("the JavaScript router serves", STARTUP_BOUND, || !canary.requests().is_empty()).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = load.await.unwrap();

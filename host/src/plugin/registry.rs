@@ -103,6 +103,9 @@ impl Loader {
         let (component, from_cache) = match self.cache.as_ref().and_then(|c| c.get(self.runtime.engine(), &sha256)) {
             Some(component) => (component, true),
             None => {
+                // A JS or Python component takes seconds: say so, or a
+                // start-up that waits on it looks hung.
+                tracing::info!(plugin = %name, bytes = bytes.len(), "compiling plugin (not in the compiled-artifact cache)");
                 // Compiling takes milliseconds to seconds: keep it off the async workers.
                 let engine = self.runtime.engine().clone();
                 let component = tokio::task::spawn_blocking(move || Component::from_binary(&engine, &bytes))
