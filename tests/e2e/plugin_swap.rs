@@ -262,6 +262,46 @@ async fn restart_with_unchanged_plugins_loads_them_from_the_cache() {
     assert_eq!(version_of(&get(web(&second), "/").await.body), "path-router");
 }
 
+/// The cache holds native code the gateway runs: an entry changed on disk,
+/// or another component's valid entry put in its place, is recompiled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_cache_entry_is_recompiled_not_run() {
+    use sha2::Digest;
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("router", "path-router", ROUTES).add("echo", "head-echo", "");
+    let cache = tempfile::tempdir().unwrap();
+    let config = config(&app, &format!("cache_dir = \"{}\"", cache.path().display()));
+    drop(start_gateway(&config, &plugins).await);
+    let entry = |krate: &str| {
+        let sha = sha2::Sha256::digest(std::fs::read(plugin_wasm(krate)).unwrap());
+        let prefix: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no cache entry for {krate}"))
+    };
+    let (router, echo) = (entry("path-router"), entry("head-echo"));
+    // The router's entry replaced by head-echo's, which is a valid artifact
+    // for this engine; one byte of head-echo's own entry changed.
+    std::fs::copy(&echo, &router).unwrap();
+    let mut bytes = std::fs::read(&echo).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&echo, bytes).unwrap();
+
+    let gateway = start_gateway(&config, &plugins).await;
+    for name in ["router", "echo"] {
+        assert!(!gateway.registry().get(name).unwrap().identity.from_cache, "{name}: the tampered entry was used");
+    }
+    assert_eq!(version_of(&get(web(&gateway), "/").await.body), "path-router", "the router's own code runs");
+    drop(gateway);
+    // Recompiled entries replace the tampered ones.
+    let again = start_gateway(&config, &plugins).await;
+    assert!(again.registry().get("router").unwrap().identity.from_cache);
+    assert_eq!(version_of(&get(web(&again), "/").await.body), "path-router");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_built_against_contract_0_2_is_refused_naming_the_version_and_the_fix() {
     let app = Backend::start("app").await;

@@ -467,11 +467,11 @@ async fn replaced_certificate_serves_new_connections_while_open_wss_keeps_echoin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_is_redirected_to_https_without_losing_bodies() {
     let pki = Pki::new();
-    let (cert, key) = pki.issue("gw", &["gw.test"]);
+    let (cert, key) = pki.issue("gw", &["gw.test", "*.apps.test"]);
     let app = Backend::start("app").await;
     let config = format!(
         "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nredirect_to_https = true\n{}",
-        https_config(&plain_pool(&app), &[(&["gw.test"], &cert, &key)], "")
+        https_config(&plain_pool(&app), &[(&["gw.test", "*.apps.test"], &cert, &key)], "")
     );
     let gateway = start_gateway(&config, &PluginDir::new()).await;
     let plain = gateway.listener_addr("plain").unwrap();
@@ -483,6 +483,18 @@ async fn plain_http_is_redirected_to_https_without_losing_bodies() {
     let posted = request(plain, "POST", "/form", &[], b"a=1".to_vec()).await;
     assert_eq!(posted.status, StatusCode::OK, "a request with a body is not redirected");
     assert!(posted.body.contains("body_len=3"));
+
+    // `Host` is the client's word: a Location only names a host the HTTPS
+    // listener has a certificate for (here `gw.test` and `*.apps.test`).
+    let sub = request(plain, "GET", "/x", &[("host", "a.apps.test")], vec![]).await;
+    assert_eq!(sub.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(sub.header("location"), Some(format!("https://a.apps.test:{https_port}/x").as_str()));
+    for forged in ["evil.example", "a.b.apps.test", "apps.test", "gw.test.evil.example"] {
+        let got = request(plain, "GET", "/x", &[("host", forged)], vec![]).await;
+        assert_eq!(got.status, StatusCode::MISDIRECTED_REQUEST, "{forged}");
+        assert_eq!(got.header("location"), None, "{forged}");
+    }
+    assert_eq!(app.requests().len(), 1, "only the POST reached the backend");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

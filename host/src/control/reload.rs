@@ -34,7 +34,7 @@ use crate::edge::tls::{self, CertStore};
 use crate::file_watch::FileWatch;
 use crate::plugin::Loader;
 use crate::plugin::host_api::HostServices;
-use crate::request::{ListenerProxy, ListenerRules, Shared};
+use crate::request::{HttpsTarget, ListenerProxy, ListenerRules, Shared};
 use crate::telemetry::metrics::ResultLabel;
 use crate::upstream::Pools;
 use crate::upstream::pool::PoolChanges;
@@ -368,12 +368,12 @@ impl Control {
         let addr_of = |name: &str| {
             opened.get(name).map(|o: &Opened| o.addr).or_else(|| running.listeners.get(name).map(|r| r.addr))
         };
-        let https_port = config
-            .listener
-            .iter()
-            .find(|l| l.protocol == ListenerProtocol::Https)
-            .and_then(|l| addr_of(&l.name))
-            .map(|a| a.port());
+        let https = config.listener.iter().find(|l| l.protocol == ListenerProtocol::Https);
+        let https_target = https.and_then(|l| {
+            let port = addr_of(&l.name)?.port();
+            let hosts = l.certificate.iter().flat_map(|c| &c.hosts).map(|h| h.to_ascii_lowercase()).collect();
+            Some(Arc::new(HttpsTarget { port, hosts }))
+        });
 
         let mut listeners = BTreeMap::new();
         for config in &config.listener {
@@ -381,7 +381,7 @@ impl Control {
                 config,
                 pools.clone(),
                 relay_limits,
-                https_port,
+                https_target.clone(),
                 &self.shared.metrics,
                 &self.shared.registry,
             );

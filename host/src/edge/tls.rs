@@ -117,14 +117,8 @@ impl CertStore {
             if let Some(entry) = entries.iter().find(|e| e.hosts.contains(&name)) {
                 return Some(entry.key.clone());
             }
-            let wildcard = entries.iter().find(|e| {
-                e.hosts.iter().any(|h| {
-                    h.strip_prefix("*.").is_some_and(|suffix| {
-                        name.strip_suffix(suffix)
-                            .is_some_and(|label| label.ends_with('.') && !label[..label.len() - 1].contains('.'))
-                    })
-                })
-            });
+            let wildcard =
+                entries.iter().find(|e| e.hosts.iter().any(|h| crate::http::target::wildcard_matches(h, &name)));
             if let Some(entry) = wildcard {
                 return Some(entry.key.clone());
             }

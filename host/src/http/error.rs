@@ -72,7 +72,10 @@ pub enum GatewayError {
 impl GatewayError {
     /// The 308 to the same URL on the HTTPS listener's `port`: the host from
     /// `Host` (or the absolute target's authority), the target unchanged.
-    pub fn redirect_to_https<B>(req: &http::Request<B>, port: u16) -> GatewayError {
+    /// The 308 to `https://HOST:port/...`, or 421 if `hosts` (the HTTPS
+    /// listener's certificate names) do not include the request's host: the
+    /// `Location` never names a host the client made up.
+    pub fn redirect_to_https<B>(req: &http::Request<B>, port: u16, hosts: &[String]) -> GatewayError {
         let authority = req
             .headers()
             .get(header::HOST)
@@ -83,6 +86,9 @@ impl GatewayError {
             Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
             _ => authority,
         };
+        if !super::target::names_host(hosts, host) {
+            return GatewayError::MisdirectedRequest;
+        }
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let location =
             if port == 443 { format!("https://{host}{target}") } else { format!("https://{host}:{port}{target}") };

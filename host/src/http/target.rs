@@ -89,9 +89,36 @@ fn decode_unreserved(path: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(out))
 }
 
+/// Whether `name` is one of `hosts` (lowercase certificate names): exactly,
+/// or under a leading `*.` wildcard that stands for one whole label.
+pub fn names_host(hosts: &[String], name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    hosts.contains(&name) || hosts.iter().any(|h| wildcard_matches(h, &name))
+}
+
+/// Whether `pattern` (`*.example.test`) covers `name` (lowercase): exactly
+/// one label in place of the `*`.
+pub fn wildcard_matches(pattern: &str, name: &str) -> bool {
+    pattern.strip_prefix("*.").is_some_and(|suffix| {
+        name.strip_suffix(suffix)
+            .is_some_and(|label| label.len() > 1 && label.ends_with('.') && !label[..label.len() - 1].contains('.'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wildcard_name_stands_for_exactly_one_label() {
+        let hosts = ["gw.test".to_owned(), "*.apps.test".to_owned()];
+        for name in ["gw.test", "GW.Test", "a.apps.test", "A-1.APPS.test"] {
+            assert!(names_host(&hosts, name), "{name}");
+        }
+        for name in ["apps.test", ".apps.test", "a.b.apps.test", "evil.example", "gw.test.evil", "xapps.test", ""] {
+            assert!(!names_host(&hosts, name), "{name}");
+        }
+    }
 
     fn normal(path: &str) -> String {
         normalize_path(path).unwrap_or_else(|e| panic!("{path}: {e}")).into_owned()

@@ -6,15 +6,24 @@
 //! The cache directory must be trusted: wasmtime runs the machine code it
 //! finds there. It is created private to the gateway's user (mode 0700), and
 //! an existing directory that another user owns or others can write to is
-//! not used at all.
+//! not used at all. Each artifact also carries an HMAC-SHA256 over its bytes
+//! and its file name, keyed by a random key made once in the directory
+//! (`key`, mode 0600): a file changed, truncated, swapped for another
+//! component's or written by anything but this cache is recompiled, never
+//! run. The whole file is read and checked before wasmtime sees it, so what
+//! was checked is what runs.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ring::hmac;
 use wasmtime::Engine;
 use wasmtime::component::Component;
+
+/// Bytes of the HMAC-SHA256 tag at the end of each artifact.
+const TAG_LEN: usize = 32;
 
 /// A name for a scratch file no other writer in this process or another
 /// one picks at the same time.
@@ -27,6 +36,8 @@ fn scratch_name(what: &str) -> String {
 pub struct ArtifactCache {
     dir: PathBuf,
     compatibility: u64,
+    /// Authenticates the artifacts (see the module's comment).
+    key: hmac::Key,
     /// The most the cache's artifacts may take on disk; the least recently
     /// used go first past it.
     max_bytes: u64,
@@ -43,7 +54,8 @@ impl ArtifactCache {
         check_private(dir)?;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        Ok(ArtifactCache { dir: dir.to_owned(), compatibility: hasher.finish(), max_bytes: DEFAULT_MAX_BYTES })
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &load_or_make_key(dir)?);
+        Ok(ArtifactCache { dir: dir.to_owned(), compatibility: hasher.finish(), key, max_bytes: DEFAULT_MAX_BYTES })
     }
 
     /// The same cache, bounded to `max_bytes` on disk.
@@ -68,13 +80,23 @@ impl ArtifactCache {
     /// The cached component for `sha256`, if a usable one is there.
     pub fn get(&self, engine: &Engine, sha256: &str) -> Option<Component> {
         let path = self.path(sha256);
-        if !path.exists() {
+        let mut bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(error) => {
+                tracing::warn!(file = %path.display(), %error, "unreadable cached artifact; recompiling");
+                return None;
+            }
+        };
+        if !self.authentic(&path, &mut bytes) {
+            tracing::warn!(file = %path.display(), "cached artifact fails its integrity check (changed or not written by this cache); recompiling");
+            let _ = std::fs::remove_file(&path);
             return None;
         }
-        // SAFETY: the cache directory is private to the gateway's user and
-        // only ever holds artifacts this code serialized; wasmtime still
-        // checks the header and the engine compatibility before using it.
-        match unsafe { Component::deserialize_file(engine, &path) } {
+        // SAFETY: these bytes carry this cache's HMAC, so this code
+        // serialized them; wasmtime still checks the header and the engine
+        // compatibility before using them.
+        match unsafe { Component::deserialize(engine, &bytes) } {
             Ok(component) => {
                 // Used now: the last to go when the cache is pruned.
                 let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
@@ -88,6 +110,19 @@ impl ArtifactCache {
         }
     }
 
+    /// The tag of artifact `bytes` stored at `path`.
+    fn tag(&self, path: &Path, bytes: &mut Vec<u8>) -> hmac::Tag {
+        with_name(path, bytes, |input| hmac::sign(&self.key, input))
+    }
+
+    /// Whether `file` (artifact then tag) carries this cache's tag; `file`
+    /// is left holding the artifact alone.
+    fn authentic(&self, path: &Path, file: &mut Vec<u8>) -> bool {
+        let Some(split) = file.len().checked_sub(TAG_LEN) else { return false };
+        let tag = file.split_off(split);
+        with_name(path, file, |input| hmac::verify(&self.key, input, &tag).is_ok())
+    }
+
     /// Stores `component` for `sha256` (atomically: write, then rename).
     pub fn put(&self, sha256: &str, component: &Component) {
         let path = self.path(sha256);
@@ -95,7 +130,9 @@ impl ArtifactCache {
         let result = component
             .serialize()
             .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|bytes| {
+            .and_then(|mut bytes| {
+                let tag = self.tag(&path, &mut bytes);
+                bytes.extend_from_slice(tag.as_ref());
                 // create_new: never follow or reuse a file someone else put there.
                 let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
                 std::io::Write::write_all(&mut file, &bytes)
@@ -133,6 +170,55 @@ impl ArtifactCache {
             }
         }
         drop(newest);
+    }
+}
+
+/// Runs `f` on the HMAC input for an artifact: its bytes, then its file
+/// name (so an artifact renamed to another component's name fails). The
+/// name is appended in place and removed again: no copy of the artifact.
+fn with_name<T>(path: &Path, bytes: &mut Vec<u8>, f: impl FnOnce(&[u8]) -> T) -> T {
+    let len = bytes.len();
+    bytes.extend_from_slice(path.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+    let result = f(bytes);
+    bytes.truncate(len);
+    result
+}
+
+/// The cache's HMAC key: `DIR/key`, made once from the system's secure
+/// random source. Several gateways sharing the directory agree on one key:
+/// a new key is written aside and linked into place, and whoever loses the
+/// race reads the winner's.
+fn load_or_make_key(dir: &Path) -> std::io::Result<[u8; TAG_LEN]> {
+    let path = dir.join("key");
+    let read = |path: &Path| -> std::io::Result<[u8; TAG_LEN]> {
+        let meta = std::fs::symlink_metadata(path)?;
+        if !meta.is_file() || meta.mode() & 0o077 != 0 {
+            return Err(std::io::Error::other(format!("{} is not a private file (mode 0600)", path.display())));
+        }
+        std::fs::read(path)?
+            .try_into()
+            .map_err(|_| std::io::Error::other(format!("{} is not a {TAG_LEN}-byte key", path.display())))
+    };
+    match read(&path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        other => return other,
+    }
+    let mut key = [0u8; TAG_LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| std::io::Error::other("no secure random source"))?;
+    let temp = dir.join(scratch_name("key"));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, &key))
+        .and_then(|()| std::fs::hard_link(&temp, &path));
+    let _ = std::fs::remove_file(&temp);
+    match written {
+        Ok(()) => Ok(key),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => read(&path),
+        Err(error) => Err(error),
     }
 }
 
@@ -185,8 +271,8 @@ mod tests {
             .collect();
         left.sort();
         // 4,000 bytes of artifacts, 2,500 allowed: the two oldest (30 s and
-        // 20 s) go; other files are not the cache's.
-        assert_eq!(left, ["artifact-1.cwasm", "artifact-3.cwasm", "notes.txt"]);
+        // 20 s) go; other files (and the key) are not pruned.
+        assert_eq!(left, ["artifact-1.cwasm", "artifact-3.cwasm", "key", "notes.txt"]);
     }
 
     #[test]
@@ -195,6 +281,20 @@ mod tests {
         let dir = parent.path().join("cache");
         ArtifactCache::open(&dir, &engine()).unwrap();
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn the_key_is_made_once_private_and_a_readable_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_make_key(dir.path()).unwrap();
+        assert_eq!(load_or_make_key(dir.path()).unwrap(), first, "kept");
+        let key = dir.path().join("key");
+        assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = load_or_make_key(dir.path()).unwrap_err();
+        assert!(error.to_string().contains("not a private file"), "{error}");
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(load_or_make_key(other.path()).unwrap(), first, "random per directory");
     }
 
     #[test]

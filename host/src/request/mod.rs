@@ -12,4 +12,4 @@ pub mod route;
 pub mod target;
 pub mod validate;
 
-pub use proxy::{ListenerProxy, ListenerRules, Shared};
+pub use proxy::{HttpsTarget, ListenerProxy, ListenerRules, Shared};

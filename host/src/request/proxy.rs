@@ -8,7 +8,8 @@
 //!    and a valid one (400/426)?
 //! 3. [`redirect`](ListenerProxy::redirect): on a listener with
 //!    `redirect_to_https`, a plain request without a body is answered 308
-//!    to the same URL on the HTTPS listener.
+//!    to the same URL on the HTTPS listener, if that listener has a
+//!    certificate for its host (421 if not: `Host` is the client's word).
 //! 4. [`decide`](ListenerProxy::decide): on a listener with plugins, the
 //!    request head lent to them as a [`RequestView`] for phases 5 and 6.
 //! 5. [`waf`](ListenerProxy::waf): the listener's WAF plugins, in order; a
@@ -79,6 +80,15 @@ struct PluginUse {
     timing: Histogram,
 }
 
+/// The HTTPS listener an `http` listener redirects to: its port, and the
+/// names its certificates serve (lowercase), the only hosts a `Location`
+/// may name.
+#[derive(Debug)]
+pub struct HttpsTarget {
+    pub port: u16,
+    pub hosts: Vec<String>,
+}
+
 /// One listener's rules under the config in force, with the pools they
 /// name. A reload replaces them whole, so a request sees one config.
 pub struct ListenerRules {
@@ -86,8 +96,8 @@ pub struct ListenerRules {
     router: Option<PluginUse>,
     default_pool: Option<Arc<Pool>>,
     max_websockets: usize,
-    /// Port of the HTTPS listener plain requests are redirected to.
-    redirect_to_https: Option<u16>,
+    /// Where plain requests are redirected to.
+    redirect_to_https: Option<Arc<HttpsTarget>>,
     pools: Arc<Pools>,
     relay_limits: RelayLimits,
     requests: RequestCounters,
@@ -110,7 +120,7 @@ impl ListenerRules {
         config: &ListenerConfig,
         pools: Arc<Pools>,
         relay_limits: RelayLimits,
-        redirect_to_https: Option<u16>,
+        redirect_to_https: Option<Arc<HttpsTarget>>,
         metrics: &Metrics,
         registry: &Registry,
     ) -> ListenerRules {
@@ -251,9 +261,9 @@ impl ListenerProxy {
     /// Phase 3: the 308 to the same URL on the HTTPS listener's port, for a
     /// plain request without a body on a listener that redirects.
     fn redirect(rules: &ListenerRules, req: &Request<Incoming>, handshake: bool) -> Step<()> {
-        match rules.redirect_to_https {
-            Some(port) if !handshake && req.body().is_end_stream() => {
-                Err(GatewayError::redirect_to_https(req, port).into())
+        match &rules.redirect_to_https {
+            Some(https) if !handshake && req.body().is_end_stream() => {
+                Err(GatewayError::redirect_to_https(req, https.port, &https.hosts).into())
             }
             _ => Ok(()),
         }
