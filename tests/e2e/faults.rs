@@ -1,7 +1,7 @@
 //! Faults injected with real sockets, against a `wasmgate run` process: a
 //! backend that dies mid-body, one that resets a WebSocket right after its
-//! 101 or in the middle of it, and a client that stops reading a 50 MB
-//! download. Each must leave nothing behind: no request or WebSocket
+//! 101 or in the middle of it, one that takes a request or a handshake and
+//! never answers, and a client that stops reading a 50 MB download. Each must leave nothing behind: no request or WebSocket
 //! counted in `/status`, and no descriptor more in `/proc/PID/fd` than
 //! before.
 
@@ -15,7 +15,8 @@ use crate::common::*;
 /// A backend whose every connection misbehaves as its request path says:
 /// `/truncated` promises 1 MB and resets after 1 KB; `/big` sends 50 MB;
 /// `/ws-reset` answers 101 and resets; `/ws-die` answers 101, sends one
-/// text frame and resets 200 ms later.
+/// text frame and resets 200 ms later; `/hang` and `/ws-hang` never answer
+/// and hold the connection until the gateway closes it.
 async fn fault_backend() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -63,6 +64,14 @@ async fn misbehave(mut socket: TcpStream) {
                 match tokio::time::timeout(Duration::from_secs(20), socket.write_all(&chunk)).await {
                     Ok(Ok(())) => {}
                     _ => return,
+                }
+            }
+        }
+        "/hang" | "/ws-hang" => {
+            // Silent, but reading: returns once the gateway hangs up.
+            while let Ok(n) = socket.read(&mut buf).await {
+                if n == 0 {
+                    return;
                 }
             }
         }
@@ -116,7 +125,7 @@ async fn backend_and_client_faults_leave_no_count_and_no_descriptor_behind() {
             "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n[limits]\nclient_idle_timeout_s = 1\n\
              [websocket]\nidle_timeout_s = 2\n\
              [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"faulty\"\n\
-             [[pool]]\nname = \"faulty\"\nservers = [\"{backend}\"]\nrequest_timeout_s = 5\n\
+             [[pool]]\nname = \"faulty\"\nservers = [\"{backend}\"]\nrequest_timeout_s = 2\n\
              [pool.probe]\ninterval_s = 3600\ntimeout_s = 1\n"
         ),
     )
@@ -151,7 +160,20 @@ async fn backend_and_client_faults_leave_no_count_and_no_descriptor_behind() {
     let message = [0x81, 5, b'h', b'e', b'l', b'l', b'o'];
     assert_eq!(after, [&message[..], &close_1011()].concat(), "the message, then Close 1011");
 
-    // 4. A client that stops reading a 50 MB download.
+    // 4. The backend takes a request, or a handshake, and never answers:
+    // 504 at the pool's request timeout (2 s), and its connection closed.
+    let hung = raw_exchange(web, "GET /hang HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n").await;
+    assert!(hung.starts_with("HTTP/1.1 504"), "{hung:.200}");
+    assert!(hung.contains("x-wasmgate-error: backend-timeout"), "{hung:.300}");
+    let handshake = raw_exchange(
+        web,
+        "GET /ws-hang HTTP/1.1\r\nHost: gw.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert!(handshake.starts_with("HTTP/1.1 504"), "{handshake:.200}");
+
+    // 5. A client that stops reading a 50 MB download.
     let mut stalled = TcpStream::connect(web).await.unwrap();
     stalled.write_all(b"GET /big HTTP/1.1\r\nHost: gw.test\r\n\r\n").await.unwrap();
     let mut first = vec![0u8; 64 * 1024];

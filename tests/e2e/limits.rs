@@ -236,3 +236,104 @@ async fn http2_clients_are_told_the_stream_limit() {
     // SETTINGS_MAX_CONCURRENT_STREAMS (0x3).
     assert!(settings.contains(&(0x3, 7)), "{settings:?}");
 }
+
+/// Sends `n` requests for `path` at once on one HTTP/2 connection to
+/// `addr`; returns how many got each (status, `x-wasmgate-error`).
+async fn h2_burst(
+    addr: std::net::SocketAddr,
+    path: &str,
+    n: usize,
+) -> std::collections::BTreeMap<(StatusCode, Option<String>), usize> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    let streams: Vec<_> = (0..n)
+        .map(|i| {
+            let mut h2 = h2.clone();
+            let uri = format!("http://gw.test{path}{i}");
+            tokio::spawn(async move {
+                let request =
+                    http::Request::builder().uri(uri).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+                let response = h2.send_request(request).await.expect("an answer");
+                let code = response.headers().get("x-wasmgate-error").map(|v| v.to_str().unwrap().to_owned());
+                (response.status(), code)
+            })
+        })
+        .collect();
+    let mut answers = std::collections::BTreeMap::new();
+    for stream in streams {
+        *answers.entry(stream.await.unwrap()).or_insert(0) += 1;
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pools_connection_limit_holds_against_one_clients_streams_and_ejects_nothing() {
+    let (app, other) = (Backend::start("app").await, Backend::start("other").await);
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
+         [[listener]]\nname = \"side\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"other\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\nmax_connections = 4\n[pool.probe]\ninterval_s = 3600\n\
+         [[pool]]\nname = \"other\"\nservers = [\"{}\"]\n",
+        app.addr, other.addr
+    );
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let admin = gateway.admin_addr().expect("admin");
+    // 20 slow requests (3 s each) at once on one HTTP/2 connection.
+    let burst = tokio::spawn(h2_burst(web(&gateway), "/slow/", 20));
+    // Well inside the 3 s the slow requests take.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = status(admin).await;
+    let pool = during["pools"].as_array().unwrap().iter().find(|p| p["name"] == "app").unwrap().clone();
+    assert_eq!(pool["upstream_connections"], serde_json::json!({"open": 4, "limit": 4}), "{during}");
+    assert!(during["upstream_connections"]["open"].as_u64().unwrap() >= 4, "{during}");
+    // The other pool is not held up.
+    assert_eq!(get(gateway.listener_addr("side").unwrap(), "/").await.status, StatusCode::OK);
+
+    let answers = burst.await.unwrap();
+    assert_eq!(answers.get(&(StatusCode::OK, None)), Some(&4), "{answers:?}");
+    assert_eq!(answers.get(&(StatusCode::SERVICE_UNAVAILABLE, Some("out-of-resources".to_owned()))), Some(&16));
+    // Nothing was the backend's fault: healthy, and serving.
+    let after = status(admin).await;
+    let pool = after["pools"].as_array().unwrap().iter().find(|p| p["name"] == "app").unwrap().clone();
+    assert_eq!(pool["servers"][0]["healthy"], true, "{after}");
+    assert_eq!(get(web(&gateway), "/after").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_drips_is_cut_at_the_pools_request_timeout() {
+    let app = Backend::start("app").await;
+    let config = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\nrequest_timeout_s = 2\n",
+        app.addr
+    );
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let mut stream = tokio::net::TcpStream::connect(web(&gateway)).await.unwrap();
+    stream.write_all(b"POST /upload HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 1000\r\n\r\n").await.unwrap();
+    let started = Instant::now();
+    // One byte every 200 ms: always moving, never done. The backend reads
+    // the whole body before it answers, so no response head comes.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < Duration::from_secs(10) {
+        if stream.write_all(b"x").await.is_err() {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(text.contains("x-wasmgate-error: backend-timeout"), "{text}");
+    let lived = started.elapsed();
+    assert!(lived < Duration::from_secs(2) + Duration::from_secs(1) + CI_MARGIN, "cut after {lived:?}");
+    assert!(app.requests().is_empty(), "the backend never had a whole request");
+}

@@ -244,6 +244,11 @@ pub struct PoolConfig {
     /// failed probe only stops new traffic; established connections stay.
     #[serde(default)]
     pub close_on_unhealthy: bool,
+    /// Upstream connections open at once to this pool's servers (busy or
+    /// idle; WebSockets and probes included). Past it a request gets 503
+    /// `out-of-resources` at once and no server's health changes. Default:
+    /// no limit but the process's.
+    pub max_connections: Option<usize>,
     /// The active health probe. A pool without one is probed with `GET /`.
     #[serde(default)]
     pub probe: ProbeConfig,

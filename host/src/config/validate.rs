@@ -89,6 +89,9 @@ impl Config {
                     return Err(invalid(key("servers"), format!("`{server}` is listed twice")));
                 }
             }
+            if pool.max_connections == Some(0) {
+                return Err(invalid(key("max_connections"), "must be at least 1".into()));
+            }
             if !(1..=MAX_TIMEOUT_S).contains(&pool.request_timeout_s) {
                 return Err(invalid(key("request_timeout_s"), "must be between 1 second and 30 days".into()));
             }

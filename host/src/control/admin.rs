@@ -252,6 +252,10 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "draining": drain.is_draining(),
         "requests_in_flight": drain.in_flight(),
         "websockets": drain.websockets(),
+        "upstream_connections": {
+            "open": view.pools.process_budget().open(),
+            "limit": view.pools.process_budget().limit(),
+        },
         "listeners": view.listeners.iter().map(|l| json!({
             "name": l.name,
             "addr": l.addr.to_string(),
@@ -265,6 +269,10 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "name": pool.name,
             "balance": format!("{:?}", pool.balance),
             "websockets": pool.servers.iter().map(|s| s.websockets()).sum::<usize>(),
+            "upstream_connections": pool.budgets.pool.as_ref().map(|budget| json!({
+                "open": budget.open(),
+                "limit": budget.limit(),
+            })),
             "servers": pool.servers.iter().map(|s| {
                 let probe = s.last_probe();
                 json!({

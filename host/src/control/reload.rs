@@ -37,6 +37,7 @@ use crate::plugin::host_api::HostServices;
 use crate::request::{HttpsTarget, ListenerProxy, ListenerRules, Shared};
 use crate::telemetry::metrics::ResultLabel;
 use crate::upstream::Pools;
+use crate::upstream::budget::SocketBudget;
 use crate::upstream::pool::PoolChanges;
 use crate::upstream::probe;
 use crate::websocket::relay::RelayLimits;
@@ -191,6 +192,7 @@ impl Control {
             client_idle_timeout: Duration::from_secs(started_with.limits.client_idle_timeout_s),
             max_concurrent_streams: started_with.limits.max_concurrent_streams,
         };
+        let upstream = SocketBudget::new("the process", cap.upstream_allowance());
         Control {
             shared,
             loader,
@@ -204,7 +206,7 @@ impl Control {
                 drain_window: Duration::from_secs(started_with.websocket.drain_s),
             }),
             started_with,
-            running: tokio::sync::Mutex::default(),
+            running: tokio::sync::Mutex::new(Running { pools: Arc::new(Pools::empty(upstream)), ..Running::default() }),
             history: Mutex::default(),
             stopped: Default::default(),
         }

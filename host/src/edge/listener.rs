@@ -32,6 +32,9 @@ const FD_HEADROOM: u64 = 256;
 #[derive(Debug)]
 pub struct ConnectionCap {
     cap: usize,
+    /// Upstream connections the process may have open at once: what the
+    /// open-file limit leaves after the headroom and the client cap.
+    upstream: usize,
     live: AtomicUsize,
     refusing: AtomicBool,
     drain: Arc<Drain>,
@@ -49,7 +52,8 @@ impl Drop for Admitted {
 impl ConnectionCap {
     /// The cap from config, or from the open-file limit: the soft limit is
     /// raised to the hard one, and each connection may need two descriptors
-    /// (client and server).
+    /// (client and server), so half of what is left after the headroom goes
+    /// to clients and half to upstream connections.
     pub fn new(configured: Option<usize>, drain: Arc<Drain>) -> ConnectionCap {
         use rustix::process::{Resource, getrlimit, setrlimit};
         let mut limit = getrlimit(Resource::Nofile);
@@ -63,8 +67,21 @@ impl ConnectionCap {
         let files = limit.current.unwrap_or(1 << 20);
         let derived = (files.saturating_sub(FD_HEADROOM) / 2).max(1) as usize;
         let cap = configured.unwrap_or(derived);
-        tracing::info!(open_file_limit = files, max_connections = cap, "connection cap");
-        ConnectionCap { cap, live: AtomicUsize::new(0), refusing: AtomicBool::new(false), drain }
+        let upstream = (files.saturating_sub(FD_HEADROOM).saturating_sub(cap as u64)).max(files / 4) as usize;
+        tracing::info!(
+            open_file_limit = files,
+            max_connections = cap,
+            max_upstream_connections = upstream,
+            "connection cap"
+        );
+        ConnectionCap { cap, upstream, live: AtomicUsize::new(0), refusing: AtomicBool::new(false), drain }
+    }
+
+    /// How many upstream connections the process may have open at once:
+    /// the open-file limit less 256 and the client cap, and at least a
+    /// quarter of the open-file limit.
+    pub fn upstream_allowance(&self) -> usize {
+        self.upstream
     }
 
     /// A place for a new client connection, or `None` past the cap.

@@ -71,8 +71,8 @@ pub enum GatewayError {
 
 impl GatewayError {
     /// The 308 to the same URL on the HTTPS listener's `port`: the host from
-    /// `Host` (or the absolute target's authority), the target unchanged.
-    /// The 308 to `https://HOST:port/...`, or 421 if `hosts` (the HTTPS
+    /// `Host` (or the absolute target's authority), the target unchanged;
+    /// or 421 if `hosts` (the HTTPS
     /// listener's certificate names) do not include the request's host: the
     /// `Location` never names a host the client made up.
     pub fn redirect_to_https<B>(req: &http::Request<B>, port: u16, hosts: &[String]) -> GatewayError {

@@ -444,13 +444,13 @@ impl ListenerProxy {
         });
         let (mut parts, _body) = req.into_parts();
         forward::prepare_upstream(&mut parts, route, client, rules.trusts(client))?;
-        let (timeout, tls) = (route.pool.request_timeout, route.pool.tls.as_ref());
+        let (timeout, tls, budgets) = (route.pool.request_timeout, route.pool.tls.as_ref(), &route.pool.budgets);
         let attempt = |server: Arc<Server>| {
             let (head, handshake) = (forward::copy_head(&parts), &handshake);
             async move {
                 // Counted on its server from the handshake on (least-connections).
                 let active = server.begin();
-                let answer = handshake.send(head, &server.address, tls, timeout).await;
+                let answer = handshake.send(head, &server.address, tls, budgets, timeout).await;
                 answer.map(|response| (response, active))
             }
         };

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::budget::{Budgets, Counted, CountingConnector, is_over_budget};
 use super::tls::{PoolTls, is_tls_error};
 use crate::http::ResponseBody;
 use crate::http::headers::remove_hop_by_hop;
@@ -80,19 +81,22 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// Opens a connection to `address` (TLS if `tls` is set) for an HTTP/1.1
-/// exchange: a WebSocket handshake or a probe.
+/// exchange: a WebSocket handshake or a probe. It holds a place in
+/// `budgets` while it is open.
 pub async fn connect(
     address: &str,
     tls: Option<&PoolTls>,
     connect_timeout: Duration,
+    budgets: &Budgets,
 ) -> Result<Box<dyn Io>, SendError> {
+    let slot = budgets.take().map_err(|over| SendError::Local(over.to_string()))?;
     let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(address)).await {
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(stream)) => Counted::new(stream, slot),
         Ok(Err(e)) if is_local_exhaustion(&e) => return Err(SendError::Local(e.to_string())),
         Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
         Err(_) => return Err(SendError::Connect(format!("no connection within {connect_timeout:?}"))),
     };
-    let _ = stream.set_nodelay(true);
+    let _ = stream.get_ref().set_nodelay(true);
     let Some(tls) = tls else {
         return Ok(Box::new(stream));
     };
@@ -111,25 +115,28 @@ pub type ForwardBody = Either<Incoming, Empty<Bytes>>;
 /// The pooled client a pool's plain requests are forwarded with.
 #[derive(Debug)]
 pub enum Forwarder {
-    Plain(Client<HttpConnector, ForwardBody>),
+    Plain(Client<CountingConnector<HttpConnector>, ForwardBody>),
     /// HTTP/1.1 or HTTP/2 (by ALPN) over TLS.
-    Tls(Client<HttpsConnector<HttpConnector>, ForwardBody>),
+    Tls(Client<HttpsConnector<CountingConnector<HttpConnector>>, ForwardBody>),
 }
 
 impl Forwarder {
-    /// A client for a pool with these TLS settings (`None`: plain HTTP/1.1).
-    pub fn new(tls: Option<&PoolTls>, connect_timeout: Duration) -> Forwarder {
+    /// A client for a pool with these TLS settings (`None`: plain HTTP/1.1)
+    /// whose connections count in `budgets`, keeping at most `max_idle`
+    /// idle connections per server.
+    pub fn new(tls: Option<&PoolTls>, connect_timeout: Duration, budgets: Budgets, max_idle: usize) -> Forwarder {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
         let mut builder = Client::builder(TokioExecutor::new());
         // Idle connections kept per server: a burst's connections do not all
         // stay open (each is a descriptor) once it has passed.
-        builder.pool_max_idle_per_host(MAX_IDLE_PER_SERVER);
+        builder.pool_max_idle_per_host(max_idle);
         let Some(tls) = tls else {
-            return Forwarder::Plain(builder.build(connector));
+            return Forwarder::Plain(builder.build(CountingConnector::new(connector, budgets)));
         };
         connector.enforce_http(false);
+        let connector = CountingConnector::new(connector, budgets);
         let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((*tls.config).clone()).https_only();
         let https = match &tls.server_name {
             Some(name) => https.with_server_name_resolver(FixedServerNameResolver::new(name.clone())),
@@ -166,7 +173,7 @@ impl Forwarder {
         let response = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(response)) => response,
             Ok(Err(err)) if is_tls_error(&err) => return Err(SendError::Tls(error_chain(&err))),
-            Ok(Err(err)) if err.is_connect() && local_exhaustion(&err) => {
+            Ok(Err(err)) if err.is_connect() && (local_exhaustion(&err) || is_over_budget(&err)) => {
                 return Err(SendError::Local(error_chain(&err)));
             }
             Ok(Err(err)) if err.is_connect() => return Err(SendError::Connect(error_chain(&err))),

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::connect::{self, Forwarder};
+use super::budget::{Budgets, SocketBudget};
+use super::connect::{self, Forwarder, MAX_IDLE_PER_SERVER};
 use super::tls::PoolTls;
 use crate::config::{Balance, PoolConfig, ProbeConfig};
 use crate::shutdown::Spread;
@@ -208,23 +209,38 @@ pub struct Pool {
     pub tls: Option<PoolTls>,
     /// The pooled client plain requests to this pool's servers go through.
     pub forwarder: Forwarder,
+    /// Where its upstream connections count (the process's budget and its
+    /// own `max_connections`).
+    pub budgets: Budgets,
     next: AtomicUsize,
 }
 
 impl Pool {
-    /// Builds a pool; fails if its TLS settings cannot be loaded (`ca`).
-    pub fn new(config: &PoolConfig) -> Result<Pool, String> {
-        Pool::reusing(config, None)
+    /// Builds a pool whose connections count in `process`; fails if its TLS
+    /// settings cannot be loaded (`ca`).
+    pub fn new(config: &PoolConfig, process: &Arc<SocketBudget>) -> Result<Pool, String> {
+        Pool::reusing(config, None, process)
     }
 
     /// Builds a pool, taking the servers `old` also has from it.
-    fn reusing(config: &PoolConfig, old: Option<&Pool>) -> Result<Pool, String> {
+    fn reusing(config: &PoolConfig, old: Option<&Pool>, process: &Arc<SocketBudget>) -> Result<Pool, String> {
         let tls = PoolTls::for_pool(config).map_err(|e| format!("pool `{}`: {e}", config.name))?;
         let server = |address: &String| match old.and_then(|old| old.servers.iter().find(|s| &s.address == address)) {
             // Its settings change when the new pools are committed
             // ([`Pools::commit`]), not before: a refused config changes nothing.
             Some(kept) => kept.clone(),
             None => Arc::new(Server::new(address, config)),
+        };
+        let budgets = Budgets {
+            process: process.clone(),
+            pool: config.max_connections.map(|limit| SocketBudget::new(format!("pool `{}`", config.name), limit)),
+        };
+        // Idle connections per server: with a pool limit, at most an even
+        // share of it, so idle connections to one server never keep another
+        // from getting any.
+        let max_idle = match config.max_connections {
+            Some(limit) => (limit / config.servers.len().max(1)).clamp(1, MAX_IDLE_PER_SERVER),
+            None => MAX_IDLE_PER_SERVER,
         };
         Ok(Pool {
             name: config.name.clone(),
@@ -238,7 +254,10 @@ impl Pool {
             forwarder: Forwarder::new(
                 tls.as_ref(),
                 connect::connect_timeout(Duration::from_secs(config.request_timeout_s)),
+                budgets.clone(),
+                max_idle,
             ),
+            budgets,
             tls,
             next: AtomicUsize::new(0),
         })
@@ -287,9 +306,12 @@ fn rendezvous_weight(key: &str, server: &str) -> u64 {
 }
 
 /// Every pool by name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pools {
     by_name: HashMap<String, Arc<Pool>>,
+    /// The process's budget of upstream connections, which every pool's
+    /// connections count in.
+    process: Arc<SocketBudget>,
 }
 
 /// What [`Pools::update`] changed.
@@ -304,9 +326,29 @@ pub struct PoolChanges {
     pub servers_removed: Vec<Arc<Server>>,
 }
 
+/// No pools, and no limit on upstream connections: for checking configs
+/// and plugins, where nothing connects.
+impl Default for Pools {
+    fn default() -> Pools {
+        Pools::empty(SocketBudget::new("the process", usize::MAX))
+    }
+}
+
 impl Pools {
+    /// No pools yet; their connections will count in `process`.
+    pub fn empty(process: Arc<SocketBudget>) -> Pools {
+        Pools { by_name: HashMap::new(), process }
+    }
+
+    /// The pools for `configs`, with no limit on upstream connections but
+    /// their own: for checking a config, where nothing connects.
     pub fn new(configs: &[PoolConfig]) -> Result<Pools, String> {
         Ok(Pools::default().update(configs)?.0)
+    }
+
+    /// The process's budget of upstream connections.
+    pub fn process_budget(&self) -> &Arc<SocketBudget> {
+        &self.process
     }
 
     /// The pools for `configs`, built from these: an unchanged pool is kept
@@ -322,11 +364,11 @@ impl Pools {
                 Some(old) if old.config == *config => old.clone(),
                 Some(old) => {
                     changes.changed.push(config.name.clone());
-                    Arc::new(Pool::reusing(config, Some(old))?)
+                    Arc::new(Pool::reusing(config, Some(old), &self.process)?)
                 }
                 None => {
                     changes.added.push(config.name.clone());
-                    Arc::new(Pool::new(config)?)
+                    Arc::new(Pool::new(config, &self.process)?)
                 }
             };
             for server in &pool.servers {
@@ -352,7 +394,7 @@ impl Pools {
         }
         changes.servers_added.sort();
         changes.servers_removed.sort_by(|a, b| (&a.pool, &a.address).cmp(&(&b.pool, &b.address)));
-        Ok((Pools { by_name }, changes))
+        Ok((Pools { by_name, process: self.process.clone() }, changes))
     }
 
     /// Puts these pools' settings into effect on their servers (a server
@@ -391,7 +433,7 @@ mod tests {
             "name = \"app\"\nservers = [{}]\nbalance = \"{balance}\"\n",
             servers.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
         );
-        Pool::new(&toml::from_str::<PoolConfig>(&text).unwrap()).unwrap()
+        Pool::new(&toml::from_str::<PoolConfig>(&text).unwrap(), &SocketBudget::new("the process", 100)).unwrap()
     }
 
     fn addr(server: Option<Arc<Server>>) -> String {

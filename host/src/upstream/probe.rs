@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::budget::Budgets;
 use super::connect::{self, SendError};
 use super::pool::{Pool, Server};
 use super::tls::PoolTls;
@@ -67,7 +68,7 @@ async fn probe_pool(pool: Arc<Pool>) {
                     due[i] = Instant::now() + jitter(round);
                 }
                 let (server, config, pool) = (pool.servers[i].clone(), config.clone(), pool.clone());
-                in_flight.spawn(async move { (i, probe_once(&server, pool.tls.as_ref(), &config).await) });
+                in_flight.spawn(async move { (i, probe_once(&server, pool.tls.as_ref(), &pool.budgets, &config).await) });
             }
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 let Ok((i, outcome)) = done else { continue };
@@ -134,17 +135,27 @@ impl Streak {
 }
 
 /// One probe of `server`: `Ok` if it passed, else why not.
-pub async fn probe_once(server: &Server, tls: Option<&PoolTls>, config: &ProbeConfig) -> Result<(), String> {
+pub async fn probe_once(
+    server: &Server,
+    tls: Option<&PoolTls>,
+    budgets: &Budgets,
+    config: &ProbeConfig,
+) -> Result<(), String> {
     let timeout = Duration::from_secs_f64(config.timeout_s);
-    match tokio::time::timeout(timeout, probe_inner(server, tls, config)).await {
+    match tokio::time::timeout(timeout, probe_inner(server, tls, budgets, config)).await {
         Ok(result) => result,
         Err(_) => Err(format!("timed out after {timeout:?}")),
     }
 }
 
-async fn probe_inner(server: &Server, tls: Option<&PoolTls>, config: &ProbeConfig) -> Result<(), String> {
+async fn probe_inner(
+    server: &Server,
+    tls: Option<&PoolTls>,
+    budgets: &Budgets,
+    config: &ProbeConfig,
+) -> Result<(), String> {
     let connect_timeout = Duration::from_secs_f64(config.timeout_s);
-    let io = connect::connect(&server.address, tls, connect_timeout).await.map_err(|e| match e {
+    let io = connect::connect(&server.address, tls, connect_timeout, budgets).await.map_err(|e| match e {
         SendError::Connect(e) => format!("connect: {e}"),
         SendError::Local(e) => format!("{LOCAL}{e}"),
         SendError::Tls(e) => format!("tls: {e}"),

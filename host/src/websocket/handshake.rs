@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use crate::http::GatewayError;
 use crate::http::headers::{has_token, list, new_websocket_key};
 use crate::upstream::SendError;
+use crate::upstream::budget::Budgets;
 use crate::upstream::connect::{self, error_chain};
 use crate::upstream::tls::PoolTls;
 
@@ -117,6 +118,7 @@ impl ClientHandshake {
         mut parts: Parts,
         address: &str,
         tls: Option<&PoolTls>,
+        budgets: &Budgets,
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
         parts.method = Method::GET;
@@ -125,7 +127,7 @@ impl ClientHandshake {
         parts.headers.insert(header::SEC_WEBSOCKET_KEY, self.upstream_key.clone());
         let request = Request::from_parts(parts, Empty::<Bytes>::new());
         let exchange = async {
-            let io = connect::connect(address, tls, connect::connect_timeout(timeout)).await?;
+            let io = connect::connect(address, tls, connect::connect_timeout(timeout), budgets).await?;
             let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| SendError::Failed(error_chain(&e)))?;

@@ -114,9 +114,11 @@ enum Side {
     Server,
 }
 
-/// Where a byte stream is in its frames.
-#[derive(Debug, Default)]
-struct Frames {
+/// Where a byte stream is in its frames: the relay passes bytes through
+/// unparsed and only follows frame headers, so a Close it makes goes
+/// between two frames. Public for the fuzz targets (`fuzz/`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Frames {
     /// Bytes of the current frame still to pass (header done).
     remaining: u64,
     /// A header seen in part.
@@ -128,7 +130,7 @@ struct Frames {
 
 impl Frames {
     /// Follows `data` through frame headers and payloads.
-    fn feed(&mut self, mut data: &[u8]) {
+    pub fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let take = self.remaining.min(data.len() as u64);
@@ -163,8 +165,13 @@ impl Frames {
     }
 
     /// True between two frames.
-    fn at_boundary(&self) -> bool {
+    pub fn at_boundary(&self) -> bool {
         self.remaining == 0 && self.have == 0
+    }
+
+    /// Whether a Close frame's header went by.
+    pub fn saw_close(&self) -> bool {
+        self.saw_close
     }
 }
 

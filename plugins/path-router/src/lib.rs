@@ -27,7 +27,7 @@ use wasmgate_sdk::*;
 
 mod routes;
 
-pub use routes::{Action, Affinity, Route, parse_routes, pick};
+pub use routes::{Action, Affinity, Route, parse_routes, pick, rewrite};
 
 pub struct PathRouter;
 

@@ -1,0 +1,258 @@
+//! Upstream sockets counted as they open and close: every connection the
+//! gateway opens to a backend (pooled, idle or busy; WebSocket; probe) holds
+//! a place in the process's budget, and in its pool's when the pool sets
+//! `max_connections`. Past either, no socket is opened: the caller gets a
+//! local shortage (503 `out-of-resources`, the server's health untouched)
+//! instead of the process running out of descriptors, or one client's
+//! HTTP/2 streams taking every connection a backend accepts.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Sockets open under one limit.
+#[derive(Debug)]
+pub struct SocketBudget {
+    /// What the limit belongs to, for the error: "the process" or "pool `x`".
+    owner: String,
+    open: AtomicUsize,
+    limit: usize,
+}
+
+impl SocketBudget {
+    pub fn new(owner: impl Into<String>, limit: usize) -> Arc<SocketBudget> {
+        Arc::new(SocketBudget { owner: owner.into(), open: AtomicUsize::new(0), limit })
+    }
+
+    /// Sockets open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn take(self: &Arc<Self>) -> Result<Held, OverBudget> {
+        if self.open.fetch_add(1, Ordering::AcqRel) < self.limit {
+            return Ok(Held(self.clone()));
+        }
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        Err(OverBudget(format!("{} has {} upstream connections open, its limit", self.owner, self.limit)))
+    }
+}
+
+/// One place in a budget, given back on drop.
+#[derive(Debug)]
+struct Held(Arc<SocketBudget>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// No place left: a shortage of this host's, not the server's doing.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OverBudget(String);
+
+/// Whether `error`'s chain holds an [`OverBudget`].
+pub fn is_over_budget(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error.is::<OverBudget>() {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
+/// The budgets a pool's connections count in: the process's and, if the
+/// pool has `max_connections`, its own.
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    pub process: Arc<SocketBudget>,
+    pub pool: Option<Arc<SocketBudget>>,
+}
+
+impl Budgets {
+    /// A place in every budget, or none.
+    pub fn take(&self) -> Result<Slot, OverBudget> {
+        let pool = self.pool.as_ref().map(SocketBudget::take).transpose()?;
+        Ok(Slot { _process: self.process.take()?, _pool: pool })
+    }
+}
+
+/// A socket's places, held while it is open.
+#[derive(Debug)]
+pub struct Slot {
+    _process: Held,
+    _pool: Option<Held>,
+}
+
+/// A socket that holds its [`Slot`] until it is dropped.
+#[derive(Debug)]
+pub struct Counted<T> {
+    inner: T,
+    _slot: Slot,
+}
+
+impl<T> Counted<T> {
+    pub fn new(inner: T, slot: Slot) -> Counted<T> {
+        Counted { inner, _slot: slot }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Counted<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<T: Connection> Connection for Counted<T> {
+    fn connected(&self) -> Connected {
+        self.inner.connected()
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A connector (for the pooled client) whose every socket is [`Counted`]:
+/// past a budget it fails with [`OverBudget`] before connecting at all.
+#[derive(Debug, Clone)]
+pub struct CountingConnector<C> {
+    inner: C,
+    budgets: Budgets,
+}
+
+impl<C> CountingConnector<C> {
+    pub fn new(inner: C, budgets: Budgets) -> CountingConnector<C> {
+        CountingConnector { inner, budgets }
+    }
+}
+
+impl<C> tower_service::Service<Uri> for CountingConnector<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Response: Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = Counted<C::Response>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let slot = match self.budgets.take() {
+            Ok(slot) => slot,
+            Err(over) => return Box::pin(std::future::ready(Err(over.into()))),
+        };
+        let connecting = self.inner.call(uri);
+        Box::pin(async move { Ok(Counted::new(connecting.await.map_err(Into::into)?, slot)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_place_is_taken_in_every_budget_and_given_back_on_drop() {
+        let process = SocketBudget::new("the process", 3);
+        let pool = Budgets { process: process.clone(), pool: Some(SocketBudget::new("pool `a`", 2)) };
+        let other = Budgets { process: process.clone(), pool: None };
+        let open = || (process.open(), pool.pool.as_ref().unwrap().open());
+        let first = pool.take().unwrap();
+        let second = pool.take().unwrap();
+        assert_eq!(pool.take().unwrap_err().to_string(), "pool `a` has 2 upstream connections open, its limit");
+        assert_eq!(open(), (2, 2));
+        drop(first);
+        let elsewhere = [other.take().unwrap(), other.take().unwrap()];
+        // The pool has room, the process has none: the pool's place goes back.
+        let refused = pool.take().unwrap_err();
+        assert!(refused.to_string().starts_with("the process has 3"), "{refused}");
+        assert_eq!(open(), (3, 1));
+        drop((second, elsewhere));
+        assert_eq!(open(), (0, 0));
+        let boxed: BoxError = Box::new(refused);
+        assert!(is_over_budget(boxed.as_ref()));
+    }
+}
