@@ -2,8 +2,9 @@
 //! and backend relies on to see one spelling of each path. Whatever a client
 //! sends, a path that is accepted comes out normal: starting with `/`, no
 //! `.` or `..` segment, no empty segment, no percent-encoded unreserved
-//! character, no encoded `/`, `\`, `.` or NUL, valid as a request target,
-//! and normalizing it again changes nothing.
+//! character, no encoded `/`, `\`, `.` or NUL, valid as a request target
+//! when the input was a valid path, and normalizing it again changes
+//! nothing.
 
 #![no_main]
 
@@ -31,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(!b"/\\\0".contains(&byte), "encoded separator {hex}: {path:?} -> {normal:?}");
     }
     assert!(normalize_path(&normal).is_ok_and(|again| again == normal), "not idempotent: {normal:?}");
-    if http::uri::PathAndQuery::try_from(path).is_ok() {
+    // The gateway normalizes what hyper parsed as a path: for such a path
+    // (no `?`, `#` or bytes a target may not hold), the normal form is one too.
+    if http::uri::PathAndQuery::try_from(path).is_ok_and(|parsed| parsed.as_str() == path && parsed.query().is_none()) {
         assert!(http::uri::PathAndQuery::try_from(normal.as_str()).is_ok(), "{path:?} -> invalid {normal:?}");
     }
 });

@@ -146,3 +146,84 @@ async fn a_backend_cannot_answer_in_the_gateways_name() {
     assert_eq!(got.header("x-wasmgate-error"), None, "{:?}", got.headers);
     assert!(got.body.contains("backend says"), "{}", got.body);
 }
+
+/// `bytes` sent on a new connection to `addr`; everything the gateway
+/// answers until it closes (or 5 s pass).
+async fn exchange_bytes(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = stream.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_an_l4_balancer_the_proxy_header_names_the_client_and_nothing_else_gets_in() {
+    let (app, api) = (Backend::start("app").await, Backend::start("api").await);
+    let (gateway, _plugins) = gateway(&app, &api, "proxy_protocol = true").await;
+    let request = b"GET /page HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n";
+
+    // Version 2 (binary), as AWS NLB and HAProxy send it.
+    let source: std::net::SocketAddr = "203.0.113.7:5555".parse().unwrap();
+    let destination: std::net::SocketAddr = "192.0.2.1:80".parse().unwrap();
+    let mut v2 = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (source, destination),
+    )
+    .build()
+    .unwrap();
+    v2.extend_from_slice(request);
+    let answer = String::from_utf8_lossy(&exchange_bytes(web(&gateway), &v2).await).into_owned();
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    // The header's source is the client: a forged X-Forwarded-For is replaced by it.
+    assert_eq!(app.requests()[0].header("x-forwarded-for"), Some("203.0.113.7"));
+
+    // Version 1 (text).
+    let v1 = [&b"PROXY TCP4 198.51.100.9 192.0.2.1 6000 80\r\n"[..], request].concat();
+    assert_eq!(status_of(&String::from_utf8_lossy(&exchange_bytes(web(&gateway), &v1).await)), 200);
+    assert_eq!(app.requests()[1].header("x-forwarded-for"), Some("198.51.100.9"));
+
+    // A client that reaches the listener directly, or sends a broken
+    // header, is closed without an answer and reaches no backend.
+    for direct in [
+        &request[..],
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\nGET / HTTP/1.1\r\n\r\n",
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff",
+    ] {
+        let answer = exchange_bytes(web(&gateway), direct).await;
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    }
+    assert_eq!(app.requests().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_see_the_client_a_trusted_proxy_names_and_the_peer_otherwise() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("head-echo", "head-echo", "");
+    let config = |trusted: &str| {
+        format!(
+            "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"head-echo\"\ntrusted_proxies = [{trusted}]\n\
+             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+            app.addr
+        )
+    };
+    async fn client_ip_seen(addr: std::net::SocketAddr, forwarded_for: &str) -> String {
+        let raw =
+            format!("GET / HTTP/1.1\r\nHost: gw.test\r\nX-Forwarded-For: {forwarded_for}\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(addr, &raw).await;
+        let line = answer.lines().find_map(|l| l.strip_prefix("client-ip: ")).map(str::to_owned);
+        line.unwrap_or_else(|| panic!("no client-ip in {answer}"))
+    }
+
+    // The peer (127.0.0.1) is trusted, and so is 10.0.0.0/8: the client is
+    // the right-most address no trusted proxy stands for.
+    let trusting = start_gateway(&config("\"127.0.0.0/8\", \"10.0.0.0/8\""), &plugins).await;
+    assert_eq!(client_ip_seen(web(&trusting), "203.0.113.7").await, "203.0.113.7");
+    assert_eq!(client_ip_seen(web(&trusting), "6.6.6.6, 203.0.113.7, 10.1.2.3").await, "203.0.113.7");
+    assert_eq!(client_ip_seen(web(&trusting), "203.0.113.7, not-an-ip").await, "127.0.0.1", "garbage: the peer");
+    // From a peer it does not trust, X-Forwarded-For says nothing.
+    let untrusting = start_gateway(&config("\"10.0.0.0/8\""), &plugins).await;
+    assert_eq!(client_ip_seen(web(&untrusting), "203.0.113.7").await, "127.0.0.1");
+}

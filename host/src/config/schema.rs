@@ -162,6 +162,12 @@ pub struct ListenerConfig {
     /// Default: none.
     #[serde(default, deserialize_with = "addresses_or_blocks")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from
+    /// an L4 load balancer, whose source address is the client's; a
+    /// connection without a valid one is closed. Only for a listener that
+    /// nothing but the balancer can reach. Default: off.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 fn default_max_websockets() -> usize {

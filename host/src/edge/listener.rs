@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use super::proxy_protocol;
 use crate::http::{ConnInfo, TlsDetails};
 use crate::request::ListenerProxy;
 use crate::shutdown::Drain;
@@ -187,7 +188,23 @@ async fn connection(
     _admitted: Admitted,
 ) {
     let activity = Arc::new(Activity::new());
-    let stream = Tracked { io: stream, activity: activity.clone() };
+    let mut stream = Tracked { io: stream, activity: activity.clone() };
+    let addr = if proxy.proxy_protocol() {
+        let header = proxy_protocol::read_header(&mut stream, addr);
+        match tokio::time::timeout(limits.header_read_timeout, header).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(reason)) => {
+                tracing::debug!(listener = %proxy.name, peer = %addr, %reason, "PROXY header refused; connection closed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(listener = %proxy.name, peer = %addr, "no PROXY header in time; connection closed");
+                return;
+            }
+        }
+    } else {
+        addr
+    };
     let Some(acceptor) = tls else {
         let conn = Arc::new(ConnInfo::new(addr, None));
         return serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;

@@ -3,4 +3,5 @@
 //! HTTPS listeners with SNI ([`tls`]). Nothing here routes.
 
 pub mod listener;
+pub mod proxy_protocol;
 pub mod tls;

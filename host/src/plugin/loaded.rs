@@ -418,7 +418,7 @@ impl LoadedPlugin {
             _ => 0,
         };
         c.last_error.store(Some(Arc::new(error.to_string())));
-        if let Some(tripped) = self.breaker.failed(req.client.addr.ip()) {
+        if let Some(tripped) = self.breaker.failed(req.client_ip) {
             tracing::warn!(
                 plugin = %self.name,
                 version = self.identity.version,

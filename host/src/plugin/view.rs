@@ -26,6 +26,9 @@ pub struct RequestView {
     pub listener: Arc<str>,
     /// Set when the gateway validated the request as a WebSocket handshake.
     pub websocket: bool,
+    /// The client's address: the peer's, or the one a trusted proxy's
+    /// `X-Forwarded-For` names ([`RequestView::with_client_ip`]).
+    pub client_ip: std::net::IpAddr,
 }
 
 static NOBODY: LazyLock<(Arc<ConnInfo>, Arc<str>)> = LazyLock::new(|| {
@@ -35,13 +38,21 @@ static NOBODY: LazyLock<(Arc<ConnInfo>, Arc<str>)> = LazyLock::new(|| {
 
 impl RequestView {
     pub fn new(parts: Parts, client: Arc<ConnInfo>, listener: Arc<str>, websocket: bool) -> RequestView {
-        RequestView { parts, client, listener, websocket }
+        let client_ip = client.addr.ip().to_canonical();
+        RequestView { parts, client, listener, websocket, client_ip }
+    }
+
+    /// The same request from client address `ip` (behind a trusted proxy).
+    pub fn with_client_ip(mut self, ip: std::net::IpAddr) -> RequestView {
+        self.client_ip = ip;
+        self
     }
 
     /// What an instance holds between calls: no request at all.
     pub(crate) fn empty() -> RequestView {
         let (client, listener) = NOBODY.clone();
-        RequestView { parts: Request::new(()).into_parts().0, client, listener, websocket: false }
+        let client_ip = client.addr.ip();
+        RequestView { parts: Request::new(()).into_parts().0, client, listener, websocket: false, client_ip }
     }
 
     pub(crate) fn method(&self) -> String {
@@ -97,7 +108,7 @@ impl RequestView {
     }
 
     pub(crate) fn client_ip(&self) -> String {
-        self.client.addr.ip().to_canonical().to_string()
+        self.client_ip.to_string()
     }
 
     pub(crate) fn listener(&self) -> String {

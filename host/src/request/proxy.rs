@@ -105,13 +105,40 @@ pub struct ListenerRules {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// HTTPS: the `Host` must name the SNI's host.
     require_sni_match: bool,
+    /// Connections open with a PROXY protocol header.
+    proxy_protocol: bool,
 }
 
 impl ListenerRules {
     /// Whether `client` is a proxy this listener trusts.
     fn trusts(&self, client: &ConnInfo) -> bool {
-        let ip = client.addr.ip().to_canonical();
+        self.trusts_ip(client.addr.ip())
+    }
+
+    fn trusts_ip(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address as plugins and the crash-loop breaker see it:
+    /// from a trusted proxy, the right-most `X-Forwarded-For` address that
+    /// is not itself a trusted proxy (the first hop no trusted proxy vouches
+    /// past); otherwise, or if that list ends in something that is not an
+    /// address, the peer's.
+    fn client_ip(&self, headers: &http::HeaderMap, client: &ConnInfo) -> std::net::IpAddr {
+        let peer = client.addr.ip().to_canonical();
+        if !self.trusts_ip(peer) {
+            return peer;
+        }
+        let lines: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        for entry in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
+            match entry.trim().parse::<std::net::IpAddr>() {
+                Ok(ip) if self.trusts_ip(ip) => continue,
+                Ok(ip) => return ip.to_canonical(),
+                Err(_) => return peer,
+            }
+        }
+        peer
     }
 }
 
@@ -141,6 +168,7 @@ impl ListenerRules {
             relay_limits,
             trusted_proxies: config.trusted_proxies.clone(),
             require_sni_match: config.require_sni_match,
+            proxy_protocol: config.proxy_protocol,
         }
     }
 }
@@ -187,6 +215,12 @@ impl ListenerProxy {
     }
 
     /// Applies new rules to the requests that start from now on.
+    /// Whether this listener's connections must open with a PROXY protocol
+    /// header (under the rules in force when the connection is accepted).
+    pub fn proxy_protocol(&self) -> bool {
+        self.rules.load().proxy_protocol
+    }
+
     pub fn set_rules(&self, rules: ListenerRules) {
         self.rules.store(Arc::new(rules));
     }
@@ -283,7 +317,8 @@ impl ListenerProxy {
             return Ok((req, Self::default_route(rules)?));
         }
         let (parts, body) = req.into_parts();
-        let mut view = RequestView::new(parts, client.clone(), self.label.clone(), websocket);
+        let client_ip = rules.client_ip(&parts.headers, client);
+        let mut view = RequestView::new(parts, client.clone(), self.label.clone(), websocket).with_client_ip(client_ip);
         self.waf(rules, &mut view)?;
         let route = self.route(rules, &mut view)?;
         Ok((Request::from_parts(view.parts, body), route))
