@@ -178,32 +178,10 @@ async fn out_of_descriptors_is_503_and_never_ejects_the_backend() {
     .unwrap();
     // 120 open files in all: one HTTP/2 connection asking for 150 slow
     // responses at once (its stream limit raised to 200 for this) needs
-    // more upstream sockets than that.
+    // more upstream sockets than that. With max_connections above the
+    // limit, the process's upstream budget is a quarter of it (30).
     let gateway = GatewayProcess::start_limited(&config, &dir.path().join("gateway.log"), 2, Some(120)).await;
-    let tcp = tokio::net::TcpStream::connect(gateway.addr("web")).await.unwrap();
-    let (h2, connection) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(connection);
-    let streams: Vec<_> = (0..150)
-        .map(|i| {
-            let mut h2 = h2.clone();
-            tokio::spawn(async move {
-                let request = http::Request::builder()
-                    .uri(format!("http://gw.test/slow/{i}"))
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .unwrap();
-                let response = h2.send_request(request).await.expect("an answer");
-                let code = response.headers().get("x-wasmgate-error").map(|v| v.to_str().unwrap().to_owned());
-                (response.status(), code)
-            })
-        })
-        .collect();
-    let mut answers = std::collections::BTreeMap::new();
-    for stream in streams {
-        *answers.entry(stream.await.unwrap()).or_insert(0) += 1;
-    }
+    let answers = h2_burst(gateway.addr("web"), "/slow/", 150).await;
     let short = answers.get(&(StatusCode::SERVICE_UNAVAILABLE, Some("out-of-resources".to_owned()))).copied();
     assert!(short.is_some_and(|n| n > 0), "the descriptors ran out: {answers:?}");
     assert!(answers.get(&(StatusCode::OK, None)).is_some_and(|n| *n > 0), "{answers:?}");
