@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+use wasmgate::config::LogFormat;
 use wasmgate::control::gateway::{Gateway, prepare};
 use wasmgate::control::plugin_project::{self, Kind, Language};
 use wasmgate::{Config, config};
@@ -87,12 +88,21 @@ enum PluginCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    // `run` logs as its config's `[log] format` says (a config that does
+    // not load is reported by `run` itself, in text).
+    let json = match &cli.command {
+        Command::Run { config } => Config::load(config).is_ok_and(|c| c.log.format == LogFormat::Json),
+        _ => false,
+    };
+    let logger = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("WASMGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    if json {
+        logger.json().with_ansi(false).init();
+    } else {
         // Colours only for a person at a terminal, never into a file or a pipe.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        logger.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -335,3 +335,57 @@ async fn admin_event_streams_and_connections_are_capped() {
     assert!(matches!(read, Ok(0) | Err(_)), "the 65th connection was served");
     drop(held);
 }
+
+/// A cluster's log pipeline and logrotate: the gateway's own lines as JSON
+/// objects; SIGUSR1 reopens the access log by name; SIGUSR2 kills nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_and_sigusr1_reopens_the_access_log_for_logrotate() {
+    let app = Backend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, access) = (dir.path().join("gateway.toml"), dir.path().join("access.log"));
+    std::fs::write(
+        &config,
+        format!(
+            "[log]\nformat = \"json\"\naccess = \"text\"\naccess_file = \"{}\"\n\
+             [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
+             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+            access.display(),
+            app.addr
+        ),
+    )
+    .unwrap();
+    let mut gateway = GatewayProcess::start(&config, &dir.path().join("gateway.log"), 1).await;
+    let log = gateway.log_text();
+    let mut web = None;
+    for line in log.lines() {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        for key in ["timestamp", "level", "target", "fields"] {
+            assert!(object.get(key).is_some(), "no {key}: {line}");
+        }
+        if object["fields"]["listener"] == "web" && object["fields"]["message"].as_str().unwrap().contains("listening")
+        {
+            web = object["fields"]["addr"].as_str().map(|a| a.parse::<std::net::SocketAddr>().unwrap());
+        }
+    }
+    let web = web.unwrap_or_else(|| panic!("no listening line for web:\n{log}"));
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
+
+    assert_eq!(get(web, "/before").await.status, StatusCode::OK);
+    wait_until("the first access line", Duration::from_secs(5), || read(&access).contains("/before")).await;
+    // logrotate renames the file, then signals.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&access, &rotated).unwrap();
+    gateway.signal("USR1");
+    wait_until("the reopen logged", Duration::from_secs(5), || gateway.log_text().contains("reopening the access log"))
+        .await;
+    assert_eq!(get(web, "/after").await.status, StatusCode::OK);
+    wait_until("a new access file", Duration::from_secs(5), || read(&access).contains("/after")).await;
+    assert!(!read(&access).contains("/before"), "{}", read(&access));
+    assert!(!read(&rotated).contains("/after"), "{}", read(&rotated));
+
+    gateway.signal("USR2");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(gateway.child.try_wait().unwrap().is_none(), "SIGUSR2 killed the gateway");
+    assert_eq!(get(web, "/still").await.status, StatusCode::OK);
+}

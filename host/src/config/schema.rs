@@ -407,6 +407,11 @@ impl Default for WebSocketConfig {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
+    /// The gateway's own log lines on standard error: `text` (default) or
+    /// `json` (one object per line: timestamp, level, target, fields).
+    /// Read at start-up.
+    #[serde(default)]
+    pub format: LogFormat,
     /// One line per request and per closed WebSocket: `off` (default),
     /// `text` or `json`.
     #[serde(default)]
@@ -414,6 +419,14 @@ pub struct LogConfig {
     /// Where access lines go (relative to the config file); standard output
     /// without it.
     pub access_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

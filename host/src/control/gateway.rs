@@ -166,11 +166,14 @@ impl Gateway {
     }
 
     /// Serves until SIGINT or SIGTERM, then drains (see [`crate::shutdown`]);
-    /// SIGHUP reloads the config file.
+    /// SIGHUP reloads the config file, SIGUSR1 reopens the access log, and
+    /// SIGUSR2 is ignored (its default action would kill the process
+    /// without a drain).
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let (mut terminate, mut interrupt) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
         let mut hangup = signal(SignalKind::hangup())?;
+        let (mut user1, mut user2) = (signal(SignalKind::user_defined1())?, signal(SignalKind::user_defined2())?);
         loop {
             tokio::select! {
                 _ = terminate.recv() => break,
@@ -179,6 +182,14 @@ impl Gateway {
                     tracing::info!("SIGHUP: reloading the config");
                     self.control.reload().await;
                 }
+                _ = user1.recv() => match &self.control.shared().access_log {
+                    Some(access) => {
+                        tracing::info!("SIGUSR1: reopening the access log");
+                        access.reopen();
+                    }
+                    None => tracing::info!("SIGUSR1: no access log to reopen"),
+                },
+                _ = user2.recv() => tracing::info!("SIGUSR2 ignored"),
             }
         }
         self.drain().await;

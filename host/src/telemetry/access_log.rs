@@ -4,10 +4,13 @@
 //! Lines go through `tracing-appender`'s non-blocking writer: the request
 //! path formats a line and hands it to a channel; a worker thread writes.
 //! If the disk cannot keep up, lines are dropped (and counted by the
-//! writer) rather than the request path waiting.
+//! writer) rather than the request path waiting. SIGUSR1 reopens the file
+//! by name ([`AccessLog::reopen`]), for logrotate.
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -19,6 +22,9 @@ use crate::config::{AccessFormat, LogConfig};
 pub struct AccessLog {
     json: bool,
     writer: NonBlocking,
+    /// Set by [`AccessLog::reopen`]: the file is opened again by name
+    /// before the next line (`access_file` only).
+    reopen: Option<Arc<AtomicBool>>,
     /// Flushes what is queued when the log is dropped.
     _guard: WorkerGuard,
 }
@@ -75,18 +81,28 @@ impl AccessLog {
             AccessFormat::Text => false,
             AccessFormat::Json => true,
         };
-        let (writer, guard) = match &config.access_file {
-            Some(file) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(file)
-                    .map_err(|e| anyhow::anyhow!("[log] access_file {}: {e}", file.display()))?;
-                tracing_appender::non_blocking(file)
+        let (writer, guard, reopen) = match &config.access_file {
+            Some(path) => {
+                let file = append(path).map_err(|e| anyhow::anyhow!("[log] access_file {}: {e}", path.display()))?;
+                let reopen = Arc::new(AtomicBool::new(false));
+                let file = Reopening { path: path.clone(), file, reopen: reopen.clone() };
+                let (writer, guard) = tracing_appender::non_blocking(file);
+                (writer, guard, Some(reopen))
             }
-            None => tracing_appender::non_blocking(std::io::stdout()),
+            None => {
+                let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+                (writer, guard, None)
+            }
         };
-        Ok(Some(AccessLog { json, writer, _guard: guard }))
+        Ok(Some(AccessLog { json, writer, reopen, _guard: guard }))
+    }
+
+    /// Opens `access_file` again by name before the next line (SIGUSR1,
+    /// after logrotate renamed it); lines already queued go to the old file.
+    pub fn reopen(&self) {
+        if let Some(reopen) = &self.reopen {
+            reopen.store(true, Ordering::Release);
+        }
     }
 
     pub fn request(&self, e: &RequestEntry<'_>) {
@@ -140,6 +156,38 @@ impl AccessLog {
 /// Milliseconds of a duration, for entries.
 pub fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
+}
+
+fn append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The access file, opened again by name when asked (on the writer's own
+/// thread, between two lines). If it cannot be opened, lines keep going to
+/// the old file and the next line tries again.
+struct Reopening {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    reopen: Arc<AtomicBool>,
+}
+
+impl Write for Reopening {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.reopen.swap(false, Ordering::AcqRel) {
+            match append(&self.path) {
+                Ok(file) => self.file = file,
+                Err(error) => {
+                    self.reopen.store(true, Ordering::Release);
+                    tracing::warn!(file = %self.path.display(), %error, "cannot reopen the access log; writing to the old file");
+                }
+            }
+        }
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 fn dash(value: &str) -> &str {
