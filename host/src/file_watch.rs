@@ -1,4 +1,5 @@
-//! Watching files for changes: the plugin directory and certificate files.
+//! Watching files for changes: the plugin directory and certificate files,
+//! whether they are written in place or swapped the Kubernetes way.
 //!
 //! Events are debounced (a copy or an editor's save is many events) and the
 //! gateway's own reads are not changes: a write (a file closed after
@@ -10,6 +11,14 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+/// Whether `path` is Kubernetes' `..data` link: a ConfigMap or Secret
+/// volume is updated by pointing `..data` at a new directory in one rename,
+/// while the files the gateway was told about (`tls.crt -> ..data/tls.crt`)
+/// never change themselves; only this rename says they now read anew.
+pub fn is_kubernetes_swap(path: &Path) -> bool {
+    path.file_name().is_some_and(|name| name == "..data")
+}
 
 /// Quiet time after the last file event before acting on it.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);

@@ -545,3 +545,48 @@ async fn require_sni_match_refuses_a_host_other_than_the_sni() {
     }
     assert_eq!(app.requests().len(), 2, "only the matching hosts reached the backend");
 }
+
+/// A Kubernetes Secret volume: `tls.crt -> ..data/tls.crt`, `..data ->
+/// ..TIMESTAMP`, rotated by renaming a new `..data` into place; the files
+/// the config names never change themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_rotated_by_a_data_symlink_swap_is_served_to_new_connections() {
+    use std::os::unix::fs::symlink;
+    let pki = Pki::new();
+    let secret = tempfile::tempdir().unwrap();
+    let version = |name: &str, (cert, key): &(std::path::PathBuf, std::path::PathBuf)| {
+        let dir = secret.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(cert, dir.join("tls.crt")).unwrap();
+        std::fs::copy(key, dir.join("tls.key")).unwrap();
+    };
+    let first = pki.issue("gw", &["gw.test"]);
+    version("..2026_11_30_01", &first);
+    symlink("..2026_11_30_01", secret.path().join("..data")).unwrap();
+    for file in ["tls.crt", "tls.key"] {
+        symlink(format!("..data/{file}"), secret.path().join(file)).unwrap();
+    }
+    let (cert, key) = (secret.path().join("tls.crt"), secret.path().join("tls.key"));
+    let app = Backend::start("app").await;
+    let gateway =
+        start_gateway(&https_config(&plain_pool(&app), &[(&["gw.test"], &cert, &key)], ""), &PluginDir::new()).await;
+    let addr = web(&gateway);
+    assert_eq!(served_certificate(addr, &pki, "gw.test").await, Some(der_of(&first.0)));
+    let tls = tls_connect(addr, "gw.test", pki.client(&[b"http/1.1"])).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://gw.test/ws", tls).await.unwrap();
+    assert!(matches!(next_message(&mut ws).await, Message::Text(_)));
+
+    // The kubelet's rotation: a new directory, a new link, one rename.
+    let renewed = pki.issue("renewed", &["gw.test"]);
+    version("..2026_11_30_02", &renewed);
+    symlink("..2026_11_30_02", secret.path().join("..data_tmp")).unwrap();
+    std::fs::rename(secret.path().join("..data_tmp"), secret.path().join("..data")).unwrap();
+    std::fs::remove_dir_all(secret.path().join("..2026_11_30_01")).unwrap();
+    let swapped = std::time::Instant::now();
+    while served_certificate(addr, &pki, "gw.test").await != Some(der_of(&renewed.0)) {
+        assert!(swapped.elapsed() < Duration::from_secs(1) + CI_MARGIN, "the rotated certificate was not served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("still here"), "the open wss was not touched");
+}

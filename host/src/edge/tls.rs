@@ -186,7 +186,9 @@ pub fn watch(store: Arc<CertStore>) -> notify::Result<FileWatch> {
     let mut dirs: Vec<PathBuf> = files.iter().map(|f| f.parent().unwrap_or(Path::new(".")).to_owned()).collect();
     dirs.sort();
     dirs.dedup();
-    let relevant = move |path: &Path| files.iter().any(|f| path.file_name() == f.file_name());
+    let relevant = move |path: &Path| {
+        files.iter().any(|f| path.file_name() == f.file_name()) || file_watch::is_kubernetes_swap(path)
+    };
     file_watch::watch("certificates", &dirs, relevant, move || {
         let store = store.clone();
         async move { store.reload() }
