@@ -6,9 +6,9 @@
 //! The cache directory must be trusted: wasmtime runs the machine code it
 //! finds there. It is created private to the gateway's user (mode 0700), and
 //! an existing directory that another user owns or others can write to is
-//! not used at all. Each artifact also carries an HMAC-SHA256 over its bytes
-//! and its file name, keyed by a random key made once in the directory
-//! (`key`, mode 0600): a file changed, truncated, swapped for another
+//! not used at all. Each artifact also carries an HMAC-SHA256 of its bytes
+//! under a key derived from its file name and a random key made once in the
+//! directory (`key`, mode 0600): a file changed, truncated, swapped for another
 //! component's or written by anything but this cache is recompiled, never
 //! run. The whole file is read and checked before wasmtime sees it, so what
 //! was checked is what runs.
@@ -110,17 +110,21 @@ impl ArtifactCache {
         }
     }
 
-    /// The tag of artifact `bytes` stored at `path`.
-    fn tag(&self, path: &Path, bytes: &mut Vec<u8>) -> hmac::Tag {
-        with_name(path, bytes, |input| hmac::sign(&self.key, input))
+    /// The key an artifact stored at `path` is tagged with: the cache's key
+    /// and the file's name, so an artifact renamed to another component's
+    /// name fails (and the artifact is hashed in place, never copied).
+    fn key_for(&self, path: &Path) -> hmac::Key {
+        let name = path.file_name().map_or(&[][..], |n| n.as_encoded_bytes());
+        hmac::Key::new(hmac::HMAC_SHA256, hmac::sign(&self.key, name).as_ref())
     }
 
     /// Whether `file` (artifact then tag) carries this cache's tag; `file`
     /// is left holding the artifact alone.
     fn authentic(&self, path: &Path, file: &mut Vec<u8>) -> bool {
         let Some(split) = file.len().checked_sub(TAG_LEN) else { return false };
-        let tag = file.split_off(split);
-        with_name(path, file, |input| hmac::verify(&self.key, input, &tag).is_ok())
+        let tag: [u8; TAG_LEN] = file[split..].try_into().unwrap_or([0; TAG_LEN]);
+        file.truncate(split);
+        hmac::verify(&self.key_for(path), file, &tag).is_ok()
     }
 
     /// Stores `component` for `sha256` (atomically: write, then rename).
@@ -131,7 +135,7 @@ impl ArtifactCache {
             .serialize()
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|mut bytes| {
-                let tag = self.tag(&path, &mut bytes);
+                let tag = hmac::sign(&self.key_for(&path), &bytes);
                 bytes.extend_from_slice(tag.as_ref());
                 // create_new: never follow or reuse a file someone else put there.
                 let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
@@ -171,17 +175,6 @@ impl ArtifactCache {
         }
         drop(newest);
     }
-}
-
-/// Runs `f` on the HMAC input for an artifact: its bytes, then its file
-/// name (so an artifact renamed to another component's name fails). The
-/// name is appended in place and removed again: no copy of the artifact.
-fn with_name<T>(path: &Path, bytes: &mut Vec<u8>, f: impl FnOnce(&[u8]) -> T) -> T {
-    let len = bytes.len();
-    bytes.extend_from_slice(path.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
-    let result = f(bytes);
-    bytes.truncate(len);
-    result
 }
 
 /// The cache's HMAC key: `DIR/key`, made once from the system's secure
