@@ -135,6 +135,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
+    // Start-up (compiling plugins) can take seconds: SIGHUP, SIGUSR1 and
+    // SIGUSR2 must not kill the process meanwhile (their default action).
+    // A handler registered once stays for the process's life; the serving
+    // loop acts on the ones that arrive after it starts.
+    use tokio::signal::unix::{SignalKind, signal};
+    for kind in [SignalKind::hangup(), SignalKind::user_defined1(), SignalKind::user_defined2()] {
+        drop(signal(kind)?);
+    }
     let config = Config::load(&path)?;
     let gateway = Gateway::start(config).await?;
     gateway.run_until_stopped().await

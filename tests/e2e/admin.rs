@@ -389,3 +389,30 @@ async fn json_logs_and_sigusr1_reopens_the_access_log_for_logrotate() {
     assert!(gateway.child.try_wait().unwrap().is_none(), "SIGUSR2 killed the gateway");
     assert_eq!(get(web, "/still").await.status, StatusCode::OK);
 }
+
+/// logrotate's SIGUSR1 or an operator's SIGHUP while the gateway is still
+/// compiling its plugins does not kill it (their default action would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_during_start_up_do_not_kill_the_gateway() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("router", "path-router", "[config]\nroutes = \"* / pool=app\"\n");
+    let config = plugins.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[plugins]\ndir = \".\"\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nrouter = \"router\"\n\
+             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+            app.addr
+        ),
+    )
+    .unwrap();
+    // A new cache directory (under the config's): the start compiles.
+    let gateway = GatewayProcess::spawn(&config, &plugins.path().join("gateway.log"));
+    wait_until("the compile started", Duration::from_secs(20), || gateway.log_text().contains("compiling plugin"))
+        .await;
+    for signal in ["USR1", "HUP", "USR2"] {
+        gateway.signal(signal);
+    }
+    let gateway = gateway.listening(1).await;
+    assert_eq!(get(gateway.addr("web"), "/").await.status, StatusCode::OK);
+}

@@ -153,14 +153,7 @@ impl GatewayProcess {
         listening_lines: usize,
         open_files: Option<u64>,
     ) -> GatewayProcess {
-        let file = std::fs::File::create(log).expect("create log");
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"));
-        command
-            .args(["run", "--config"])
-            .arg(config)
-            .env("XDG_CACHE_HOME", config.parent().unwrap())
-            .stdout(std::process::Stdio::null())
-            .stderr(file);
+        let mut command = Self::command(config, log);
         if let Some(open_files) = open_files {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe; nothing else runs
@@ -172,10 +165,34 @@ impl GatewayProcess {
                 });
             }
         }
-        let child = command.spawn().expect("start wasmgate");
-        let process = GatewayProcess { child, log: log.to_owned() };
+        let process = GatewayProcess { child: command.spawn().expect("start wasmgate"), log: log.to_owned() };
+        process.listening(listening_lines).await
+    }
+
+    /// Runs `wasmgate run --config CONFIG` as [`GatewayProcess::start`]
+    /// does, without waiting for anything.
+    pub fn spawn(config: &Path, log: &Path) -> GatewayProcess {
+        GatewayProcess { child: Self::command(config, log).spawn().expect("start wasmgate"), log: log.to_owned() }
+    }
+
+    /// `wasmgate run --config CONFIG`, stderr to `log`, its cache under the
+    /// config's directory.
+    fn command(config: &Path, log: &Path) -> std::process::Command {
+        let file = std::fs::File::create(log).expect("create log");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"));
+        command
+            .args(["run", "--config"])
+            .arg(config)
+            .env("XDG_CACHE_HOME", config.parent().unwrap())
+            .stdout(std::process::Stdio::null())
+            .stderr(file);
+        command
+    }
+
+    /// Waits until `listening_lines` lines saying "listening" were logged.
+    pub async fn listening(mut self, listening_lines: usize) -> GatewayProcess {
+        let process = &mut self;
         let started = Instant::now();
-        let mut process = process;
         while process.log_text().matches("listening").count() < listening_lines {
             // A bound, not a claim: the first start compiles its plugins,
             // and a JS component takes seconds (tens under a loaded CI).
@@ -185,7 +202,7 @@ impl GatewayProcess {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        process
+        self
     }
 
     pub fn log_text(&self) -> String {

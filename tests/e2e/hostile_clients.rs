@@ -223,6 +223,12 @@ async fn plugins_see_the_client_a_trusted_proxy_names_and_the_peer_otherwise() {
     assert_eq!(client_ip_seen(web(&trusting), "203.0.113.7").await, "203.0.113.7");
     assert_eq!(client_ip_seen(web(&trusting), "6.6.6.6, 203.0.113.7, 10.1.2.3").await, "203.0.113.7");
     assert_eq!(client_ip_seen(web(&trusting), "203.0.113.7, not-an-ip").await, "127.0.0.1", "garbage: the peer");
+    // Ports are dropped (Azure Application Gateway adds them).
+    assert_eq!(client_ip_seen(web(&trusting), "203.0.113.7:4711").await, "203.0.113.7");
+    assert_eq!(client_ip_seen(web(&trusting), "[2001:db8::7]:443").await, "2001:db8::7");
+    // A byte the client put in its own part of the line does not hide the
+    // address its proxy appended (one line, as nginx writes it).
+    assert_eq!(client_ip_seen(web(&trusting), "\u{80}, 203.0.113.7").await, "203.0.113.7");
     // From a peer it does not trust, X-Forwarded-For says nothing.
     let untrusting = start_gateway(&config("\"10.0.0.0/8\""), &plugins).await;
     assert_eq!(client_ip_seen(web(&untrusting), "203.0.113.7").await, "127.0.0.1");

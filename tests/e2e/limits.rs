@@ -315,3 +315,23 @@ async fn a_request_body_that_drips_is_cut_at_the_pools_request_timeout() {
     assert!(lived < Duration::from_secs(2) + Duration::from_secs(1) + CI_MARGIN, "cut after {lived:?}");
     assert!(app.requests().is_empty(), "the backend never had a whole request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_never_take_the_places_another_server_needs() {
+    let backends = [Backend::start("a").await, Backend::start("b").await, Backend::start("c").await];
+    let servers: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+    let config = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
+         [[pool]]\nname = \"app\"\nservers = [{}]\nbalance = \"round-robin\"\nmax_connections = 2\n\
+         [pool.probe]\ninterval_s = 3600\n",
+        servers.join(", ")
+    );
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    // One at a time, round-robin over three servers with a limit of two:
+    // no idle connection to one server may leave none for the next.
+    for i in 0..9 {
+        let got = get(web(&gateway), &format!("/{i}")).await;
+        assert_eq!(got.status, StatusCode::OK, "request {i}: {:?}", got.header("x-wasmgate-error"));
+    }
+    assert!(backends.iter().all(|b| b.requests().len() == 3));
+}

@@ -127,29 +127,49 @@ async fn refused(gateway: &Gateway, name: &str, reason: &str) {
     }
 }
 
+/// Against a `wasmgate run` process: in-process, the 4.5 s call would hold
+/// one of the test runtime's two workers, and a task parked in that
+/// worker's LIFO slot (the test's own, say) would wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_under_way_finishes_on_the_version_it_started_with() {
     let app = Backend::start("app").await;
-    let plugins = PluginDir::new().add("guard", "looper", "call_timeout_ms = 6000\n");
-    let config = format!(
-        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"guard\"]\n\
-         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
-        app.addr
-    );
-    let gateway = start_gateway(&config, &plugins).await;
-    let addr = web(&gateway);
-    let looper = gateway.registry().get("guard").unwrap().identity.sha256.clone();
+    // `warm` has the new version's bytes, so the swap below loads it from
+    // the compiled-artifact cache instead of compiling it.
+    let plugins =
+        PluginDir::new().add("guard", "looper", "call_timeout_ms = 6000\n").add("warm", "handshake-guard", "");
+    let config = plugins.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n[plugins]\ndir = \".\"\n\
+             [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"guard\"]\n\
+             [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+            app.addr
+        ),
+    )
+    .unwrap();
+    let gateway = GatewayProcess::start(&config, &plugins.path().join("gateway.log"), 2).await;
+    let (addr, admin) = (gateway.addr("web"), gateway.addr("admin"));
+    let sha256 = |status: serde_json::Value| {
+        let plugins = status["plugins"].as_array().cloned().unwrap_or_default();
+        plugins.iter().find(|p| p["name"] == "guard").map(|p| p["sha256"].as_str().unwrap_or_default().to_owned())
+    };
+    let looper = sha256(status(admin).await).expect("guard loaded");
     // A 4.5 s call on version 1 (which allows it)...
     let under_way = tokio::spawn(async move { get(addr, "/spin?ms=4500").await.status });
     tokio::time::sleep(Duration::from_millis(100)).await;
     // ...while a new version, which denies every path, takes over.
     std::fs::write(plugins.path().join("guard.toml"), "[config]\ndeny_paths = \"/*\"\n").unwrap();
     std::fs::copy(plugin_wasm("handshake-guard"), plugins.path().join("guard.wasm")).unwrap();
-    wait_until("the new component serves", Duration::from_secs(4), || {
-        gateway.registry().get("guard").is_some_and(|g| g.identity.sha256 != looper)
-    })
-    .await;
-    assert!(!under_way.is_finished(), "the swap finished while the old call was still running");
+    let swapped = Instant::now();
+    loop {
+        if sha256(status(admin).await).is_some_and(|sha| sha != looper) {
+            break;
+        }
+        assert!(swapped.elapsed() < Duration::from_secs(4), "the new component never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!under_way.is_finished(), "the old call ended before the swap");
     assert_eq!(get(addr, "/after").await.status, StatusCode::FORBIDDEN, "new calls go to the new version");
     assert_eq!(under_way.await.unwrap(), StatusCode::OK, "the call under way finished on the version it started on");
 }

@@ -183,11 +183,8 @@ impl Gateway {
                     self.control.reload().await;
                 }
                 _ = user1.recv() => match &self.control.shared().access_log {
-                    Some(access) => {
-                        tracing::info!("SIGUSR1: reopening the access log");
-                        access.reopen();
-                    }
-                    None => tracing::info!("SIGUSR1: no access log to reopen"),
+                    Some(access) if access.reopen() => tracing::info!("SIGUSR1: reopening the access log"),
+                    _ => tracing::info!("SIGUSR1: no access_file to reopen"),
                 },
                 _ = user2.recv() => tracing::info!("SIGUSR2 ignored"),
             }

@@ -59,6 +59,11 @@ fn client_address(header: &[u8], peer: SocketAddr) -> Result<SocketAddr, String>
             ppp::v1::Addresses::Tcp6(a) => SocketAddr::from((a.source_address, a.source_port)),
             ppp::v1::Addresses::Unknown => peer,
         }),
+        HeaderResult::V2(Ok(v2))
+            if v2.command == ppp::v2::Command::Proxy && v2.protocol == ppp::v2::Protocol::Datagram =>
+        {
+            Err("a PROXY v2 header for a datagram, on a TCP connection".into())
+        }
         HeaderResult::V2(Ok(v2)) => Ok(match (v2.command, v2.addresses) {
             (ppp::v2::Command::Local, _) => peer,
             (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => {
@@ -135,6 +140,14 @@ mod tests {
         ] {
             assert!(read(bad).await.0.is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
+        let datagram = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Datagram,
+            ("203.0.113.7:5555".parse::<SocketAddr>().unwrap(), "192.0.2.1:443".parse::<SocketAddr>().unwrap()),
+        )
+        .build()
+        .unwrap();
+        assert!(read(&datagram).await.0.unwrap_err().contains("datagram"));
         let mut long = b"PROXY TCP4 ".to_vec();
         long.extend(std::iter::repeat_n(b'1', 200));
         assert!(read(&long).await.0.unwrap_err().contains("longer than 107"));

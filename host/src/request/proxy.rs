@@ -89,6 +89,16 @@ pub struct HttpsTarget {
     pub hosts: Vec<String>,
 }
 
+/// One `X-Forwarded-For` entry's address: an IP address, with or without a
+/// port.
+fn forwarded_address(entry: &[u8]) -> Option<std::net::IpAddr> {
+    let entry = std::str::from_utf8(entry).ok()?.trim();
+    entry
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|address| address.ip()))
+}
+
 /// One listener's rules under the config in force, with the pools they
 /// name. A reload replaces them whole, so a request sees one config.
 pub struct ListenerRules {
@@ -123,19 +133,22 @@ impl ListenerRules {
     /// The client's address as plugins and the crash-loop breaker see it:
     /// from a trusted proxy, the right-most `X-Forwarded-For` address that
     /// is not itself a trusted proxy (the first hop no trusted proxy vouches
-    /// past); otherwise, or if that list ends in something that is not an
-    /// address, the peer's.
+    /// past); otherwise, or if the entry there is not an address, the
+    /// peer's. Entries are split on the raw bytes, so bytes a client put in
+    /// an earlier entry never hide the ones its proxies appended; an entry
+    /// with a port (`203.0.113.5:4711`, `[2001:db8::1]:443`) counts as its
+    /// address.
     fn client_ip(&self, headers: &http::HeaderMap, client: &ConnInfo) -> std::net::IpAddr {
         let peer = client.addr.ip().to_canonical();
         if !self.trusts_ip(peer) {
             return peer;
         }
-        let lines: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
-        for entry in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
-            match entry.trim().parse::<std::net::IpAddr>() {
-                Ok(ip) if self.trusts_ip(ip) => continue,
-                Ok(ip) => return ip.to_canonical(),
-                Err(_) => return peer,
+        let lines: Vec<&[u8]> = headers.get_all("x-forwarded-for").iter().map(|v| v.as_bytes()).collect();
+        for entry in lines.iter().rev().flat_map(|line| line.rsplit(|&b| b == b',')) {
+            match forwarded_address(entry) {
+                Some(ip) if self.trusts_ip(ip) => continue,
+                Some(ip) => return ip.to_canonical(),
+                None => return peer,
             }
         }
         peer

@@ -85,7 +85,7 @@ impl AccessLog {
             Some(path) => {
                 let file = append(path).map_err(|e| anyhow::anyhow!("[log] access_file {}: {e}", path.display()))?;
                 let reopen = Arc::new(AtomicBool::new(false));
-                let file = Reopening { path: path.clone(), file, reopen: reopen.clone() };
+                let file = Reopening { path: path.clone(), file, reopen: reopen.clone(), failing: false };
                 let (writer, guard) = tracing_appender::non_blocking(file);
                 (writer, guard, Some(reopen))
             }
@@ -99,9 +99,14 @@ impl AccessLog {
 
     /// Opens `access_file` again by name before the next line (SIGUSR1,
     /// after logrotate renamed it); lines already queued go to the old file.
-    pub fn reopen(&self) {
-        if let Some(reopen) = &self.reopen {
-            reopen.store(true, Ordering::Release);
+    /// `false` when the log goes to standard output (nothing to reopen).
+    pub fn reopen(&self) -> bool {
+        match &self.reopen {
+            Some(reopen) => {
+                reopen.store(true, Ordering::Release);
+                true
+            }
+            None => false,
         }
     }
 
@@ -169,16 +174,23 @@ struct Reopening {
     path: std::path::PathBuf,
     file: std::fs::File,
     reopen: Arc<AtomicBool>,
+    /// A reopen failed and was logged; the retries until it works are not.
+    failing: bool,
 }
 
 impl Write for Reopening {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.reopen.swap(false, Ordering::AcqRel) {
             match append(&self.path) {
-                Ok(file) => self.file = file,
+                Ok(file) => {
+                    self.file = file;
+                    self.failing = false;
+                }
                 Err(error) => {
                     self.reopen.store(true, Ordering::Release);
-                    tracing::warn!(file = %self.path.display(), %error, "cannot reopen the access log; writing to the old file");
+                    if !std::mem::replace(&mut self.failing, true) {
+                        tracing::warn!(file = %self.path.display(), %error, "cannot reopen the access log; writing to the old file until it can");
+                    }
                 }
             }
         }

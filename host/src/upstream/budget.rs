@@ -22,12 +22,13 @@ pub struct SocketBudget {
     /// What the limit belongs to, for the error: "the process" or "pool `x`".
     owner: String,
     open: AtomicUsize,
-    limit: usize,
+    /// Changed by a reload that changes the pool's `max_connections`.
+    limit: AtomicUsize,
 }
 
 impl SocketBudget {
     pub fn new(owner: impl Into<String>, limit: usize) -> Arc<SocketBudget> {
-        Arc::new(SocketBudget { owner: owner.into(), open: AtomicUsize::new(0), limit })
+        Arc::new(SocketBudget { owner: owner.into(), open: AtomicUsize::new(0), limit: AtomicUsize::new(limit) })
     }
 
     /// Sockets open now.
@@ -36,15 +37,22 @@ impl SocketBudget {
     }
 
     pub fn limit(&self) -> usize {
-        self.limit
+        self.limit.load(Ordering::Acquire)
+    }
+
+    /// A new limit; places already held stay held (past a lowered limit,
+    /// new connections wait for enough of them to close).
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Release);
     }
 
     fn take(self: &Arc<Self>) -> Result<Held, OverBudget> {
-        if self.open.fetch_add(1, Ordering::AcqRel) < self.limit {
+        let limit = self.limit();
+        if self.open.fetch_add(1, Ordering::AcqRel) < limit {
             return Ok(Held(self.clone()));
         }
         self.open.fetch_sub(1, Ordering::AcqRel);
-        Err(OverBudget(format!("{} has {} upstream connections open, its limit", self.owner, self.limit)))
+        Err(OverBudget(format!("{} has {limit} upstream connections open, its limit", self.owner)))
     }
 }
 

@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -130,8 +130,10 @@ impl Forwarder {
         connector.set_connect_timeout(Some(connect_timeout));
         let mut builder = Client::builder(TokioExecutor::new());
         // Idle connections kept per server: a burst's connections do not all
-        // stay open (each is a descriptor) once it has passed.
-        builder.pool_max_idle_per_host(max_idle);
+        // stay open (each is a descriptor) once it has passed. The timer
+        // closes those idle past the pool's idle timeout (90 s) even when
+        // nothing checks one out again.
+        builder.pool_max_idle_per_host(max_idle).pool_timer(TokioTimer::new());
         let Some(tls) = tls else {
             return Forwarder::Plain(builder.build(CountingConnector::new(connector, budgets)));
         };

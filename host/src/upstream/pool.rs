@@ -231,15 +231,21 @@ impl Pool {
             Some(kept) => kept.clone(),
             None => Arc::new(Server::new(address, config)),
         };
-        let budgets = Budgets {
-            process: process.clone(),
-            pool: config.max_connections.map(|limit| SocketBudget::new(format!("pool `{}`", config.name), limit)),
-        };
-        // Idle connections per server: with a pool limit, at most an even
-        // share of it, so idle connections to one server never keep another
-        // from getting any.
+        // A changed pool keeps counting in its budget: its connections
+        // still open (WebSockets, requests under way) hold their places.
+        let pool_budget = config.max_connections.map(|limit| match old.and_then(|old| old.budgets.pool.clone()) {
+            Some(budget) => {
+                budget.set_limit(limit);
+                budget
+            }
+            None => SocketBudget::new(format!("pool `{}`", config.name), limit),
+        });
+        let budgets = Budgets { process: process.clone(), pool: pool_budget };
+        // Idle connections per server: with a pool limit, an even share of
+        // half of it (none if that rounds to zero), so idle connections can
+        // never take the places new ones to another server need.
         let max_idle = match config.max_connections {
-            Some(limit) => (limit / config.servers.len().max(1)).clamp(1, MAX_IDLE_PER_SERVER),
+            Some(limit) => (limit / 2 / config.servers.len().max(1)).min(MAX_IDLE_PER_SERVER),
             None => MAX_IDLE_PER_SERVER,
         };
         Ok(Pool {
@@ -493,6 +499,22 @@ mod tests {
         // The value the reference implementation (Python's `xxhash`, over
         // the C library) gives for the same bytes.
         assert_eq!(rendezvous_weight("user-42", "10.0.0.1:8080"), 7_192_698_035_205_052_000);
+    }
+
+    #[test]
+    fn a_changed_pool_keeps_counting_its_open_connections() {
+        let configs = |limit: usize, retries: u32| -> Vec<PoolConfig> {
+            let text = format!("name = \"app\"\nservers = [\"a:1\"]\nmax_connections = {limit}\nretries = {retries}\n");
+            vec![toml::from_str(&text).unwrap()]
+        };
+        let before = Pools::new(&configs(2, 1)).unwrap();
+        let held = before.get("app").unwrap().budgets.take().unwrap();
+        let (after, changes) = before.update(&configs(3, 2)).unwrap();
+        assert_eq!(changes.changed, ["app"]);
+        let budget = after.get("app").unwrap().budgets.pool.clone().unwrap();
+        assert_eq!((budget.open(), budget.limit()), (1, 3), "the WebSocket still open counts under the new limit");
+        drop(held);
+        assert_eq!(budget.open(), 0);
     }
 
     #[test]
