@@ -639,6 +639,27 @@ pub async fn get(addr: SocketAddr, target: &str) -> Got {
 
 /// Writes `raw` bytes to the gateway and reads the response head and body
 /// until the server closes or `Content-Length` bytes arrived.
+/// A request head read from `socket` up to its blank line, as text; `None`
+/// if the peer closes or fails first. (For hand-made backends.)
+pub async fn read_head(socket: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The `Sec-WebSocket-Key` of a raw request head.
+pub fn websocket_key(head: &str) -> Option<String> {
+    head.lines()
+        .find_map(|l| l.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("sec-websocket-key")))
+        .map(|(_, key)| key.trim().to_owned())
+}
+
 pub async fn raw_exchange(addr: SocketAddr, raw: &str) -> String {
     let stream = TcpStream::connect(addr).await.expect("connect");
     exchange_on(stream, raw).await

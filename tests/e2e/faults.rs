@@ -29,20 +29,9 @@ async fn fault_backend() -> std::net::SocketAddr {
 }
 
 async fn misbehave(mut socket: TcpStream) {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match socket.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&head).into_owned();
+    let Some(text) = read_head(&mut socket).await else { return };
     let path = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
-    let key = text
-        .lines()
-        .find_map(|l| l.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("sec-websocket-key")))
-        .map(|(_, key)| key.trim().to_owned());
+    let key = websocket_key(&text);
     let reset = |socket: TcpStream| {
         // SO_LINGER 0: the close is a TCP reset, as a killed process's is.
         // (Deprecated because a non-zero linger blocks on drop; zero never does.)
@@ -69,6 +58,7 @@ async fn misbehave(mut socket: TcpStream) {
         }
         "/hang" | "/ws-hang" => {
             // Silent, but reading: returns once the gateway hangs up.
+            let mut buf = [0u8; 4096];
             while let Ok(n) = socket.read(&mut buf).await {
                 if n == 0 {
                     return;

@@ -226,16 +226,8 @@ async fn dropper() -> (String, Arc<AtomicU64>) {
             let Ok((mut socket, _)) = listener.accept().await else { return };
             let count = count.clone();
             tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                if !String::from_utf8_lossy(&head).contains("wasmgate-probe") {
+                let Some(head) = read_head(&mut socket).await else { return };
+                if !head.contains("wasmgate-probe") {
                     count.fetch_add(1, Ordering::Relaxed);
                 }
             });

@@ -138,18 +138,8 @@ where
     let addr = backend.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut socket, _) = backend.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = socket.read(&mut buf).await.unwrap();
-            head.extend_from_slice(&buf[..n]);
-        }
-        let text = String::from_utf8_lossy(&head).into_owned();
-        let key = text
-            .lines()
-            .find_map(|l| l.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("sec-websocket-key")))
-            .map(|(_, key)| key.trim().to_owned())
-            .unwrap();
+        let text = read_head(&mut socket).await.expect("a handshake head");
+        let key = websocket_key(&text).expect("a Sec-WebSocket-Key");
         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let answer = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"

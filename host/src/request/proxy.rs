@@ -143,8 +143,8 @@ impl ListenerRules {
         if !self.trusts_ip(peer) {
             return peer;
         }
-        let lines: Vec<&[u8]> = headers.get_all("x-forwarded-for").iter().map(|v| v.as_bytes()).collect();
-        for entry in lines.iter().rev().flat_map(|line| line.rsplit(|&b| b == b',')) {
+        let lines = headers.get_all("x-forwarded-for").iter().rev();
+        for entry in lines.flat_map(|line| line.as_bytes().rsplit(|&b| b == b',')) {
             match forwarded_address(entry) {
                 Some(ip) if self.trusts_ip(ip) => continue,
                 Some(ip) => return ip.to_canonical(),
