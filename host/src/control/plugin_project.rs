@@ -93,8 +93,8 @@ const JS: Template = Template {
     waf: include_str!("../../templates/plugin/js/waf.js"),
     extra: &[(".gitignore", "*.wasm\n")],
     toolchain: "## Toolchain\n\n\
-        Node.js 18+ and `componentize-js` 0.23.0 from npm.\n\
-        `scripts/toolchains/js` in the wasmgate repository installs it under\n\
+        Node.js 18+ and `componentize-js` 0.23.0 (with `jco` 1.35.0) from npm.\n\
+        `scripts/toolchains/js` in the wasmgate repository installs them under\n\
         `~/.cache/wasmgate/toolchains/`, where `plugin build` finds it (or put\n\
         `componentize-js` on your PATH). The component carries the JavaScript\n\
         engine: about 12 MB, compiled by the gateway once in a few seconds (off\n\
@@ -401,7 +401,7 @@ fn toolchain_programs(language: Language) -> &'static [&'static str] {
 fn install_hint(language: Language) -> String {
     match language {
         Language::Rust => "Rust comes from rustup (https://rustup.rs), with `rustup target add wasm32-wasip2`".into(),
-        Language::Js => "the JavaScript toolchain (Node.js and componentize-js 0.23.0) is installed by \
+        Language::Js => "the JavaScript toolchain (Node.js, componentize-js 0.23.0 and jco 1.35.0) is installed by \
                          scripts/toolchains/js in the wasmgate repository"
             .into(),
         Language::Python => "the Python toolchain (componentize-py 0.25.1) is installed by \
