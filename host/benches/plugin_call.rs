@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use wasmgate::config::{OnError, PluginsConfig};
+use wasmgate::counting::Counters;
 use wasmgate::http::{ConnInfo, TlsDetails};
-use wasmgate::plugin::counter::Counters;
 use wasmgate::plugin::host_api::HostServices;
 use wasmgate::plugin::{Loader, Registry, RequestView, Runtime};
 

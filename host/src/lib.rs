@@ -17,6 +17,7 @@
 
 pub mod config;
 pub mod control;
+pub mod counting;
 pub mod edge;
 pub mod file_watch;
 pub mod http;

@@ -67,7 +67,8 @@ pub fn shared_cache() -> &'static Path {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async {
-                use wasmgate::plugin::{Loader, Runtime, counter::Counters, host_api::HostServices};
+                use wasmgate::counting::Counters;
+                use wasmgate::plugin::{Loader, Runtime, host_api::HostServices};
                 let runtime = Arc::new(Runtime::new().expect("wasm runtime"));
                 let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
                 let staging = tempfile::tempdir().expect("temp dir");

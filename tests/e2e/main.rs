@@ -8,6 +8,7 @@ mod common;
 mod admin;
 mod claims;
 mod cli;
+mod cluster;
 mod dashboard;
 mod faults;
 mod hostile_clients;

@@ -30,6 +30,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Counts shared with other instances; this process counts alone
+    /// without it.
+    pub cluster: Option<ClusterConfig>,
     /// The file this was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub source: PathBuf,
@@ -436,6 +439,54 @@ pub enum AccessFormat {
     Off,
     Text,
     Json,
+}
+
+/// `[cluster]`: what the host's `count` shares with the other instances of a
+/// fleet, through Redis. Read at start-up.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port[/db]` (or `redis+unix:///path`): the Redis server
+    /// every instance of the fleet names.
+    pub redis: String,
+    /// Keeps fleets that share one Redis apart: keys and the sync channel
+    /// are named `wasmgate:NAME:...`. Letters, digits, `-`, `_` and `.`.
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    #[serde(default)]
+    pub counting: Counting,
+    /// `synced`: how often counts are sent to and merged from the others.
+    #[serde(default = "default_sync_interval_ms")]
+    pub sync_interval_ms: u64,
+    /// `exact`: the longest a `count` waits for Redis before it counts
+    /// locally; also the connect timeout.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_cluster_name() -> String {
+    "default".into()
+}
+
+fn default_sync_interval_ms() -> u64 {
+    100
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    5
+}
+
+/// How `[cluster]` counts: the trade-off between a network round trip per
+/// `count` and a total that lags by one sync interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Counting {
+    /// Counted here; deltas sent to and merged from the other instances
+    /// every `sync_interval_ms`. No network wait in a `count`.
+    #[default]
+    Synced,
+    /// Every `count` is one Redis round trip, so the fleet's total is exact.
+    Exact,
 }
 
 /// `[limits]`: what one client may hold, and how many the process takes.

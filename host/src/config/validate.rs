@@ -44,6 +44,9 @@ impl Config {
         {
             return Err(invalid("admin.listen".into(), "a non-loopback admin listener needs a token_file".into()));
         }
+        if let Some(Err((key, why))) = self.cluster.as_ref().map(ClusterConfig::validate) {
+            return Err(invalid(key.into(), why.into()));
+        }
         if !(1..=3600).contains(&self.limits.header_read_timeout_s) {
             return Err(invalid("limits.header_read_timeout_s".into(), "must be 1-3600".into()));
         }
@@ -258,6 +261,30 @@ fn check_server_address(server: &str) -> Result<(), String> {
         return Err("user info is not allowed".into());
     }
     Ok(())
+}
+
+impl ClusterConfig {
+    /// Checks the section; returns the offending key and why.
+    fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        let url = self.redis.trim();
+        if !["redis://", "redis+unix://", "unix://"].iter().any(|scheme| url.starts_with(scheme)) {
+            return Err((
+                "cluster.redis",
+                "must be a redis://, redis+unix:// or unix:// URL (no TLS: keep Redis on a private network)",
+            ));
+        }
+        let name_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if self.name.is_empty() || self.name.len() > 64 || !self.name.chars().all(name_ok) {
+            return Err(("cluster.name", "must be 1-64 letters, digits, '-', '_' or '.'"));
+        }
+        if !(10..=60_000).contains(&self.sync_interval_ms) {
+            return Err(("cluster.sync_interval_ms", "must be 10-60000"));
+        }
+        if !(1..=1000).contains(&self.timeout_ms) {
+            return Err(("cluster.timeout_ms", "must be 1-1000"));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -172,7 +172,11 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Adm
         ("GET", "/status") => json_response(StatusCode::OK, &status(state)),
         ("GET", "/metrics") => {
             let shared = state.control.shared();
-            let live = LiveState { view: state.control.view(), plugins: shared.registry.clone() };
+            let live = LiveState {
+                view: state.control.view(),
+                plugins: shared.registry.clone(),
+                cluster: state.control.services().counters.status(),
+            };
             let text = shared.metrics.encode(Box::new(live));
             whole(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", Bytes::from(text))
         }
@@ -317,6 +321,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "file": r.file.display().to_string(),
             "reason": r.reason,
         })).collect::<Vec<_>>(),
+        "cluster": state.control.services().counters.status(),
         "reloads": state.control.history(),
     })
 }

@@ -13,10 +13,10 @@ use tokio::net::TcpListener;
 use super::admin::{self, AdminState};
 use super::reload::{Control, ReloadReport};
 use crate::config::{Config, ListenerProtocol};
+use crate::counting::Counters;
 use crate::edge::listener::ConnectionCap;
 use crate::edge::tls::CertStore;
 use crate::file_watch::FileWatch;
-use crate::plugin::counter::Counters;
 use crate::plugin::host_api::HostServices;
 use crate::plugin::watcher;
 use crate::plugin::{Loader, Registry, Runtime};
@@ -61,12 +61,20 @@ pub struct Prepared {
 /// Loads the config's plugins and checks that every plugin a listener names is
 /// loaded with the role it is used in.
 pub async fn prepare(config: Config) -> anyhow::Result<Prepared> {
+    if let Some(cluster) = &config.cluster {
+        Counters::check(cluster)?;
+    }
+    prepare_with(config, Counters::default()).await
+}
+
+/// [`prepare`], with the counters the plugins' `count` will use.
+async fn prepare_with(config: Config, counters: Counters) -> anyhow::Result<Prepared> {
     let runtime = Arc::new(Runtime::new().context("starting the WebAssembly runtime")?);
     Pools::new(&config.pool).map_err(anyhow::Error::msg)?;
     for listener in config.listener.iter().filter(|l| l.protocol == ListenerProtocol::Https) {
         CertStore::load(listener).map_err(anyhow::Error::msg)?;
     }
-    let services = Arc::new(HostServices { counters: Counters::default(), pools: Default::default() });
+    let services = Arc::new(HostServices { counters, pools: Default::default() });
     let roles = config.plugin_roles()?;
     let loader = Arc::new(Loader::new(runtime, config.plugins.clone(), services.clone(), roles));
     let registry = Arc::new(Registry::new(config.plugins.on_error));
@@ -95,7 +103,11 @@ fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
 impl Gateway {
     /// Prepares `config`, binds its listeners and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
-        let Prepared { config, registry, loader, services } = prepare(config).await?;
+        let counters = match &config.cluster {
+            Some(cluster) => Counters::shared(cluster)?,
+            None => Counters::default(),
+        };
+        let Prepared { config, registry, loader, services } = prepare_with(config, counters).await?;
         let watcher = if config.plugins.watch && config.plugins.dir.is_dir() {
             Some(watcher::watch(registry.clone(), loader.clone()).context("watching the plugin directory")?)
         } else {

@@ -1,6 +1,7 @@
 //! Metrics of live state, read when `/metrics` is scraped rather than
 //! counted as events: each server's health, the config version in force,
-//! and each plugin's counters (kept by the plugin registry).
+//! each plugin's counters (kept by the plugin registry), and whether the
+//! fleet's Redis answers.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::reload::View;
+use crate::counting::ClusterStatus;
 use crate::plugin::{PluginStats, Registry};
 use crate::telemetry::metrics::PluginLabel;
 
@@ -19,6 +21,8 @@ use crate::telemetry::metrics::PluginLabel;
 pub struct LiveState {
     pub view: Arc<View>,
     pub plugins: Arc<Registry>,
+    /// Shared counting's state; `None` without `[cluster]`.
+    pub cluster: Option<ClusterStatus>,
 }
 
 impl std::fmt::Debug for LiveState {
@@ -70,6 +74,29 @@ impl Collector for LiveState {
             for (labels, stats) in &stats {
                 ConstCounter::new(value(stats)).encode(family.encode_family(labels)?)?;
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            let up = encoder.encode_descriptor(
+                "cluster_redis_up",
+                "1 if the fleet's Redis answers (counts are shared), 0 while counting locally",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(cluster.redis == "up")).encode(up)?;
+            let outages = encoder.encode_descriptor(
+                "cluster_redis_outages",
+                "Times Redis stopped answering",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(cluster.outages).encode(outages)?;
+            let local = encoder.encode_descriptor(
+                "cluster_local_counts",
+                "Counts taken locally because Redis did not answer",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(cluster.local_counts).encode(local)?;
         }
         Ok(())
     }

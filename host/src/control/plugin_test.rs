@@ -32,9 +32,9 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::config::{PluginKind, PluginsConfig, PoolConfig};
+use crate::counting::Counters;
 use crate::http::{ConnInfo, TlsDetails};
 use crate::plugin::bindings::{RouteDecision, Verdict};
-use crate::plugin::counter::Counters;
 use crate::plugin::host_api::HostServices;
 use crate::plugin::{LoadedPlugin, Loader, RequestView, Runtime};
 use crate::request::validate;

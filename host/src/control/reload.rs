@@ -216,6 +216,11 @@ impl Control {
         &self.shared
     }
 
+    /// What the plugins' host calls use (their counters, the pools' health).
+    pub fn services(&self) -> &Arc<HostServices> {
+        &self.services
+    }
+
     /// The config in force.
     pub fn view(&self) -> Arc<View> {
         self.view.load_full()
@@ -446,6 +451,9 @@ impl Control {
         }
         if started.log != config.log {
             restart_required.push("log".to_owned());
+        }
+        if started.cluster != config.cluster {
+            restart_required.push("cluster".to_owned());
         }
         restart_required
     }

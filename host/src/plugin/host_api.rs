@@ -16,9 +16,9 @@ use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{Header, Level, TlsInfo, WebsocketHandshake, host, types};
-use super::counter::Counters;
 use super::output::{PluginOutput, PrintBudget, Stream};
 use super::view::{RequestHandle, RequestView};
+use crate::counting::Counters;
 use crate::upstream::Pools;
 
 /// Gateway services shared by every plugin.

@@ -9,12 +9,12 @@ use anyhow::Context;
 use wasmtime::component::Component;
 
 use super::cache::ArtifactCache;
-use super::counter::Counters;
 use super::host_api::{HostServices, PluginContext};
 use super::loaded::{LoadedPlugin, PluginLimits, PluginSource, Pre};
 use super::registry::hex;
 use super::runtime::Runtime;
 use crate::config::{PluginKind, PluginSettings, PluginsConfig};
+use crate::counting::Counters;
 
 /// The findings about one file.
 pub struct Inspection {

@@ -485,7 +485,8 @@ mod tests {
     /// a call deadline of `ms`.
     fn looper_with_deadline_ms(ms: u64) -> LoadedPlugin {
         use crate::config::PluginsConfig;
-        use crate::plugin::{Loader, counter::Counters, host_api::HostServices};
+        use crate::counting::Counters;
+        use crate::plugin::{Loader, host_api::HostServices};
         let exe = std::env::current_exe().expect("test executable");
         let looper = exe.ancestors().nth(3).expect("target dir").join("wasm32-wasip2/release/looper.wasm");
         assert!(looper.exists(), "{} is missing: run scripts/build-plugins", looper.display());

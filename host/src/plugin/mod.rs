@@ -22,7 +22,6 @@
 pub mod bindings;
 pub mod breaker;
 pub mod cache;
-pub mod counter;
 pub mod host_api;
 pub mod inspect;
 pub mod loaded;

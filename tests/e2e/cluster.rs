@@ -1,0 +1,224 @@
+//! Running more than one instance: three `wasmgate run` processes share
+//! their rate-limit counts through a real `redis-server` (Debian's, on a
+//! Unix socket in the test's directory), keep serving while it is down, and
+//! share again when it is back.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::common::*;
+
+/// A `redis-server` of the test's own, stopped when dropped.
+struct RedisServer {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl RedisServer {
+    async fn start(dir: &Path) -> RedisServer {
+        let socket = dir.join("redis.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"])
+            .arg(&socket)
+            .args(["--dir"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (apt: redis-server; scripts/test installs it)");
+        let ready = socket.clone();
+        wait_until("redis-server's socket", Duration::from_secs(10), || ready.exists()).await;
+        RedisServer { child, socket }
+    }
+
+    fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Ten requests per client address a day (a window no test crosses the
+/// end of), counted by the first-party WAF.
+const LIMIT: usize = 10;
+const GUARD: &str = "[config]\nrate_limit = \"10/86400s\"\n";
+
+/// Three gateways in `dir` sharing counts through `redis` as `counting`
+/// says, each with its own admin listener.
+async fn fleet(dir: &Path, app: &Backend, redis: &RedisServer, counting: &str) -> Vec<GatewayProcess> {
+    let mut gateways = Vec::new();
+    for i in 1..=3 {
+        let config = dir.join(format!("gateway-{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\nredis = \"{}\"\nname = \"test\"\ncounting = \"{counting}\"\nsync_interval_ms = 20\n\
+                 [plugins]\ndir = \".\"\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n\
+                 [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"handshake-guard\"]\n\
+                 [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+                redis.url(),
+                app.addr
+            ),
+        )
+        .unwrap();
+        gateways.push(GatewayProcess::start(&config, &dir.join(format!("gateway-{i}.log")), 2).await);
+    }
+    gateways
+}
+
+/// Sends `n` GETs round-robin over the gateways, `gap` apart; returns how
+/// many were let through (200) and how many were limited (429). Any other
+/// answer fails the test: no request fails because of counting.
+async fn round_robin(gateways: &[GatewayProcess], n: usize, gap: Duration) -> (usize, usize) {
+    let (mut allowed, mut limited) = (0, 0);
+    for i in 0..n {
+        let got = get(gateways[i % gateways.len()].addr("web"), "/").await;
+        match got.status {
+            StatusCode::OK => allowed += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+            other => panic!("request {i}: {other} {}", got.body),
+        }
+        tokio::time::sleep(gap).await;
+    }
+    (allowed, limited)
+}
+
+async fn cluster_status(gateway: &GatewayProcess) -> serde_json::Value {
+    status(gateway.addr("admin")).await["cluster"].clone()
+}
+
+/// Waits until every gateway's `/status` says Redis is `state`.
+async fn redis_is(gateways: &[GatewayProcess], state: &str) {
+    let started = std::time::Instant::now();
+    for gateway in gateways {
+        while cluster_status(gateway).await["redis"] != state {
+            assert!(started.elapsed() < Duration::from_secs(20), "Redis never `{state}` in /status");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_counting_holds_three_instances_to_one_limit_and_survives_a_redis_outage() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("handshake-guard", "handshake-guard", GUARD);
+    let mut redis = RedisServer::start(plugins.path()).await;
+    let gateways = fleet(plugins.path(), &app, &redis, "exact").await;
+
+    // 30 requests over three instances: the limit is the fleet's, not each one's.
+    assert_eq!(round_robin(&gateways, 3 * LIMIT, Duration::ZERO).await, (LIMIT, 2 * LIMIT));
+    let cluster = cluster_status(&gateways[0]).await;
+    assert_eq!(cluster["counting"], "exact");
+    assert_eq!(cluster["redis"], "up");
+
+    // `[cluster]` is read at start: a reload that changes it says so.
+    let config = plugins.path().join("gateway-1.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("counting = \"exact\"", "counting = \"synced\"")).unwrap();
+    gateways[0].signal("HUP");
+    let admin = gateways[0].addr("admin");
+    let started = std::time::Instant::now();
+    loop {
+        let reloads = status(admin).await["reloads"].clone();
+        if let Some(last) = reloads.as_array().and_then(|r| r.last())
+            && last["version"].as_u64() > Some(1)
+        {
+            assert_eq!(last["restart_required"], serde_json::json!(["cluster"]), "{last}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no reload in /status: {reloads}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cluster_status(&gateways[0]).await["counting"], "exact", "still counting as it started");
+
+    // Redis goes away: every request is still answered (each instance counts
+    // locally, from its own counts), none waits for Redis.
+    drop(redis);
+    let started = std::time::Instant::now();
+    let (allowed, limited) = round_robin(&gateways, 6, Duration::ZERO).await;
+    assert_eq!(allowed + limited, 6);
+    assert!(started.elapsed() < Duration::from_secs(5), "requests waited for Redis: {:?}", started.elapsed());
+    redis_is(&gateways, "down").await;
+    let cluster = cluster_status(&gateways[0]).await;
+    assert!(cluster["local_counts"].as_u64().unwrap() >= 1, "{cluster}");
+    assert_eq!(cluster["outages"], 1);
+    let metrics = get(gateways[0].addr("admin"), "/metrics").await.body;
+    assert!(metrics.contains("cluster_redis_up 0"), "{metrics}");
+    for gateway in &gateways {
+        assert_eq!(gateway.log_text().matches("Redis unreachable").count(), 1, "one line per outage");
+    }
+
+    // Back (empty): counting is shared again, from zero.
+    redis = RedisServer::start(plugins.path()).await;
+    redis_is(&gateways, "up").await;
+    assert_eq!(round_robin(&gateways, 3 * LIMIT, Duration::ZERO).await, (LIMIT, 2 * LIMIT));
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synced_counting_merges_every_instances_counts_and_loses_none_to_an_outage() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("handshake-guard", "handshake-guard", GUARD);
+    let mut redis = RedisServer::start(plugins.path()).await;
+    let gateways = fleet(plugins.path(), &app, &redis, "synced").await;
+    redis_is(&gateways, "up").await;
+    assert_eq!(cluster_status(&gateways[0]).await["counting"], "synced");
+
+    // Requests further apart than the sync interval (20 ms) with a margin:
+    // each instance has merged the others' counts before its next one.
+    let gap = Duration::from_millis(150);
+    assert_eq!(round_robin(&gateways, 6, gap).await, (6, 0));
+
+    // Three more while Redis is down, one per instance: counted locally.
+    drop(redis);
+    redis_is(&gateways, "down").await;
+    assert_eq!(round_robin(&gateways, 3, gap).await, (3, 0));
+
+    // Back: the counts taken during the outage are sent then, so the fleet
+    // has seen 9 and lets exactly one more through. (Had they been lost,
+    // each instance would know only its own 3 and the others' first 4, and
+    // let three more through.)
+    redis = RedisServer::start(plugins.path()).await;
+    redis_is(&gateways, "up").await;
+    // The held counts go out after the others have subscribed again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(round_robin(&gateways, 6, gap).await, (1, 5));
+    drop(redis);
+}
+
+#[test]
+fn a_cluster_section_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    for (cluster, complaint) in [
+        ("redis = \"http://redis:6379\"", "cluster.redis"),
+        ("redis = \"redis://redis:6379\"\nname = \"a b\"", "cluster.name"),
+        ("redis = \"redis://redis:6379\"\ncounting = \"sometimes\"", "counting"),
+        ("redis = \"redis://redis:6379\"\nsync_interval_ms = 0", "cluster.sync_interval_ms"),
+    ] {
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\n{cluster}\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
+                 [[pool]]\nname = \"app\"\nservers = [\"127.0.0.1:9\"]\n"
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cluster}: accepted");
+        assert!(stderr.contains(complaint), "{cluster}: {stderr}");
+    }
+}
