@@ -69,6 +69,11 @@ async fn a_token_file_guards_every_admin_endpoint() {
     let gateway = start_gateway(&config, &plugins).await;
     let admin = gateway.admin_addr().unwrap();
     assert_eq!(get(admin, "/status").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(get(admin, "/metrics").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(request(admin, "POST", "/reload", &[], vec![]).await.status, StatusCode::UNAUTHORIZED);
+    // An orchestrator's probes need none: they learn only "ok" and "ready".
+    assert_eq!(get(admin, "/healthz").await.body, "ok\n");
+    assert_eq!(get(admin, "/readyz").await.body, "ready\n");
     let wrong = request(admin, "GET", "/status", &[("authorization", "Bearer nope")], vec![]).await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
     let right = request(admin, "GET", "/status", &[("authorization", "Bearer s3cret+/token=")], vec![]).await;

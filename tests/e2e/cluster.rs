@@ -222,3 +222,66 @@ fn a_cluster_section_is_checked() {
         assert!(stderr.contains(complaint), "{cluster}: {stderr}");
     }
 }
+
+/// Instances agree on config and plugins the Kubernetes way: both come
+/// from ConfigMap volumes, and an update (a `..data` link swapped) is
+/// picked up without a restart or a signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_updates_reload_the_config_and_swap_plugin_settings() {
+    let (one, two) = (Backend::start("one").await, Backend::start("two").await);
+    let guard = |denied: &str| format!("[config]\ndeny_paths = \"{denied}\"\n");
+    let wasm = std::fs::read(plugin_wasm("handshake-guard")).unwrap();
+    let mut plugins =
+        KubeVolume::new(&[("handshake-guard.wasm", &wasm), ("handshake-guard.toml", guard("/blocked*").as_bytes())]);
+    let config = |default_pool: &str| {
+        format!(
+            "watch_config = true\n\
+             [plugins]\ndir = \"{}\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n\
+             [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"{default_pool}\"\nwaf = [\"handshake-guard\"]\n\
+             [[pool]]\nname = \"one\"\nservers = [\"{}\"]\n[[pool]]\nname = \"two\"\nservers = [\"{}\"]\n",
+            plugins.path().display(),
+            one.addr,
+            two.addr
+        )
+    };
+    let mut configmap = KubeVolume::new(&[("gateway.toml", config("one").as_bytes())]);
+    let logs = tempfile::tempdir().unwrap();
+    let gateway =
+        GatewayProcess::start(&configmap.path().join("gateway.toml"), &logs.path().join("gateway.log"), 2).await;
+    let web = gateway.addr("web");
+    assert!(get(web, "/").await.body.contains("backend=one"));
+    assert_eq!(get(web, "/blocked").await.status, StatusCode::FORBIDDEN);
+
+    // The ConfigMap holding gateway.toml is updated: the new config serves.
+    configmap.update(&[("gateway.toml", config("two").as_bytes())]);
+    let swapped = std::time::Instant::now();
+    while !get(web, "/").await.body.contains("backend=two") {
+        assert!(swapped.elapsed() < Duration::from_secs(1) + CI_MARGIN, "the updated config was not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A broken update is refused like a broken SIGHUP reload: the config
+    // in force keeps serving and /status says why.
+    configmap.update(&[("gateway.toml", b"[[listener]]\nname = 7\n")]);
+    let admin = gateway.addr("admin");
+    let started = std::time::Instant::now();
+    loop {
+        let reloads = status(admin).await["reloads"].clone();
+        if reloads.as_array().and_then(|r| r.last()).is_some_and(|last| last["result"] == "refused") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1) + CI_MARGIN, "no refused reload: {reloads}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(get(web, "/").await.body.contains("backend=two"));
+
+    // The plugins' ConfigMap is updated: the new settings apply.
+    plugins.update(&[("handshake-guard.wasm", &wasm), ("handshake-guard.toml", guard("/other*").as_bytes())]);
+    let swapped = std::time::Instant::now();
+    while get(web, "/blocked").await.status == StatusCode::FORBIDDEN {
+        assert!(swapped.elapsed() < Duration::from_secs(2) + CI_MARGIN, "the updated settings were not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(web, "/other").await.status, StatusCode::FORBIDDEN);
+}

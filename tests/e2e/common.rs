@@ -798,6 +798,51 @@ pub const STARTUP_BOUND: Duration = Duration::from_secs(120);
 /// delay, other tests' CPU): a bound is the README's figure plus this.
 pub const CI_MARGIN: Duration = Duration::from_millis(750);
 
+/// A directory laid out as the kubelet lays out a ConfigMap or Secret
+/// volume: each version in its own `..NAME` directory, `..data` linking to
+/// the current one, and every file a link through `..data`
+/// (`tls.crt -> ..data/tls.crt`). An update writes a new version and
+/// renames a new `..data` link into place; the files the gateway was told
+/// about never change themselves.
+pub struct KubeVolume {
+    pub dir: tempfile::TempDir,
+    versions: usize,
+}
+
+impl KubeVolume {
+    /// A volume holding `files` (name, content).
+    pub fn new(files: &[(&str, &[u8])]) -> KubeVolume {
+        let mut volume = KubeVolume { dir: tempfile::tempdir().expect("temp dir"), versions: 0 };
+        volume.update(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), volume.path().join(name)).expect("file link");
+        }
+        volume
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The kubelet's update: a new version directory with `files` (the same
+    /// names as at first), a new link, one rename, the old version removed.
+    pub fn update(&mut self, files: &[(&str, &[u8])]) {
+        self.versions += 1;
+        let version = format!("..2026_11_30_{:02}", self.versions);
+        std::fs::create_dir(self.path().join(&version)).expect("version dir");
+        for (name, content) in files {
+            std::fs::write(self.path().join(&version).join(name), content).expect("write file");
+        }
+        let (link, tmp) = (self.path().join("..data"), self.path().join("..data_tmp"));
+        std::os::unix::fs::symlink(&version, &tmp).expect("..data_tmp link");
+        std::fs::rename(&tmp, &link).expect("swap ..data");
+        if self.versions > 1 {
+            let old = format!("..2026_11_30_{:02}", self.versions - 1);
+            std::fs::remove_dir_all(self.path().join(old)).expect("remove the old version");
+        }
+    }
+}
+
 /// Waits until `condition` holds; panics with `what` after `limit`.
 pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();

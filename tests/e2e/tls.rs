@@ -551,21 +551,13 @@ async fn require_sni_match_refuses_a_host_other_than_the_sni() {
 /// the config names never change themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_rotated_by_a_data_symlink_swap_is_served_to_new_connections() {
-    use std::os::unix::fs::symlink;
     let pki = Pki::new();
-    let secret = tempfile::tempdir().unwrap();
-    let version = |name: &str, (cert, key): &(std::path::PathBuf, std::path::PathBuf)| {
-        let dir = secret.path().join(name);
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::copy(cert, dir.join("tls.crt")).unwrap();
-        std::fs::copy(key, dir.join("tls.key")).unwrap();
+    let files = |(cert, key): &(std::path::PathBuf, std::path::PathBuf)| {
+        [("tls.crt", std::fs::read(cert).unwrap()), ("tls.key", std::fs::read(key).unwrap())]
     };
     let first = pki.issue("gw", &["gw.test"]);
-    version("..2026_11_30_01", &first);
-    symlink("..2026_11_30_01", secret.path().join("..data")).unwrap();
-    for file in ["tls.crt", "tls.key"] {
-        symlink(format!("..data/{file}"), secret.path().join(file)).unwrap();
-    }
+    let [(c, cert_pem), (k, key_pem)] = files(&first);
+    let mut secret = KubeVolume::new(&[(c, &cert_pem), (k, &key_pem)]);
     let (cert, key) = (secret.path().join("tls.crt"), secret.path().join("tls.key"));
     let app = Backend::start("app").await;
     let gateway =
@@ -578,10 +570,8 @@ async fn a_secret_rotated_by_a_data_symlink_swap_is_served_to_new_connections() 
 
     // The kubelet's rotation: a new directory, a new link, one rename.
     let renewed = pki.issue("renewed", &["gw.test"]);
-    version("..2026_11_30_02", &renewed);
-    symlink("..2026_11_30_02", secret.path().join("..data_tmp")).unwrap();
-    std::fs::rename(secret.path().join("..data_tmp"), secret.path().join("..data")).unwrap();
-    std::fs::remove_dir_all(secret.path().join("..2026_11_30_01")).unwrap();
+    let [(c, cert_pem), (k, key_pem)] = files(&renewed);
+    secret.update(&[(c, &cert_pem), (k, &key_pem)]);
     let swapped = std::time::Instant::now();
     while served_certificate(addr, &pki, "gw.test").await != Some(der_of(&renewed.0)) {
         assert!(swapped.elapsed() < Duration::from_secs(1) + CI_MARGIN, "the rotated certificate was not served");

@@ -14,6 +14,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Reload when the config file changes (written in place, or its
+    /// Kubernetes ConfigMap's `..data` link swapped), exactly as on SIGHUP.
+    /// A top-level key: it goes before the first `[section]`. Read at start.
+    #[serde(default)]
+    pub watch_config: bool,
     /// The admin listener (health, readiness, status); none without it.
     pub admin: Option<AdminConfig>,
     #[serde(default)]

@@ -1,6 +1,7 @@
 //! The admin listener: liveness, readiness, live status and config reload
 //! for operators and orchestrators. Loopback by default. With `token_file`,
-//! every request needs `Authorization: Bearer <token>` (or, for a browser,
+//! every request but `GET /healthz` and `GET /readyz` (an orchestrator's
+//! probes) needs `Authorization: Bearer <token>` (or, for a browser,
 //! `?access_token=<token>`); without one, only the read-only endpoints
 //! answer, so no local process can reload an unprotected gateway.
 //!
@@ -141,8 +142,11 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Adm
     if !host_allowed(&req, &state.allowed_hosts) {
         return text(StatusCode::MISDIRECTED_REQUEST, "unknown host: add it to [admin] allowed_hosts\n");
     }
+    // Liveness and readiness say only "ok", "ready" or "draining": an
+    // orchestrator's probes (the kubelet's) carry no token.
+    let probe = req.method() == Method::GET && matches!(req.uri().path(), "/healthz" | "/readyz");
     match &state.token {
-        Some(token) if !presents(&req, token) => {
+        Some(token) if !probe && !presents(&req, token) => {
             return text(StatusCode::UNAUTHORIZED, "a bearer token is required\n");
         }
         None if req.method() != Method::GET => {

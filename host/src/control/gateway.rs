@@ -4,6 +4,7 @@
 //! `wasmgate check` runs the same steps short of binding.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use crate::config::{Config, ListenerProtocol};
 use crate::counting::Counters;
 use crate::edge::listener::ConnectionCap;
 use crate::edge::tls::CertStore;
-use crate::file_watch::FileWatch;
+use crate::file_watch::{self, FileWatch};
 use crate::plugin::host_api::HostServices;
 use crate::plugin::watcher;
 use crate::plugin::{Loader, Registry, Runtime};
@@ -38,6 +39,8 @@ pub struct Gateway {
     admin: Option<SocketAddr>,
     admin_task: Option<tokio::task::JoinHandle<()>>,
     _watcher: Option<FileWatch>,
+    /// With `watch_config`: reloads when the config file changes.
+    _config_watch: Option<FileWatch>,
 }
 
 impl Drop for Gateway {
@@ -100,6 +103,37 @@ fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// The file `watch_config` watches: the one the config was read from
+/// (none for a config made in memory).
+fn config_file_to_watch(config: &Config) -> Option<&Path> {
+    (config.watch_config && config.source.is_file()).then_some(config.source.as_path())
+}
+
+/// Reloads through `control` whenever `file` is written, created or
+/// renamed into place, or the Kubernetes `..data` link beside it is swapped
+/// (a ConfigMap update): exactly what SIGHUP does, refusals included.
+fn watch_config(file: &Path, control: Arc<Control>) -> notify::Result<FileWatch> {
+    let dir = match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = file.file_name().map(ToOwned::to_owned);
+    let watch = file_watch::watch(
+        "config file",
+        std::slice::from_ref(&dir),
+        move |path| path.file_name() == name.as_deref() || file_watch::is_kubernetes_swap(path),
+        move || {
+            let control = control.clone();
+            async move {
+                tracing::info!("config file changed: reloading");
+                control.reload().await;
+            }
+        },
+    )?;
+    tracing::info!(file = %file.display(), "watching the config file");
+    Ok(watch)
+}
+
 impl Gateway {
     /// Prepares `config`, binds its listeners and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
@@ -132,6 +166,7 @@ impl Gateway {
             Arc::new(Shared { registry, drain: Arc::new(Drain::default()), metrics: Default::default(), access_log });
         let cap = Arc::new(ConnectionCap::new(config.limits.max_connections, shared.drain.clone()));
         let control = Arc::new(Control::new(shared, loader, services, cap, config.clone()));
+        let watched_config = config_file_to_watch(&config).map(Path::to_owned);
         let started = control.apply(config).await;
         if let Some(error) = started.error {
             anyhow::bail!("{error}");
@@ -145,7 +180,11 @@ impl Gateway {
                 (Some(addr), Some(tokio::spawn(admin::serve(socket, state))))
             }
         };
-        Ok(Gateway { control, admin, admin_task, _watcher: watcher })
+        let config_watch = match watched_config {
+            Some(file) => Some(watch_config(&file, control.clone()).context("watching the config file")?),
+            None => None,
+        };
+        Ok(Gateway { control, admin, admin_task, _watcher: watcher, _config_watch: config_watch })
     }
 
     /// The address listener `name` is bound to.
