@@ -10,6 +10,7 @@ mod claims;
 mod cli;
 mod cluster;
 mod dashboard;
+mod deploy;
 mod faults;
 mod hostile_clients;
 mod hostile_plugins;
