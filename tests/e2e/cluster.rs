@@ -45,10 +45,19 @@ impl Drop for RedisServer {
     }
 }
 
-/// Ten requests per client address a day (a window no test crosses the
-/// end of), counted by the first-party WAF.
+/// Ten requests per client address a day, counted by the first-party WAF.
 const LIMIT: usize = 10;
 const GUARD: &str = "[config]\nrate_limit = \"10/86400s\"\n";
+
+/// Buckets are cut by the wall clock: a one-day window's bucket ends at
+/// midnight UTC. A test that would run across it waits until it has passed.
+async fn away_from_midnight() {
+    let into_day = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() % 86_400;
+    let left = 86_400 - into_day;
+    if left < 120 {
+        tokio::time::sleep(Duration::from_secs(left + 2)).await;
+    }
+}
 
 /// Three gateways in `dir` sharing counts through `redis` as `counting`
 /// says, each with its own admin listener.
@@ -60,6 +69,7 @@ async fn fleet(dir: &Path, app: &Backend, redis: &RedisServer, counting: &str) -
             &config,
             format!(
                 "[cluster]\nredis = \"{}\"\nname = \"test\"\ncounting = \"{counting}\"\nsync_interval_ms = 20\n\
+                 timeout_ms = 250\n\
                  [plugins]\ndir = \".\"\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n\
                  [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\nwaf = [\"handshake-guard\"]\n\
@@ -95,11 +105,16 @@ async fn cluster_status(gateway: &GatewayProcess) -> serde_json::Value {
     status(gateway.addr("admin")).await["cluster"].clone()
 }
 
-/// Waits until every gateway's `/status` says Redis is `state`.
+/// Waits until every gateway's `/status` says Redis is `state` (and, for
+/// `up` in `synced`, that it hears the others).
 async fn redis_is(gateways: &[GatewayProcess], state: &str) {
     let started = std::time::Instant::now();
     for gateway in gateways {
-        while cluster_status(gateway).await["redis"] != state {
+        loop {
+            let cluster = cluster_status(gateway).await;
+            if cluster["redis"] == state && (state != "up" || cluster["subscribed"] != false) {
+                break;
+            }
             assert!(started.elapsed() < Duration::from_secs(20), "Redis never `{state}` in /status");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -108,10 +123,12 @@ async fn redis_is(gateways: &[GatewayProcess], state: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_counting_holds_three_instances_to_one_limit_and_survives_a_redis_outage() {
+    away_from_midnight().await;
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("handshake-guard", "handshake-guard", GUARD);
     let mut redis = RedisServer::start(plugins.path()).await;
     let gateways = fleet(plugins.path(), &app, &redis, "exact").await;
+    redis_is(&gateways, "up").await;
 
     // 30 requests over three instances: the limit is the fleet's, not each one's.
     assert_eq!(round_robin(&gateways, 3 * LIMIT, Duration::ZERO).await, (LIMIT, 2 * LIMIT));
@@ -165,6 +182,7 @@ async fn exact_counting_holds_three_instances_to_one_limit_and_survives_a_redis_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synced_counting_merges_every_instances_counts_and_loses_none_to_an_outage() {
+    away_from_midnight().await;
     let app = Backend::start("app").await;
     let plugins = PluginDir::new().add("handshake-guard", "handshake-guard", GUARD);
     let mut redis = RedisServer::start(plugins.path()).await;
@@ -188,8 +206,9 @@ async fn synced_counting_merges_every_instances_counts_and_loses_none_to_an_outa
     // let three more through.)
     redis = RedisServer::start(plugins.path()).await;
     redis_is(&gateways, "up").await;
-    // The held counts go out after the others have subscribed again.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The held counts go out 2.5 s after Redis answers, once the others
+    // have subscribed again.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(round_robin(&gateways, 6, gap).await, (1, 5));
     drop(redis);
 }

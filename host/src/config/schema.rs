@@ -463,8 +463,9 @@ pub struct ClusterConfig {
     /// `synced`: how often counts are sent to and merged from the others.
     #[serde(default = "default_sync_interval_ms")]
     pub sync_interval_ms: u64,
-    /// `exact`: the longest a `count` waits for Redis before it counts
-    /// locally; also the connect timeout.
+    /// `exact`: bounds the write and the read of a `count`'s round trip;
+    /// past it the count is local and Redis is taken as down until the
+    /// sync thread hears from it.
     #[serde(default = "default_redis_timeout_ms")]
     pub timeout_ms: u64,
 }

@@ -41,7 +41,10 @@ impl Default for Counters {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClusterStatus {
     pub counting: &'static str,
+    /// `connecting` (not reached yet), `up` or `down`.
     pub redis: &'static str,
+    /// `synced`: whether this instance hears the others' counts.
+    pub subscribed: Option<bool>,
     pub outages: u64,
     pub local_counts: u64,
     pub last_error: Option<String>,
@@ -78,15 +81,18 @@ impl Counters {
         // The table counts every event, so an outage starts from this
         // process's own counts rather than from nothing.
         let local = shared.table.count(plugin, key, window_ms, now);
-        if shared.counting == Counting::Exact {
-            let length = window_length(window_ms);
-            let bucket = now / length;
-            if let Some((current, previous)) = shared.redis.count_exact(plugin, key, length, bucket) {
-                return estimate(previous, current, length, bucket * length, now);
+        let health = &shared.redis.health;
+        match shared.counting {
+            Counting::Exact => {
+                let length = window_length(window_ms);
+                let bucket = now / length;
+                if let Some((current, previous)) = shared.redis.count_exact(plugin, key, length, bucket) {
+                    return estimate(previous, current, length, bucket * length, now);
+                }
+                health.counted_locally();
             }
-        }
-        if shared.redis.health.is_down() {
-            shared.redis.health.counted_locally();
+            Counting::Synced if !health.is_up() || !health.subscribed() => health.counted_locally(),
+            Counting::Synced => {}
         }
         local
     }
@@ -100,7 +106,8 @@ impl Counters {
                 Counting::Synced => "synced",
                 Counting::Exact => "exact",
             },
-            redis: if health.is_down() { "down" } else { "up" },
+            redis: health.state(),
+            subscribed: (shared.counting == Counting::Synced).then(|| health.subscribed()),
             outages: health.outages(),
             local_counts: health.local_counts(),
             last_error: health.last_error(),

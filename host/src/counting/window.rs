@@ -59,14 +59,16 @@ impl Window {
         Window { length_ms, bucket, buckets: [Bucket::default(); 2] }
     }
 
-    /// Moves the buckets on to bucket `now` (never back).
+    /// Moves the buckets on to bucket `now`. A clock stepped back (NTP, a
+    /// resumed VM) starts the window afresh rather than freezing it in a
+    /// bucket the clock will not reach again for as long as it stepped.
     fn roll(&mut self, now: u64) {
-        match now.saturating_sub(self.bucket) {
-            0 => {}
-            1 => self.buckets = [Bucket::default(), self.buckets[0]],
+        match now.checked_sub(self.bucket) {
+            Some(0) => {}
+            Some(1) => self.buckets = [Bucket::default(), self.buckets[0]],
             _ => self.buckets = [Bucket::default(); 2],
         }
-        self.bucket = self.bucket.max(now);
+        self.bucket = now;
     }
 
     /// Which of the two buckets `bucket` is, if it is either.
@@ -108,25 +110,45 @@ struct Shard {
     /// Windows held, over all plugins.
     len: usize,
     sweep_at: usize,
+    /// When it was last swept (Unix ms): a full shard is swept at most
+    /// once per [`FULL_SWEEP_EVERY_MS`], not on every count of a flood.
+    swept_ms: u64,
 }
 
+/// How often a shard full of live keys may be swept again.
+const FULL_SWEEP_EVERY_MS: u64 = 1000;
+
 impl Shard {
-    /// The window of (`plugin`, `key`), made (evicting one if the shard is
-    /// full) and rolled on to `now_ms`.
-    fn window(&mut self, plugin: &str, key: &str, length_ms: u64, now_ms: u64) -> &mut Window {
+    /// Drops the windows whose buckets have both passed.
+    fn sweep(&mut self, now_ms: u64) {
         let bucket_of = |length_ms: u64| now_ms / length_ms;
-        if self.len >= self.sweep_at {
-            for windows in self.plugins.values_mut() {
-                windows.retain(|_, w| w.live(bucket_of));
-            }
-            self.plugins.retain(|_, windows| !windows.is_empty());
-            self.len = self.plugins.values().map(HashMap::len).sum();
-            self.sweep_at = (self.len * 2).max(SWEEP_AT);
+        for windows in self.plugins.values_mut() {
+            windows.retain(|_, w| w.live(bucket_of));
+        }
+        self.plugins.retain(|_, windows| !windows.is_empty());
+        self.len = self.plugins.values().map(HashMap::len).sum();
+        // Never past the cap, or a full shard would never be swept again.
+        self.sweep_at = (self.len * 2).clamp(SWEEP_AT, MAX_KEYS_PER_SHARD);
+        self.swept_ms = now_ms;
+    }
+
+    /// The window of (`plugin`, `key`), made and rolled on to `now_ms`. A
+    /// full shard is swept first; if it is still full, a count evicts a key
+    /// (`evict`), and a peer's delta (not `evict`) is dropped: another
+    /// process's keys never push out this one's.
+    fn window(&mut self, plugin: &str, key: &str, length_ms: u64, now_ms: u64, evict: bool) -> Option<&mut Window> {
+        let bucket_of = |length_ms: u64| now_ms / length_ms;
+        let full = self.len >= MAX_KEYS_PER_SHARD;
+        if self.len >= self.sweep_at && (!full || now_ms.saturating_sub(self.swept_ms) >= FULL_SWEEP_EVERY_MS) {
+            self.sweep(now_ms);
+        }
+        let known = self.plugins.get(plugin).is_some_and(|windows| windows.contains_key(key));
+        if !known && self.len >= MAX_KEYS_PER_SHARD && !evict {
+            return None;
         }
         if !self.plugins.contains_key(plugin) {
             self.plugins.insert(plugin.into(), HashMap::new());
         }
-        let known = self.plugins.get(plugin).is_some_and(|windows| windows.contains_key(key));
         // Full of live keys (a key flood): make room by dropping one of this
         // plugin's own keys, or, for a plugin holding none, one of the
         // plugin holding the most: one plugin's flood never evicts another
@@ -155,10 +177,16 @@ impl Shard {
             unreachable!("the window was inserted above");
         };
         if window.length_ms != length_ms {
+            // A plugin counting the key over another window starts it
+            // afresh; a peer's delta for another window is dropped (two
+            // versions of a setting, mid-rollout, would reset each other).
+            if !evict {
+                return None;
+            }
             *window = Window::new(length_ms, bucket_of(length_ms));
         }
         window.roll(bucket_of(length_ms));
-        window
+        Some(window)
     }
 }
 
@@ -174,7 +202,7 @@ impl Default for Table {
         Table {
             hasher: RandomState::new(),
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(Shard { plugins: HashMap::new(), len: 0, sweep_at: SWEEP_AT }))
+                .map(|_| Mutex::new(Shard { plugins: HashMap::new(), len: 0, sweep_at: SWEEP_AT, swept_ms: 0 }))
                 .collect(),
         }
     }
@@ -192,7 +220,9 @@ impl Table {
     pub fn count(&self, plugin: &str, key: &str, window_ms: u32, now_ms: u64) -> u64 {
         let key = truncate(key, MAX_KEY_BYTES);
         let mut shard = self.shard(plugin, key);
-        let window = shard.window(plugin, key, window_length(window_ms), now_ms);
+        let Some(window) = shard.window(plugin, key, window_length(window_ms), now_ms, true) else {
+            unreachable!("a count always gets a window");
+        };
         window.buckets[0].own += 1;
         window.estimate(now_ms)
     }
@@ -252,12 +282,18 @@ impl Table {
 
     /// Merges what another instance counted. Its buckets are placed by
     /// number; a bucket this process has already passed (or not yet
-    /// reached: a clock ahead of ours) is dropped.
+    /// reached: a clock ahead of ours) is dropped, and so is a delta for a
+    /// window of another length, or one that would push out a key of ours.
     pub fn merge(&self, delta: &Delta, now_ms: u64) {
         let key = truncate(&delta.key, MAX_KEY_BYTES);
         let length_ms = delta.length_ms.clamp(1, MAX_WINDOW_MS);
+        let now = now_ms / length_ms;
+        let lands = |bucket: u64, events: u64| events > 0 && (bucket == now || bucket.checked_add(1) == Some(now));
+        if !lands(delta.bucket, delta.current) && !lands(delta.bucket.wrapping_sub(1), delta.previous) {
+            return;
+        }
         let mut shard = self.shard(&delta.plugin, key);
-        let window = shard.window(&delta.plugin, key, length_ms, now_ms);
+        let Some(window) = shard.window(&delta.plugin, key, length_ms, now_ms, false) else { return };
         let previous_bucket = delta.bucket.checked_sub(1);
         for (bucket, events) in [(Some(delta.bucket), delta.current), (previous_bucket, delta.previous)] {
             if let Some(slot) = bucket.and_then(|b| window.slot(b)) {
@@ -372,6 +408,83 @@ mod tests {
         // b: previous bucket 3 (a) + 1 (own) + 1 (a, late), current 1 (a).
         let n = b.count("p", "k", 1000, T0 + 1300);
         assert_eq!(n, (5.0_f64 * 0.7).floor() as u64 + 2);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_starts_windows_afresh() {
+        let table = Table::default();
+        for _ in 0..10 {
+            table.count("p", "k", 60_000, T0);
+        }
+        // An hour back: the window is not frozen at 10 for that hour.
+        assert_eq!(table.count("p", "k", 60_000, T0 - 3_600_000), 1);
+    }
+
+    #[test]
+    fn a_full_shard_of_passed_windows_is_swept_and_never_stops_sweeping() {
+        let table = Table::default();
+        for i in 0..(SHARDS * MAX_KEYS_PER_SHARD) {
+            table.count("p", &format!("old{i}"), 1000, T0);
+        }
+        // Ten seconds on, every window has passed: the shards are swept
+        // rather than evicting, and stay sweepable.
+        let later = T0 + 10_000;
+        table.count("guard", "client", 60_000, later);
+        for i in 0..(SHARDS * 100) {
+            table.count("p", &format!("new{i}"), 1000, later);
+        }
+        for shard in &table.shards {
+            let shard = shard.lock().unwrap();
+            assert!(shard.sweep_at <= MAX_KEYS_PER_SHARD, "sweep_at {}", shard.sweep_at);
+            assert!(shard.len < MAX_KEYS_PER_SHARD, "a shard kept its passed windows: {}", shard.len);
+        }
+        assert_eq!(table.count("guard", "client", 60_000, later), 2);
+    }
+
+    #[test]
+    fn a_peers_delta_never_resets_evicts_or_makes_useless_windows() {
+        let table = Table::default();
+        let delta = |length_ms: u64, bucket: u64, current: u64| Delta {
+            plugin: "p".into(),
+            key: "k".into(),
+            length_ms,
+            bucket,
+            current,
+            previous: 0,
+        };
+        for _ in 0..3 {
+            table.count("p", "k", 60_000, T0);
+        }
+        // The same key over another window (a setting mid-rollout): dropped,
+        // our own counts kept.
+        table.merge(&delta(30_000, T0 / 30_000, 50), T0);
+        assert_eq!(table.count("p", "k", 60_000, T0), 4);
+        // Stale, future, empty and absurd deltas make no window at all.
+        table.merge(&delta(60_000, T0 / 60_000 - 5, 9), T0);
+        table.merge(&delta(60_000, T0 / 60_000 + 1, 9), T0);
+        table.merge(&delta(60_000, u64::MAX, 9), T0);
+        table.merge(&Delta { key: "other".into(), ..delta(60_000, T0 / 60_000, 0) }, T0);
+        let held: usize = table.shards.iter().map(|s| s.lock().unwrap().len).sum();
+        assert_eq!(held, 1, "only our own key is held");
+        // A full shard drops a peer's new key instead of evicting ours.
+        let full = Table::default();
+        for i in 0..(SHARDS * MAX_KEYS_PER_SHARD * 2) {
+            full.count("p", &format!("k{i}"), 60_000, T0);
+        }
+        let before: usize = full.shards.iter().map(|s| s.lock().unwrap().len).sum();
+        for i in 0..10_000 {
+            full.merge(&Delta { key: format!("peer{i}"), ..delta(60_000, T0 / 60_000, 1) }, T0);
+        }
+        let after: usize = full.shards.iter().map(|s| s.lock().unwrap().len).sum();
+        assert_eq!(before, after);
+        let peer_keys: usize = full
+            .shards
+            .iter()
+            .map(|s| {
+                s.lock().unwrap().plugins.values().flat_map(|w| w.keys()).filter(|k| k.starts_with("peer")).count()
+            })
+            .sum();
+        assert_eq!(peer_keys, 0, "a peer's key pushed out one of ours");
     }
 
     #[test]
