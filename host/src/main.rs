@@ -14,7 +14,11 @@ use wasmgate::control::plugin_project::{self, Kind, Language};
 use wasmgate::{Config, config};
 
 #[derive(Parser)]
-#[command(name = "wasmgate", version, about = "An edge gateway whose decisions run in WebAssembly")]
+#[command(
+    name = "wasmgate",
+    version = wasmgate::control::build_info::LONG_VERSION,
+    about = "An edge gateway whose decisions run in WebAssembly"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

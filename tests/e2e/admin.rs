@@ -114,6 +114,26 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
     sum + histogram_count
 }
 
+/// Checks that every metric `deploy/grafana/wasmgate.json` names (those
+/// `which` picks) is in `scrape`: a renamed metric breaks the dashboard.
+fn dashboard_reads_only(scrape: &prometheus_parse::Scrape, which: impl Fn(&str) -> bool) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/wasmgate.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut named = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let words = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+            named
+                .extend(words.filter(|w| w.starts_with("wasmgate_")).map(|w| w.trim_end_matches("_bucket").to_owned()));
+        }
+    }
+    assert!(named.len() >= 15, "{named:?}");
+    let missing: Vec<_> =
+        named.iter().filter(|n| which(n) && !scrape.samples.iter().any(|s| &s.metric == *n)).collect();
+    assert!(missing.is_empty(), "the dashboard reads metrics /metrics does not have: {missing:?}");
+}
+
 async fn scrape(admin: std::net::SocketAddr) -> prometheus_parse::Scrape {
     let got = get(admin, "/metrics").await;
     assert_eq!(got.status, StatusCode::OK);
@@ -196,6 +216,9 @@ async fn metrics_move_as_the_traffic_says() {
     assert_eq!(healthy("dead", closed.to_string()), 0.0, "a refused connection marks it down");
     assert_eq!(sample(&m, "wasmgate_config_version", &[]), 1.0);
     assert_eq!(sample(&m, "wasmgate_reloads_total", &[]), 0.0, "starting is not a reload");
+    // Every metric the Grafana dashboard reads is there (the cluster's, in
+    // the test of a gateway with [cluster]).
+    dashboard_reads_only(&m, |name| !name.starts_with("wasmgate_cluster_"));
 
     // /status agrees with the metrics.
     let status: serde_json::Value = serde_json::from_str(&get(admin, "/status").await.body).unwrap();
@@ -420,4 +443,55 @@ async fn signals_during_start_up_do_not_kill_the_gateway() {
     }
     let gateway = gateway.listening(1).await;
     assert_eq!(get(gateway.addr("web"), "/").await.status, StatusCode::OK);
+}
+
+/// What the binary is and what the process uses, on `/metrics` for a
+/// fleet's dashboards: `wasmgate_build_info` and the process's CPU, memory
+/// and descriptors (the same numbers `/proc` has for the process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_say_which_build_runs_and_what_the_process_uses() {
+    let app = Backend::start("app").await;
+    // Shared counting through a Redis that is not there: its metrics say so.
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = format!(
+        "[cluster]\nredis = \"redis://{nothing}\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n\
+         [[pool]]\nname = \"app\"\nservers = [\"{}\"]\n",
+        app.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.toml"), config).unwrap();
+    let gateway = GatewayProcess::start(&dir.path().join("gateway.toml"), &dir.path().join("gateway.log"), 2).await;
+    let scrape = scrape(gateway.addr("admin")).await;
+    let build = scrape.samples.iter().find(|s| s.metric == "wasmgate_build_info").expect("wasmgate_build_info");
+    let version = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate")).arg("--version").output().unwrap();
+    let version = String::from_utf8(version.stdout).unwrap();
+    for label in ["version", "commit", "wasmtime", "contract"] {
+        let value = build.labels.get(label).unwrap_or_else(|| panic!("no {label} label"));
+        assert!(!value.is_empty() && version.contains(value), "{label}={value} is not in `{version}`");
+    }
+    assert_eq!(build.labels.get("contract"), Some("0.3.0"));
+    // The process's own numbers, as /proc says them.
+    let pid = gateway.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
+    let rss = sample(&scrape, "wasmgate_process_resident_memory_bytes", &[]);
+    assert!((rss / 1024.0 - rss_kib).abs() < rss_kib * 0.5, "RSS {rss} bytes, /proc says {rss_kib} KiB");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as f64;
+    let open = sample(&scrape, "wasmgate_process_open_fds", &[]);
+    assert!(open >= 5.0 && (open - fds).abs() <= 4.0, "{open} open descriptors, /proc has {fds}");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<f64> =
+        stat[stat.rfind(')').unwrap() + 2..].split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect();
+    // utime and stime, in the kernel's 100 ticks a second.
+    let cpu_then = (fields[11] + fields[12]) / 100.0;
+    let cpu = sample(&scrape, "wasmgate_process_cpu_seconds_total", &[]);
+    assert!(cpu <= cpu_then + 0.01 && cpu >= cpu_then - 0.5, "{cpu} s of CPU, /proc said {cpu_then} s");
+    assert!(sample(&scrape, "wasmgate_process_max_fds", &[]) >= open);
+    assert_eq!(sample(&scrape, "wasmgate_cluster_redis_up", &[]), 0.0);
+    dashboard_reads_only(&scrape, |name| {
+        name.starts_with("wasmgate_cluster_") || name.starts_with("wasmgate_process_")
+    });
 }

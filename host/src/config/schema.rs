@@ -38,6 +38,8 @@ pub struct Config {
     /// Counts shared with other instances; this process counts alone
     /// without it.
     pub cluster: Option<ClusterConfig>,
+    /// Trace export; none without it.
+    pub otlp: Option<OtlpConfig>,
     /// The file this was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub source: PathBuf,
@@ -480,6 +482,23 @@ fn default_sync_interval_ms() -> u64 {
 
 fn default_redis_timeout_ms() -> u64 {
     5
+}
+
+/// `[otlp]`: spans for requests, WebSockets and plugin calls, sent to an
+/// OpenTelemetry collector over OTLP/HTTP (protobuf). Read at start-up.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's traces URL, e.g. `http://127.0.0.1:4318/v1/traces`
+    /// (plain HTTP: a collector agent beside the gateway).
+    pub endpoint: String,
+    /// The `service.name` of the spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+fn default_service_name() -> String {
+    "wasmgate".into()
 }
 
 /// How `[cluster]` counts: the trade-off between a network round trip per

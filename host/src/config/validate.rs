@@ -47,6 +47,18 @@ impl Config {
         if let Some(Err((key, why))) = self.cluster.as_ref().map(ClusterConfig::validate) {
             return Err(invalid(key.into(), why.into()));
         }
+        if let Some(otlp) = &self.otlp {
+            let uri = otlp.endpoint.parse::<http::Uri>().ok();
+            if uri.as_ref().is_none_or(|u| u.scheme_str() != Some("http") || u.host().is_none()) {
+                return Err(invalid(
+                    "otlp.endpoint".into(),
+                    "must be an http:// URL (e.g. http://127.0.0.1:4318/v1/traces)".into(),
+                ));
+            }
+            if otlp.service_name.is_empty() || otlp.service_name.len() > 128 {
+                return Err(invalid("otlp.service_name".into(), "must be 1-128 characters".into()));
+            }
+        }
         if !(1..=3600).contains(&self.limits.header_read_timeout_s) {
             return Err(invalid("limits.header_read_timeout_s".into(), "must be 1-3600".into()));
         }

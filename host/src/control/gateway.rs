@@ -24,6 +24,7 @@ use crate::plugin::{Loader, Registry, Runtime};
 use crate::request::Shared;
 use crate::shutdown::Drain;
 use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::otlp::Otlp;
 use crate::upstream::{Pool, Pools};
 
 /// How long a draining gateway waits for requests on connections it
@@ -162,8 +163,14 @@ impl Gateway {
             }
         };
         let access_log = AccessLog::open(&config.log)?.map(Arc::new);
-        let shared =
-            Arc::new(Shared { registry, drain: Arc::new(Drain::default()), metrics: Default::default(), access_log });
+        let otlp = config.otlp.as_ref().map(Otlp::start).transpose()?.map(Arc::new);
+        let shared = Arc::new(Shared {
+            registry,
+            drain: Arc::new(Drain::default()),
+            metrics: Default::default(),
+            access_log,
+            otlp,
+        });
         let cap = Arc::new(ConnectionCap::new(config.limits.max_connections, shared.drain.clone()));
         let control = Arc::new(Control::new(shared, loader, services, cap, config.clone()));
         let watched_config = config_file_to_watch(&config).map(Path::to_owned);

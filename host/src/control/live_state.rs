@@ -1,7 +1,8 @@
 //! Metrics of live state, read when `/metrics` is scraped rather than
 //! counted as events: each server's health, the config version in force,
-//! each plugin's counters (kept by the plugin registry), and whether the
-//! fleet's Redis answers.
+//! each plugin's counters (kept by the plugin registry), whether the
+//! fleet's Redis answers, what this binary is, and the process's CPU,
+//! memory and descriptors.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
+use super::build_info;
 use super::reload::View;
 use crate::counting::ClusterStatus;
 use crate::plugin::{PluginStats, Registry};
@@ -29,6 +31,14 @@ impl std::fmt::Debug for LiveState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveState").field("view", &self.view).finish_non_exhaustive()
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+    wasmtime: &'static str,
+    contract: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +83,41 @@ impl Collector for LiveState {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (labels, stats) in &stats {
                 ConstCounter::new(value(stats)).encode(family.encode_family(labels)?)?;
+            }
+        }
+        let mut build = encoder.encode_descriptor(
+            "build_info",
+            "1, labelled with the version, git commit, wasmtime and plugin contract of this binary",
+            None,
+            MetricType::Gauge,
+        )?;
+        let labels = BuildLabels {
+            version: build_info::VERSION,
+            commit: build_info::COMMIT,
+            wasmtime: build_info::WASMTIME,
+            contract: build_info::CONTRACT,
+        };
+        ConstGauge::new(1).encode(build.encode_family(&labels)?)?;
+        if let Some(process) = build_info::ProcessStats::read() {
+            let cpu = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "CPU time the process has used, user and system",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(process.cpu_seconds).encode(cpu)?;
+            let gauges: [(&str, &str, f64); 3] = [
+                ("process_resident_memory_bytes", "Resident memory", process.resident_bytes as f64),
+                ("process_open_fds", "Open file descriptors (sockets included)", process.open_fds as f64),
+                ("process_start_time_seconds", "When the process started, in Unix time", process.start_time_seconds),
+            ];
+            for (name, help, value) in gauges {
+                ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+            }
+            if let Some(max) = process.max_fds {
+                let limit =
+                    encoder.encode_descriptor("process_max_fds", "The open-file limit", None, MetricType::Gauge)?;
+                ConstGauge::new(max as f64).encode(limit)?;
             }
         }
         if let Some(cluster) = &self.cluster {

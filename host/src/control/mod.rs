@@ -6,6 +6,7 @@
 //! and [`plugin_project`] (`wasmgate plugin new` and `plugin build`).
 
 pub mod admin;
+pub mod build_info;
 pub mod gateway;
 pub mod live_state;
 pub mod plugin_project;

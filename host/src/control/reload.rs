@@ -455,6 +455,9 @@ impl Control {
         if started.cluster != config.cluster {
             restart_required.push("cluster".to_owned());
         }
+        if started.otlp != config.otlp {
+            restart_required.push("otlp".to_owned());
+        }
         if started.watch_config != config.watch_config {
             restart_required.push("watch_config".to_owned());
         }

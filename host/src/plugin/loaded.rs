@@ -35,7 +35,10 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 /// needs an instance, outside any call's deadline.
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The contract version this host speaks, as it appears in export names.
+/// The version of the plugin contract (`wit/plugin.wit`) this host speaks.
+pub const CONTRACT_VERSION: &str = "0.3.0";
+
+/// The contract this host speaks, as it appears in export names.
 const CONTRACT: &str = "wasmgate:plugin@0.3.0";
 
 /// Why a plugin call produced no decision.

@@ -32,7 +32,7 @@ pub mod view;
 pub mod wasi;
 pub mod watcher;
 
-pub use loaded::{LoadedPlugin, PluginError, PluginIdentity, PluginStats};
+pub use loaded::{CONTRACT_VERSION, LoadedPlugin, PluginError, PluginIdentity, PluginStats};
 pub use registry::{Loader, PluginSlot, Registry};
 pub use runtime::Runtime;
 pub use view::RequestView;

@@ -34,7 +34,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::header::HeaderValue;
@@ -49,6 +49,7 @@ use super::route::Route;
 use super::target;
 use super::validate;
 use crate::config::{ListenerConfig, OnError};
+use crate::http::trace::{self, Trace};
 use crate::http::{ConnInfo, ERROR_HEADER, GatewayError, ResponseBody, WAF_DENY};
 use crate::plugin::bindings::{RouteDecision, Verdict};
 use crate::plugin::{PluginError, PluginSlot, Registry, RequestView};
@@ -57,6 +58,7 @@ use crate::telemetry::access_log::{self, AccessLog, RequestEntry};
 use crate::telemetry::metrics::{
     ConnectErrorLabels, HandshakeCounters, Histogram, ListenerLabel, Metrics, RequestCounters,
 };
+use crate::telemetry::otlp::{Attribute, Otlp, SpanRecord};
 use crate::upstream::{Pool, Pools, SendError, Server};
 use crate::websocket::ClientHandshake;
 use crate::websocket::relay::RelayLimits;
@@ -69,6 +71,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// `None` when `[log] access = "off"`.
     pub access_log: Option<Arc<AccessLog>>,
+    /// `None` without `[otlp]`: then no span is built.
+    pub otlp: Option<Arc<Otlp>>,
 }
 
 /// A plugin as one listener uses it: its name, the slot its current version
@@ -207,6 +211,8 @@ type Step<T> = Result<T, Answer>;
 /// What the logging phase knows of the request once its head is gone.
 struct Asked {
     started: Instant,
+    /// The wall-clock start, for a span (only with `[otlp]`).
+    started_at: Option<SystemTime>,
     handshake: bool,
     /// Method and path, copied only when a log line will be written.
     logged: Option<(Method, String)>,
@@ -254,21 +260,32 @@ impl ListenerProxy {
     }
 
     /// Handles one request from `client` and returns the client's response.
-    pub async fn handle(&self, req: Request<Incoming>, client: &Arc<ConnInfo>) -> Response<ResponseBody> {
+    pub async fn handle(&self, mut req: Request<Incoming>, client: &Arc<ConnInfo>) -> Response<ResponseBody> {
         let _in_flight = self.shared.drain.request();
         let version_1x = req.version() < http::Version::HTTP_2;
         let asked = Asked {
             started: Instant::now(),
+            started_at: self.shared.otlp.as_ref().map(|_| SystemTime::now()),
             handshake: req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT,
-            logged: (self.shared.access_log.is_some() || tracing::enabled!(tracing::Level::DEBUG))
-                .then(|| (req.method().clone(), req.uri().path().to_owned())),
+            logged: (self.shared.access_log.is_some()
+                || self.shared.otlp.is_some()
+                || tracing::enabled!(tracing::Level::DEBUG))
+            .then(|| (req.method().clone(), req.uri().path().to_owned())),
         };
         let rules = self.rules.load_full();
-        let answer = match self.pass(&rules, req, client).await {
+        // Phase 0: the request's ID and trace context, for the plugins, the
+        // backend, the client and the log.
+        let trace = Trace::of(req.headers(), rules.trusts(client));
+        trace.stamp(req.headers_mut());
+        let answer = match self.pass(&rules, req, client, &trace).await {
             Ok(answer) | Err(answer) => answer,
         };
-        self.log(&rules, &answer, client, asked);
+        if let (Some(otlp), Some(start)) = (&self.shared.otlp, asked.started_at) {
+            self.request_span(otlp, &trace, start, &answer, client, &asked);
+        }
+        self.log(&rules, &answer, client, asked, &trace);
         let mut response = answer.response;
+        response.headers_mut().insert(trace::REQUEST_ID, trace.request_id);
         if self.removal.has_begun() && !matches!(answer.outcome, Outcome::Upgraded) && version_1x {
             // The listener was removed: this is the connection's last response.
             response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -277,14 +294,20 @@ impl ListenerProxy {
     }
 
     /// Phases 1 to 7, in order.
-    async fn pass(&self, rules: &ListenerRules, mut req: Request<Incoming>, client: &Arc<ConnInfo>) -> Step<Answer> {
+    async fn pass(
+        &self,
+        rules: &ListenerRules,
+        mut req: Request<Incoming>,
+        client: &Arc<ConnInfo>,
+        trace: &Trace,
+    ) -> Step<Answer> {
         Self::target(rules, &mut req, client)?;
         let handshake = Self::handshake(&req)?;
         Self::redirect(rules, &req, handshake.is_some())?;
-        let (req, route) = self.decide(rules, req, client, handshake.is_some())?;
+        let (req, route) = self.decide(rules, req, client, handshake.is_some(), trace)?;
         let answer = match handshake {
             None => self.forward(rules, req, &route, client).await,
-            Some(handshake) => self.upgrade(rules, req, handshake, &route, client).await,
+            Some(handshake) => self.upgrade(rules, req, handshake, &route, client, trace).await,
         };
         answer.map_err(|error| Answer::from(error).routed_to(&route.pool))
     }
@@ -325,6 +348,7 @@ impl ListenerProxy {
         req: Request<Incoming>,
         client: &Arc<ConnInfo>,
         websocket: bool,
+        trace: &Trace,
     ) -> Step<(Request<Incoming>, Route)> {
         if rules.waf.is_empty() && rules.router.is_none() {
             return Ok((req, Self::default_route(rules)?));
@@ -332,13 +356,13 @@ impl ListenerProxy {
         let (parts, body) = req.into_parts();
         let client_ip = rules.client_ip(&parts.headers, client);
         let mut view = RequestView::new(parts, client.clone(), self.label.clone(), websocket).with_client_ip(client_ip);
-        self.waf(rules, &mut view)?;
-        let route = self.route(rules, &mut view)?;
+        self.waf(rules, &mut view, trace)?;
+        let route = self.route(rules, &mut view, trace)?;
         Ok((Request::from_parts(view.parts, body), route))
     }
 
     /// Phase 5: runs the WAF plugins in order; the first deny ends the request.
-    fn waf(&self, rules: &ListenerRules, req: &mut RequestView) -> Step<()> {
+    fn waf(&self, rules: &ListenerRules, req: &mut RequestView, trace: &Trace) -> Step<()> {
         for waf in &rules.waf {
             let name = &waf.name;
             let plugin = waf.slot.load();
@@ -348,9 +372,17 @@ impl ListenerProxy {
                 continue;
             };
             let policy = plugin.limits.on_error;
-            let started = Instant::now();
+            let (started, at) = (Instant::now(), self.shared.otlp.as_ref().map(|_| SystemTime::now()));
             let verdict = plugin.inspect(req);
             waf.timing.observe(started.elapsed());
+            if let Some(at) = at {
+                let outcome = match &verdict {
+                    Ok(Verdict::Allow) => Ok("allow"),
+                    Ok(Verdict::Deny(_)) => Ok("deny"),
+                    Err(error) => Err(error),
+                };
+                self.plugin_span(trace, name, "waf", at, started.elapsed(), outcome);
+            }
             let denial = match verdict {
                 Ok(Verdict::Allow) => continue,
                 Ok(Verdict::Deny(denial)) => denial,
@@ -374,7 +406,7 @@ impl ListenerProxy {
     }
 
     /// Phase 6: asks the router plugin (if any) where the request goes.
-    fn route(&self, rules: &ListenerRules, req: &mut RequestView) -> Step<Route> {
+    fn route(&self, rules: &ListenerRules, req: &mut RequestView, trace: &Trace) -> Step<Route> {
         let Some(router) = &rules.router else {
             return Self::default_route(rules);
         };
@@ -385,9 +417,18 @@ impl ListenerProxy {
             return self.router_failed(rules, error, self.shared.registry.missing_policy(name));
         };
         let policy = plugin.limits.on_error;
-        let started = Instant::now();
+        let (started, at) = (Instant::now(), self.shared.otlp.as_ref().map(|_| SystemTime::now()));
         let decision = plugin.route(req);
         router.timing.observe(started.elapsed());
+        if let Some(at) = at {
+            let outcome = match &decision {
+                Ok(RouteDecision::Forward(_)) => Ok("forward"),
+                Ok(RouteDecision::Respond(_)) => Ok("respond"),
+                Ok(RouteDecision::NoRoute) => Ok("no-route"),
+                Err(error) => Err(error),
+            };
+            self.plugin_span(trace, name, "router", at, started.elapsed(), outcome);
+        }
         let decided = match decision {
             Ok(RouteDecision::Forward(upstream)) => validate::upstream(name, upstream, &rules.pools).map(Ok),
             Ok(RouteDecision::Respond(response)) => {
@@ -403,6 +444,80 @@ impl ListenerProxy {
                 self.router_failed(rules, error, policy)
             }
         }
+    }
+
+    /// With `[otlp]`: a plugin call's span, a child of its request's.
+    fn plugin_span(
+        &self,
+        trace: &Trace,
+        plugin: &str,
+        kind: &'static str,
+        start: SystemTime,
+        took: Duration,
+        outcome: Result<&'static str, &PluginError>,
+    ) {
+        let Some(otlp) = &self.shared.otlp else { return };
+        otlp.record(SpanRecord {
+            trace_id: trace.trace_id,
+            span_id: Trace::new_span_id(),
+            parent_id: Some(trace.span_id),
+            flags: trace.flags,
+            name: format!("plugin {plugin}"),
+            server: false,
+            start,
+            end: start + took,
+            attributes: vec![
+                ("wasmgate.plugin", Attribute::from(plugin)),
+                ("wasmgate.plugin.kind", Attribute::from(kind)),
+                ("wasmgate.plugin.outcome", Attribute::from(*outcome.as_ref().unwrap_or(&"error"))),
+            ],
+            error: outcome.err().map(ToString::to_string),
+        });
+    }
+
+    /// With `[otlp]`: the request's span, the server side of it, with the
+    /// IDs the backend's `traceparent` names as its parent.
+    fn request_span(
+        &self,
+        otlp: &Otlp,
+        trace: &Trace,
+        start: SystemTime,
+        answer: &Answer,
+        client: &ConnInfo,
+        asked: &Asked,
+    ) {
+        let status = answer.response.status().as_u16();
+        let (method, path) = asked.logged.as_ref().map_or(("", ""), |(m, p)| (m.as_str(), p.as_str()));
+        let mut attributes = vec![
+            ("http.request.method", Attribute::from(method)),
+            ("url.path", Attribute::from(path)),
+            ("http.response.status_code", Attribute::from(u64::from(status))),
+            ("client.address", Attribute::from(client.addr.ip().to_string())),
+            ("wasmgate.listener", Attribute::from(self.name.as_str())),
+            ("wasmgate.request_id", Attribute::from(trace.request_id.to_str().unwrap_or(""))),
+        ];
+        if let Some(pool) = &answer.pool {
+            attributes.push(("wasmgate.pool", Attribute::from(pool.name.as_str())));
+        }
+        if let Some(server) = &answer.server {
+            attributes.push(("server.address", Attribute::from(server.address.as_str())));
+        }
+        let error = answer.outcome.error_code();
+        if let Some(code) = error {
+            attributes.push(("wasmgate.error", Attribute::from(code)));
+        }
+        otlp.record(SpanRecord {
+            trace_id: trace.trace_id,
+            span_id: trace.span_id,
+            parent_id: trace.parent_id,
+            flags: trace.flags,
+            name: method.to_owned(),
+            server: true,
+            start,
+            end: start + asked.started.elapsed(),
+            attributes,
+            error: (status >= 500).then(|| error.unwrap_or("server error").to_owned()),
+        });
     }
 
     /// A failed router fails open only if there is a default pool to open to.
@@ -480,6 +595,7 @@ impl ListenerProxy {
         handshake: ClientHandshake,
         route: &Route,
         client: &ConnInfo,
+        trace: &Trace,
     ) -> Result<Answer, GatewayError> {
         let slot = WebSocketSlot::try_take(&self.live_websockets, rules.max_websockets)
             .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() })?;
@@ -489,6 +605,7 @@ impl ListenerProxy {
             access,
             client: client.addr,
             path: req.uri().path().to_owned(),
+            request_id: req.headers().get(trace::REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned(),
         });
         let (mut parts, _body) = req.into_parts();
         forward::prepare_upstream(&mut parts, route, client, rules.trusts(client))?;
@@ -516,6 +633,24 @@ impl ListenerProxy {
             metrics: self.shared.metrics.clone(),
             listener: self.label.clone(),
             log,
+            span: self.shared.otlp.clone().map(|otlp| {
+                let span = SpanRecord {
+                    trace_id: trace.trace_id,
+                    span_id: Trace::new_span_id(),
+                    parent_id: Some(trace.span_id),
+                    flags: trace.flags,
+                    name: "WebSocket".into(),
+                    server: false,
+                    start: SystemTime::now(),
+                    end: SystemTime::now(),
+                    attributes: vec![
+                        ("wasmgate.listener", Attribute::from(self.name.as_str())),
+                        ("wasmgate.request_id", Attribute::from(trace.request_id.to_str().unwrap_or(""))),
+                    ],
+                    error: None,
+                };
+                (otlp, span)
+            }),
             tunnel,
         };
         Ok(match session::answer(response, relaying)? {
@@ -603,7 +738,7 @@ impl ListenerProxy {
 
     /// Phase 8: counts the answer in the metrics and writes its access-log
     /// line (and a debug line).
-    fn log(&self, rules: &ListenerRules, answer: &Answer, client: &ConnInfo, asked: Asked) {
+    fn log(&self, rules: &ListenerRules, answer: &Answer, client: &ConnInfo, asked: Asked, trace: &Trace) {
         let elapsed = asked.started.elapsed();
         let status = answer.response.status().as_u16();
         let pool = answer.pool.as_ref().map_or("", |p| p.name.as_str());
@@ -631,6 +766,8 @@ impl ListenerProxy {
                 duration_ms: access_log::millis(elapsed),
                 bytes: answer.response.body().size_hint().exact(),
                 error,
+                request_id: trace.request_id.to_str().unwrap_or(""),
+                trace_id: &trace.trace_id_hex(),
             });
         }
         tracing::debug!(

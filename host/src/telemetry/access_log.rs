@@ -47,6 +47,10 @@ pub struct RequestEntry<'a> {
     pub bytes: Option<u64>,
     /// The `x-wasmgate-error` code of a response the gateway made itself.
     pub error: Option<&'a str>,
+    /// `X-Request-Id`, as the backend and the client got it.
+    pub request_id: &'a str,
+    /// The W3C trace this request belongs to.
+    pub trace_id: &'a str,
 }
 
 /// One relayed WebSocket, when it ends.
@@ -63,6 +67,8 @@ pub struct WebSocketEntry<'a> {
     /// `client`, `server`, `idle`, `lifetime`, `drain`, `removed`,
     /// `unhealthy` or `error`.
     pub close: &'a str,
+    /// The handshake's `X-Request-Id`.
+    pub request_id: &'a str,
 }
 
 #[derive(Serialize)]
@@ -113,7 +119,7 @@ impl AccessLog {
     pub fn request(&self, e: &RequestEntry<'_>) {
         let text = || {
             format!(
-                "{} \"{} {}\" {} {} pool={} server={} {:.3}ms{}",
+                "{} \"{} {}\" {} {} pool={} server={} {:.3}ms{} id={}",
                 e.client,
                 e.method,
                 e.path,
@@ -123,6 +129,7 @@ impl AccessLog {
                 dash(e.server),
                 e.duration_ms,
                 e.error.map(|code| format!(" error={code}")).unwrap_or_default(),
+                dash(e.request_id),
             )
         };
         self.write("request", e.listener, e, text);
@@ -131,7 +138,7 @@ impl AccessLog {
     pub fn websocket(&self, e: &WebSocketEntry<'_>) {
         let text = || {
             format!(
-                "{} \"WEBSOCKET {}\" pool={} server={} {:.3}s up={} down={} close={}",
+                "{} \"WEBSOCKET {}\" pool={} server={} {:.3}s up={} down={} close={} id={}",
                 e.client,
                 e.path,
                 dash(e.pool),
@@ -140,6 +147,7 @@ impl AccessLog {
                 e.client_to_server,
                 e.server_to_client,
                 e.close,
+                dash(e.request_id),
             )
         };
         self.write("websocket", e.listener, e, text);

@@ -21,6 +21,7 @@ use crate::http::{GatewayError, ResponseBody, TunnelGuard};
 use crate::shutdown::{Drain, Spread};
 use crate::telemetry::access_log::{self, AccessLog, WebSocketEntry};
 use crate::telemetry::metrics::{DirectionLabel, ListenerPoolLabels, Metrics, ReasonLabel};
+use crate::telemetry::otlp::{Attribute, Otlp, SpanRecord};
 use crate::upstream::Server;
 use crate::upstream::pool::ActiveGuard;
 
@@ -62,6 +63,9 @@ pub struct Relaying {
     pub listener: Arc<str>,
     /// Set when the access log is on.
     pub log: Option<WebSocketLog>,
+    /// With `[otlp]`: the exporter and this WebSocket's span, filled in and
+    /// sent when it ends.
+    pub span: Option<(Arc<Otlp>, SpanRecord)>,
     /// Counts this WebSocket on its client connection while it lives.
     pub tunnel: TunnelGuard,
 }
@@ -96,6 +100,8 @@ pub struct WebSocketLog {
     pub access: Arc<AccessLog>,
     pub client: std::net::SocketAddr,
     pub path: String,
+    /// The handshake's request ID.
+    pub request_id: String,
 }
 
 /// Turns the server's answer into the client's: a 101 (after checking the
@@ -114,6 +120,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
         metrics,
         listener,
         log,
+        span,
         tunnel,
     } = relaying;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -160,6 +167,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
         let _live = drain.websocket();
         let _on_server = server.websocket();
         let started = std::time::Instant::now();
+        let span = span.map(|(otlp, span)| (otlp, SpanRecord { start: std::time::SystemTime::now(), ..span }));
         let labels = ListenerPoolLabels { listener: listener.clone(), pool: server.pool.as_str().into() };
         let _counted = GaugeGuard::up(metrics.websockets.get_or_create(&labels).clone());
         let (ejected, drained) = (server.ejected(), drain.my_turn());
@@ -185,6 +193,20 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
             .inc_by(end.server_to_client);
         let (pool, address) = (&server.pool, &server.address);
         let (up, down) = (end.client_to_server, end.server_to_client);
+        if let Some((otlp, mut span)) = span {
+            span.end = span.start + started.elapsed();
+            span.attributes.extend([
+                ("wasmgate.pool", Attribute::from(pool.as_str())),
+                ("server.address", Attribute::from(address.as_str())),
+                ("wasmgate.websocket.close", Attribute::from(reason)),
+                ("wasmgate.websocket.bytes_up", Attribute::from(up)),
+                ("wasmgate.websocket.bytes_down", Attribute::from(down)),
+            ]);
+            if let EndCause::Error(e) = &end.cause {
+                span.error = Some(e.to_string());
+            }
+            otlp.record(span);
+        }
         if let Some(log) = log {
             log.access.websocket(&WebSocketEntry {
                 listener: &listener,
@@ -196,6 +218,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
                 client_to_server: up,
                 server_to_client: down,
                 close: reason,
+                request_id: &log.request_id,
             });
         }
         match &end.cause {
