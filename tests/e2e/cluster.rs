@@ -45,9 +45,23 @@ impl Drop for RedisServer {
     }
 }
 
-/// Ten requests per client address a day, counted by the first-party WAF.
-const LIMIT: usize = 10;
+/// Ten requests per client address a day, counted by the first-party WAF:
+/// the outage test, whose steps are seconds apart.
 const GUARD: &str = "[config]\nrate_limit = \"10/86400s\"\n";
+
+/// A hundred requests per client address per 10 s: the burst tests.
+const BURST_LIMIT: usize = 100;
+const BURST_GUARD: &str = "[config]\nrate_limit = \"100/10s\"\n";
+const BURST: usize = 600;
+
+/// Waits for the start of a 10 s bucket (they are cut by the wall clock),
+/// so a burst of a second or two stays inside one window.
+async fn start_of_a_window() {
+    let into = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 10_000;
+    if into > 300 {
+        tokio::time::sleep(Duration::from_millis((10_000 - into + 20) as u64)).await;
+    }
+}
 
 /// Buckets are cut by the wall clock: a one-day window's bucket ends at
 /// midnight UTC. A test that would run across it waits until it has passed.
@@ -60,15 +74,25 @@ async fn away_from_midnight() {
 }
 
 /// Three gateways in `dir` sharing counts through `redis` as `counting`
-/// says, each with its own admin listener.
+/// says (syncing every 20 ms), each with its own admin listener.
 async fn fleet(dir: &Path, app: &Backend, redis: &RedisServer, counting: &str) -> Vec<GatewayProcess> {
+    fleet_syncing(dir, app, redis, counting, 20).await
+}
+
+async fn fleet_syncing(
+    dir: &Path,
+    app: &Backend,
+    redis: &RedisServer,
+    counting: &str,
+    sync_interval_ms: u64,
+) -> Vec<GatewayProcess> {
     let mut gateways = Vec::new();
     for i in 1..=3 {
         let config = dir.join(format!("gateway-{i}.toml"));
         std::fs::write(
             &config,
             format!(
-                "[cluster]\nredis = \"{}\"\nname = \"test\"\ncounting = \"{counting}\"\nsync_interval_ms = 20\n\
+                "[cluster]\nredis = \"{}\"\nname = \"test\"\ncounting = \"{counting}\"\nsync_interval_ms = {sync_interval_ms}\n\
                  timeout_ms = 250\n\
                  [plugins]\ndir = \".\"\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n\
@@ -123,15 +147,16 @@ async fn redis_is(gateways: &[GatewayProcess], state: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_counting_holds_three_instances_to_one_limit_and_survives_a_redis_outage() {
-    away_from_midnight().await;
     let app = Backend::start("app").await;
-    let plugins = PluginDir::new().add("handshake-guard", "handshake-guard", GUARD);
+    let plugins = PluginDir::new().add("handshake-guard", "handshake-guard", BURST_GUARD);
     let mut redis = RedisServer::start(plugins.path()).await;
     let gateways = fleet(plugins.path(), &app, &redis, "exact").await;
     redis_is(&gateways, "up").await;
 
-    // 30 requests over three instances: the limit is the fleet's, not each one's.
-    assert_eq!(round_robin(&gateways, 3 * LIMIT, Duration::ZERO).await, (LIMIT, 2 * LIMIT));
+    // 600 requests over three instances in one window: the limit is the
+    // fleet's, not each one's (alone, each would let 100 through: 300).
+    start_of_a_window().await;
+    assert_eq!(round_robin(&gateways, BURST, Duration::ZERO).await, (BURST_LIMIT, BURST - BURST_LIMIT));
     let cluster = cluster_status(&gateways[0]).await;
     assert_eq!(cluster["counting"], "exact");
     assert_eq!(cluster["redis"], "up");
@@ -160,8 +185,8 @@ async fn exact_counting_holds_three_instances_to_one_limit_and_survives_a_redis_
     // locally, from its own counts), none waits for Redis.
     drop(redis);
     let started = std::time::Instant::now();
-    let (allowed, limited) = round_robin(&gateways, 6, Duration::ZERO).await;
-    assert_eq!(allowed + limited, 6);
+    let (allowed, limited) = round_robin(&gateways, 30, Duration::ZERO).await;
+    assert_eq!(allowed + limited, 30);
     assert!(started.elapsed() < Duration::from_secs(5), "requests waited for Redis: {:?}", started.elapsed());
     redis_is(&gateways, "down").await;
     let cluster = cluster_status(&gateways[0]).await;
@@ -176,7 +201,35 @@ async fn exact_counting_holds_three_instances_to_one_limit_and_survives_a_redis_
     // Back (empty): counting is shared again, from zero.
     redis = RedisServer::start(plugins.path()).await;
     redis_is(&gateways, "up").await;
-    assert_eq!(round_robin(&gateways, 3 * LIMIT, Duration::ZERO).await, (LIMIT, 2 * LIMIT));
+    start_of_a_window().await;
+    assert_eq!(round_robin(&gateways, BURST, Duration::ZERO).await, (BURST_LIMIT, BURST - BURST_LIMIT));
+    drop(redis);
+}
+
+/// `synced` at its default interval (100 ms), 600 requests as fast as one
+/// client sends them over three instances: at least the limit gets through,
+/// and at most the limit plus what the fleet receives in one interval and
+/// Redis's delivery (50 ms allowed), the bound this mode promises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synced_counting_overshoots_a_burst_by_at_most_one_interval_of_requests() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new().add("handshake-guard", "handshake-guard", BURST_GUARD);
+    let redis = RedisServer::start(plugins.path()).await;
+    let gateways = fleet_syncing(plugins.path(), &app, &redis, "synced", 100).await;
+    redis_is(&gateways, "up").await;
+    start_of_a_window().await;
+    let started = std::time::Instant::now();
+    let (allowed, limited) = round_robin(&gateways, BURST, Duration::ZERO).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(allowed + limited, BURST);
+    let per_second = BURST as f64 / elapsed;
+    let bound = BURST_LIMIT + (per_second * (0.100 + 0.050)).ceil() as usize;
+    eprintln!(
+        "synced burst: {allowed} of {BURST} let through in {elapsed:.2} s ({per_second:.0} requests/s): \
+         overshoot {}, bound {bound}",
+        allowed.saturating_sub(BURST_LIMIT)
+    );
+    assert!((BURST_LIMIT..=bound).contains(&allowed), "{allowed} let through; the bound is {bound}");
     drop(redis);
 }
 

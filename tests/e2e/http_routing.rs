@@ -425,3 +425,46 @@ async fn with_otlp_requests_plugin_calls_and_websockets_are_spans_of_one_trace()
     let up: u64 = text_attribute(&websocket, "wasmgate.websocket.bytes_up").unwrap().parse().unwrap();
     assert!(up > 5, "{up} bytes up");
 }
+
+/// A request through two gateways in a chain (an edge tier in front of an
+/// inner tier that trusts it) keeps one request ID and one trace: the inner
+/// gateway keeps the edge's request ID and continues its trace, and both
+/// access logs name the same ones the backend got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_through_two_gateways_keeps_one_request_id_and_one_trace() {
+    let app = Backend::start("app").await;
+    let plugins = PluginDir::new();
+    let logs = tempfile::tempdir().unwrap();
+    let tier = |name: &str, extra: &str, servers: String| {
+        format!(
+            "[log]\naccess = \"json\"\naccess_file = \"{}\"\n\
+             [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"next\"\n{extra}\n\
+             [[pool]]\nname = \"next\"\nservers = [\"{servers}\"]\n",
+            logs.path().join(format!("{name}.log")).display()
+        )
+    };
+    let inner =
+        start_gateway(&tier("inner", "trusted_proxies = [\"127.0.0.1/32\"]", app.addr.to_string()), &plugins).await;
+    let inner_addr = inner.listener_addr("web").unwrap();
+    let edge = start_gateway(&tier("edge", "", inner_addr.to_string()), &plugins).await;
+    let got = request(edge.listener_addr("web").unwrap(), "GET", "/x", &[("x-request-id", "forged")], vec![]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = app.requests().pop().unwrap();
+    let id = seen.header("x-request-id").unwrap().to_owned();
+    assert_ne!(id, "forged");
+    assert_eq!(got.header("x-request-id"), Some(id.as_str()), "the client gets the edge's ID back");
+    let trace = seen.header("traceparent").unwrap()[3..35].to_owned();
+    let entry = |name: &str| -> serde_json::Value {
+        let file = logs.path().join(format!("{name}.log"));
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        text.lines().next().map(|l| serde_json::from_str(l).unwrap()).unwrap_or_default()
+    };
+    wait_until("both access lines", std::time::Duration::from_secs(5), || {
+        !entry("edge").is_null() && !entry("inner").is_null()
+    })
+    .await;
+    for tier in ["edge", "inner"] {
+        assert_eq!(entry(tier)["request_id"], id.as_str(), "{tier}");
+        assert_eq!(entry(tier)["trace_id"], trace.as_str(), "{tier}");
+    }
+}

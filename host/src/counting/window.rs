@@ -423,11 +423,13 @@ mod tests {
     #[test]
     fn a_full_shard_of_passed_windows_is_swept_and_never_stops_sweeping() {
         let table = Table::default();
-        for i in 0..(SHARDS * MAX_KEYS_PER_SHARD) {
+        // Every shard full (twice the keys they hold, spread by hash).
+        for i in 0..(SHARDS * MAX_KEYS_PER_SHARD * 2) {
             table.count("p", &format!("old{i}"), 1000, T0);
         }
-        // Ten seconds on, every window has passed: the shards are swept
-        // rather than evicting, and stay sweepable.
+        assert!(table.shards.iter().all(|s| s.lock().unwrap().len == MAX_KEYS_PER_SHARD));
+        // Ten seconds on, every window has passed: each full shard is swept
+        // on its next count rather than evicting, and stays sweepable.
         let later = T0 + 10_000;
         table.count("guard", "client", 60_000, later);
         for i in 0..(SHARDS * 100) {
@@ -439,6 +441,15 @@ mod tests {
             assert!(shard.len < MAX_KEYS_PER_SHARD, "a shard kept its passed windows: {}", shard.len);
         }
         assert_eq!(table.count("guard", "client", 60_000, later), 2);
+        // A sweep that finds more than half the cap alive never sets the
+        // next one past the cap (where a full shard would never sweep again).
+        let mut shard = Shard { plugins: HashMap::new(), len: 0, sweep_at: MAX_KEYS_PER_SHARD, swept_ms: 0 };
+        for i in 0..6000 {
+            shard.window("p", &format!("k{i}"), 60_000, T0, true);
+        }
+        shard.sweep(T0);
+        assert_eq!(shard.len, 6000);
+        assert!(shard.sweep_at <= MAX_KEYS_PER_SHARD, "sweep_at {}", shard.sweep_at);
     }
 
     #[test]
