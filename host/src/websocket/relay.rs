@@ -20,19 +20,33 @@
 //! (it stopped reading) ends the relay, and a stop signal is noticed while a
 //! write waits, so a stuck peer never holds the relay, its capacity slot
 //! and its two sockets past the idle timeout or the drain.
+//!
+//! An idle relay holds no buffer. The relay is one hand-polled future: a
+//! read borrows the worker thread's buffer only while it runs, and what is
+//! read is written on in the same poll; only bytes a destination does not
+//! take at once are copied into a spill of their own, freed once written
+//! (and while one waits, that direction reads no more). One timer serves
+//! every deadline and is reset only when the nearest one moves earlier or
+//! passes, so a busy relay touches the timer wheel no more than an idle one.
 
+use std::cell::RefCell;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 /// How long each side has to finish a close the gateway started.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Bytes read at a time, per direction.
-const BUFFER: usize = 8 * 1024;
+/// Bytes read at a time, into the worker thread's buffer.
+const READ_SIZE: usize = 64 * 1024;
+
+/// Reads one direction makes in a turn before the relay lets other tasks run.
+const READS_PER_TURN: usize = 16;
 
 /// Limits on one relayed connection.
 #[derive(Debug, Clone, Copy)]
@@ -180,99 +194,354 @@ impl Frames {
 struct Direction {
     frames: Frames,
     bytes: u64,
-    /// The source sent EOF (and it was passed on).
+    /// Bytes read but not yet taken by the destination (and the gateway's
+    /// Close frame, queued behind them). Allocated only while a write is
+    /// stalled, and freed once written.
+    spill: Option<Spill>,
+    /// Since when the destination takes none of the bytes waiting for it.
+    stalled_since: Option<Instant>,
+    /// Bytes went to the destination since its last flush.
+    unflushed: bool,
+    /// The source sent EOF at this moment; it is being passed on.
+    eof: Option<Instant>,
+    /// The source's EOF was passed on (or the grace to pass it on ran out).
     ended: bool,
     /// The gateway's Close went to the destination; later bytes are dropped.
     closed: bool,
 }
 
+/// Bytes waiting for a stalled destination.
+struct Spill {
+    data: Vec<u8>,
+    at: usize,
+}
+
+/// Why a direction stopped moving bytes for good.
+enum Failure {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// How a direction's turn ended.
+#[derive(PartialEq, Eq)]
+enum Turn {
+    /// Everything waits on a socket, whose wake-up is registered.
+    Waiting,
+    /// The turn's share of reads is spent with bytes still coming: the
+    /// relay must be polled again.
+    Busy,
+}
+
+/// A read borrows the worker thread's buffer for as long as it runs; no
+/// connection owns one.
+fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
+    thread_local! {
+        static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_SIZE].into_boxed_slice());
+    }
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buffer) => f(&mut buffer),
+        // Never nested in practice; a buffer of its own if it ever is.
+        Err(_) => f(&mut vec![0; READ_SIZE]),
+    })
+}
+
 impl Direction {
-    /// Passes one read on to `to`: EOF becomes a half-close, bytes are
-    /// followed through their frames and written (unless the gateway's Close
-    /// already went that way). Writing is bounded by `ending`.
-    async fn pass_on<W: AsyncWrite + Unpin, F: Future<Output = CloseReason>>(
+    /// The source sent EOF (whether or not it was passed on yet).
+    fn saw_eof(&self) -> bool {
+        self.eof.is_some() || self.ended
+    }
+
+    /// Queues `data` behind whatever waits for the destination.
+    fn queue(&mut self, data: &[u8]) {
+        match &mut self.spill {
+            Some(spill) => spill.data.extend_from_slice(data),
+            None => self.spill = Some(Spill { data: data.to_vec(), at: 0 }),
+        }
+    }
+
+    /// Moves bytes from `from` to `to` until both wait on their sockets or
+    /// the turn's share of reads is spent: what waits for `to` first, then
+    /// reads (into the thread's buffer) written on at once, the rest
+    /// spilled. EOF is passed on as a half-close; bytes after the gateway's
+    /// Close went that way are dropped (counted, not written).
+    fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &mut self,
-        read: io::Result<usize>,
-        buf: &[u8],
+        cx: &mut Context<'_>,
+        from: &mut R,
         to: &mut W,
         last_activity: &mut Instant,
-        ending: &mut Ending<'_, F>,
-    ) -> io::Result<()> {
-        match read? {
-            0 => {
-                self.ended = true;
-                let _ = tokio::time::timeout(CLOSE_GRACE, to.shutdown()).await;
-            }
-            n => {
-                *last_activity = Instant::now();
-                self.bytes += n as u64;
-                if !self.closed {
-                    self.frames.feed(&buf[..n]);
-                    ending.write(to, &buf[..n]).await?;
+    ) -> Result<Turn, Failure> {
+        for _ in 0..READS_PER_TURN {
+            if let Some(spill) = &mut self.spill {
+                while spill.at < spill.data.len() {
+                    match Pin::new(&mut *to).poll_write(cx, &spill.data[spill.at..]) {
+                        Poll::Ready(Ok(0)) => return Err(Failure::Write(io::ErrorKind::WriteZero.into())),
+                        Poll::Ready(Ok(n)) => {
+                            spill.at += n;
+                            self.stalled_since = None;
+                            self.unflushed = true;
+                        }
+                        Poll::Ready(Err(e)) => return Err(Failure::Write(e)),
+                        Poll::Pending => {
+                            self.stalled_since.get_or_insert_with(Instant::now);
+                            return Ok(Turn::Waiting);
+                        }
+                    }
                 }
+                self.spill = None;
+            }
+            if self.ended {
+                return Ok(Turn::Waiting);
+            }
+            if self.eof.is_some() {
+                // Errors passing the EOF on are the peer's business; the
+                // other direction goes on either way.
+                if Pin::new(&mut *to).poll_shutdown(cx).is_pending() {
+                    return Ok(Turn::Waiting);
+                }
+                self.ended = true;
+                return Ok(Turn::Waiting);
+            }
+            let read = with_scratch(|buffer| {
+                let mut buffer = ReadBuf::new(buffer);
+                match Pin::new(&mut *from).poll_read(cx, &mut buffer) {
+                    Poll::Pending => return Ok(None),
+                    Poll::Ready(Err(e)) => return Err(Failure::Read(e)),
+                    Poll::Ready(Ok(())) => {}
+                }
+                let data = buffer.filled();
+                self.bytes += data.len() as u64;
+                if data.is_empty() || self.closed {
+                    return Ok(Some(data.len()));
+                }
+                self.frames.feed(data);
+                let mut at = 0;
+                while at < data.len() {
+                    match Pin::new(&mut *to).poll_write(cx, &data[at..]) {
+                        Poll::Ready(Ok(0)) => return Err(Failure::Write(io::ErrorKind::WriteZero.into())),
+                        Poll::Ready(Ok(n)) => at += n,
+                        Poll::Ready(Err(e)) => return Err(Failure::Write(e)),
+                        Poll::Pending => {
+                            self.queue(&data[at..]);
+                            self.stalled_since = Some(Instant::now());
+                            break;
+                        }
+                    }
+                }
+                self.unflushed = true;
+                Ok(Some(data.len()))
+            })?;
+            match read {
+                None => return self.flush(cx, to),
+                Some(0) => self.eof = Some(Instant::now()),
+                Some(_) => *last_activity = Instant::now(),
             }
         }
-        Ok(())
+        Ok(Turn::Busy)
+    }
+
+    /// Flushes what went to `to` once nothing waits for it.
+    fn flush<W: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, to: &mut W) -> Result<Turn, Failure> {
+        if self.unflushed && self.spill.is_none() {
+            match Pin::new(&mut *to).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return Err(Failure::Write(e)),
+                Poll::Pending => {}
+            }
+        }
+        Ok(Turn::Waiting)
     }
 }
 
-/// How the gateway ends a relay: its stop signal, and once it fired (or a
-/// limit was reached) the reason and since when.
-struct Ending<'s, F> {
-    stop: std::pin::Pin<&'s mut F>,
+/// How the relay's polling ends.
+enum Finish {
+    /// The relay is over, for this cause.
+    Done(EndCause),
+    /// The server's connection failed between two frames toward the
+    /// client: the client gets a Close 1011 first.
+    ServerLost(io::Error),
+}
+
+/// A relay's whole state, polled as one future: both sockets, both
+/// directions, the stop signal, and one timer reset only when the nearest
+/// deadline moves earlier (or passes).
+struct Relay<C, S> {
+    client: C,
+    server: S,
+    up: Direction,
+    down: Direction,
+    limits: RelayLimits,
+    started: Instant,
+    last_activity: Instant,
+    /// Who sent the first Close frame, else the first EOF.
+    first: Option<Side>,
+    /// The gateway is closing, for this reason, since then.
     closing: Option<(CloseReason, Instant)>,
     /// The gateway began closing before either peer had.
     gateway_first: bool,
-    /// No peer has begun closing yet.
-    peers_quiet: bool,
-    idle_timeout: Duration,
 }
 
-impl<F: Future<Output = CloseReason>> Ending<'_, F> {
-    /// The gateway begins closing, for `reason`.
-    fn begin(&mut self, reason: CloseReason) {
-        self.gateway_first = self.peers_quiet;
-        self.closing = Some((reason, Instant::now()));
-    }
-
-    /// Writes all of `data` to `to`. A peer that takes none of it for the
-    /// idle timeout (or, once closing, for what is left of the grace) is
-    /// given up on (`TimedOut`); a stop signal arriving meanwhile is
-    /// noted, and shortens the wait to the grace.
-    async fn write<W: AsyncWrite + Unpin>(&mut self, to: &mut W, data: &[u8]) -> io::Result<()> {
-        let write = to.write_all(data);
-        tokio::pin!(write);
-        let mut deadline = match self.closing {
-            Some((_, since)) => since + CLOSE_GRACE,
-            None => Instant::now() + self.idle_timeout,
-        };
-        loop {
-            tokio::select! {
-                written = &mut write => return written,
-                reason = self.stop.as_mut(), if self.closing.is_none() => {
-                    self.begin(reason);
-                    deadline = deadline.min(Instant::now() + CLOSE_GRACE);
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"));
-                }
+impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay<C, S> {
+    fn note_first(&mut self) {
+        if self.first.is_none() {
+            if self.up.frames.saw_close || (self.up.saw_eof() && !self.down.frames.saw_close) {
+                self.first = Some(Side::Client);
+            } else if self.down.frames.saw_close || self.down.saw_eof() {
+                self.first = Some(Side::Server);
             }
         }
     }
-}
 
-/// How a relay ends on a failed write: a peer that stopped reading ends it
-/// for the gateway's reason (the idle timeout, unless it was already
-/// closing for another), anything else as `cause` says.
-fn stuck_or(
-    cause: impl Fn(Option<io::Error>) -> EndCause,
-    error: io::Error,
-    closing: Option<(CloseReason, Instant)>,
-) -> EndCause {
-    match (error.kind(), closing) {
-        (io::ErrorKind::TimedOut, Some((reason, _))) => EndCause::Gateway(reason),
-        (io::ErrorKind::TimedOut, None) => EndCause::Gateway(CloseReason::IdleTimeout),
-        _ => cause(Some(error)),
+    /// The gateway begins closing, for `reason`.
+    fn begin(&mut self, reason: CloseReason) {
+        self.note_first();
+        self.gateway_first = self.first.is_none();
+        self.closing = Some((reason, Instant::now()));
+    }
+
+    /// Who ended it: a peer that started closing before the gateway did
+    /// keeps the credit.
+    fn cause(&self, error: Option<io::Error>) -> EndCause {
+        let peer = self.first.filter(|_| self.closing.is_none() || !self.gateway_first);
+        match (peer, self.closing, error) {
+            (Some(Side::Client), _, _) => EndCause::Client,
+            (Some(Side::Server), _, _) => EndCause::Server,
+            (None, Some((reason, _)), _) => EndCause::Gateway(reason),
+            (None, None, Some(error)) => EndCause::Error(error),
+            (None, None, None) => EndCause::Server,
+        }
+    }
+
+    /// Queues the gateway's Close on each side whose stream is between
+    /// frames — unless that side already got a Close from its peer, which
+    /// must not be followed by a second one. True if one was queued.
+    fn deliver_closes(&mut self) -> bool {
+        let Some((reason, _)) = self.closing else { return false };
+        let mut queued = false;
+        for (direction, masked) in [(&mut self.up, true), (&mut self.down, false)] {
+            if !direction.closed && direction.frames.at_boundary() {
+                direction.closed = true;
+                if !direction.frames.saw_close && !direction.saw_eof() {
+                    direction.queue(&close_frame(reason, masked));
+                    queued = true;
+                }
+            }
+        }
+        queued
+    }
+
+    /// The nearest moment something must happen.
+    fn deadline(&self) -> Instant {
+        let wait = if self.closing.is_some() { CLOSE_GRACE } else { self.limits.idle_timeout };
+        let mut deadline = match self.closing {
+            Some((_, since)) => since + CLOSE_GRACE,
+            None => (self.last_activity + self.limits.idle_timeout).min(self.started + self.limits.max_lifetime),
+        };
+        for direction in [&self.up, &self.down] {
+            if let Some(since) = direction.stalled_since {
+                deadline = deadline.min(since + wait);
+            }
+            if let (Some(since), false) = (direction.eof, direction.ended) {
+                deadline = deadline.min(since + CLOSE_GRACE);
+            }
+        }
+        deadline
+    }
+
+    /// What a passed deadline means: the end, or a change of state.
+    fn on_deadline(&mut self, now: Instant) -> Option<Finish> {
+        if let Some((reason, since)) = self.closing {
+            if now >= since + CLOSE_GRACE {
+                // The grace is over: cut what is left.
+                return Some(Finish::Done(self.cause(None)));
+            }
+            if [&self.up, &self.down].iter().any(|d| d.stalled_since.is_some_and(|s| now >= s + CLOSE_GRACE)) {
+                return Some(Finish::Done(EndCause::Gateway(reason)));
+            }
+        } else if [&self.up, &self.down]
+            .iter()
+            .any(|d| d.stalled_since.is_some_and(|s| now >= s + self.limits.idle_timeout))
+        {
+            // A peer that took no bytes for the idle timeout stopped reading.
+            return Some(Finish::Done(EndCause::Gateway(CloseReason::IdleTimeout)));
+        }
+        for direction in [&mut self.up, &mut self.down] {
+            if direction.eof.is_some_and(|since| now >= since + CLOSE_GRACE) {
+                direction.ended = true;
+            }
+        }
+        if self.closing.is_none() {
+            if now >= self.started + self.limits.max_lifetime {
+                self.begin(CloseReason::MaxLifetime);
+            } else if now >= self.last_activity + self.limits.idle_timeout {
+                self.begin(CloseReason::IdleTimeout);
+            }
+        }
+        None
+    }
+
+    /// Ends on a failed direction: `lost` when it was the server's read.
+    fn failed(&mut self, failure: Failure, server_read: bool) -> Finish {
+        let error = match failure {
+            Failure::Read(error) | Failure::Write(error) => error,
+        };
+        let down = &self.down;
+        if server_read && !down.closed && !down.frames.saw_close && down.frames.at_boundary() {
+            return Finish::ServerLost(error);
+        }
+        Finish::Done(self.cause(Some(error)))
+    }
+
+    fn poll_relay<F: Future<Output = CloseReason>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut stop: Pin<&mut F>,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Poll<Finish> {
+        loop {
+            if self.closing.is_none()
+                && let Poll::Ready(reason) = stop.as_mut().poll(cx)
+            {
+                self.begin(reason);
+            }
+            self.deliver_closes();
+            let up = self.up.pump(cx, &mut self.client, &mut self.server, &mut self.last_activity);
+            let up = match up {
+                Ok(turn) => turn,
+                Err(failure) => return Poll::Ready(self.failed(failure, false)),
+            };
+            let down = self.down.pump(cx, &mut self.server, &mut self.client, &mut self.last_activity);
+            let down = match down {
+                Ok(turn) => turn,
+                Err(failure) => {
+                    let server_read = matches!(failure, Failure::Read(_));
+                    return Poll::Ready(self.failed(failure, server_read));
+                }
+            };
+            self.note_first();
+            if self.up.ended && self.down.ended {
+                return Poll::Ready(Finish::Done(self.cause(None)));
+            }
+            if self.deliver_closes() {
+                // A Close was queued after the turn: write it now.
+                continue;
+            }
+            let deadline = self.deadline();
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                if let Some(finish) = self.on_deadline(Instant::now()) {
+                    return Poll::Ready(finish);
+                }
+                timer.as_mut().reset(self.deadline());
+                continue;
+            }
+            if up == Turn::Busy || down == Turn::Busy {
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
     }
 }
 
@@ -300,98 +569,32 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut client_rd, mut client_wr) = tokio::io::split(client);
-    let (mut server_rd, mut server_wr) = tokio::io::split(server);
-    let mut up = Direction::default(); // client → server
-    let mut down = Direction::default(); // server → client
-    let (mut up_buf, mut down_buf) = (vec![0u8; BUFFER], vec![0u8; BUFFER]);
     let started = Instant::now();
-    let mut last_activity = started;
-    // Who sent the first Close frame, else the first EOF.
-    let mut first: Option<Side> = None;
-    tokio::pin!(stop);
-    let mut ending =
-        Ending { stop, closing: None, gateway_first: false, peers_quiet: true, idle_timeout: limits.idle_timeout };
-    let end = |cause: EndCause, up: &Direction, down: &Direction| RelayEnd {
-        cause,
-        client_to_server: up.bytes,
-        server_to_client: down.bytes,
+    let mut relay = Relay {
+        client,
+        server,
+        up: Direction::default(),
+        down: Direction::default(),
+        limits,
+        started,
+        last_activity: started,
+        first: None,
+        closing: None,
+        gateway_first: false,
     };
-
-    loop {
-        if first.is_none() {
-            if up.frames.saw_close || (up.ended && !down.frames.saw_close) {
-                first = Some(Side::Client);
-            } else if down.frames.saw_close || down.ended {
-                first = Some(Side::Server);
-            }
+    let timer = tokio::time::sleep_until(relay.deadline());
+    tokio::pin!(stop, timer);
+    let finish = std::future::poll_fn(|cx| relay.poll_relay(cx, stop.as_mut(), timer.as_mut())).await;
+    let cause = match finish {
+        Finish::Done(cause) => cause,
+        Finish::ServerLost(error) => {
+            let frame = close_frame(CloseReason::ServerLost, false);
+            let _ = tokio::time::timeout(CLOSE_GRACE, relay.client.write_all(&frame)).await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, relay.client.flush()).await;
+            relay.cause(Some(error))
         }
-        ending.peers_quiet = first.is_none();
-        let (closing, gateway_first) = (ending.closing, ending.gateway_first);
-        // Who ended it: a peer that started closing before the gateway did
-        // keeps the credit.
-        let cause = |error: Option<io::Error>| {
-            let peer = first.filter(|_| closing.is_none() || !gateway_first);
-            match (peer, closing, error) {
-                (Some(Side::Client), _, _) => EndCause::Client,
-                (Some(Side::Server), _, _) => EndCause::Server,
-                (None, Some((reason, _)), _) => EndCause::Gateway(reason),
-                (None, None, Some(error)) => EndCause::Error(error),
-                (None, None, None) => EndCause::Server,
-            }
-        };
-        if up.ended && down.ended {
-            return end(cause(None), &up, &down);
-        }
-        // Deliver the gateway's Close on each side as soon as its stream is
-        // between frames — unless that side already got a Close from its
-        // peer, which must not be followed by a second one.
-        if let Some((reason, _)) = closing {
-            if !up.closed && up.frames.at_boundary() {
-                up.closed = true;
-                if !up.frames.saw_close {
-                    let _ = ending.write(&mut server_wr, &close_frame(reason, true)).await;
-                }
-            }
-            if !down.closed && down.frames.at_boundary() {
-                down.closed = true;
-                if !down.frames.saw_close {
-                    let _ = ending.write(&mut client_wr, &close_frame(reason, false)).await;
-                }
-            }
-        }
-        let deadline = match closing {
-            Some((_, since)) => since + CLOSE_GRACE,
-            None => (last_activity + limits.idle_timeout).min(started + limits.max_lifetime),
-        };
-        tokio::select! {
-            read = client_rd.read(&mut up_buf), if !up.ended => {
-                if let Err(e) = up.pass_on(read, &up_buf, &mut server_wr, &mut last_activity, &mut ending).await {
-                    return end(stuck_or(cause, e, ending.closing), &up, &down);
-                }
-            }
-            read = server_rd.read(&mut down_buf), if !down.ended => {
-                let lost = read.is_err();
-                if let Err(e) = down.pass_on(read, &down_buf, &mut client_wr, &mut last_activity, &mut ending).await {
-                    // The server's side failed (not the client's write): the
-                    // client gets a Close 1011 if its stream is between frames.
-                    if lost && !down.closed && !down.frames.saw_close && down.frames.at_boundary() {
-                        let frame = close_frame(CloseReason::ServerLost, false);
-                        let _ = tokio::time::timeout(CLOSE_GRACE, client_wr.write_all(&frame)).await;
-                    }
-                    return end(stuck_or(cause, e, ending.closing), &up, &down);
-                }
-            }
-            reason = ending.stop.as_mut(), if closing.is_none() => ending.begin(reason),
-            _ = tokio::time::sleep_until(deadline) => match closing {
-                // The grace is over: cut what is left.
-                Some(_) => return end(cause(None), &up, &down),
-                None if Instant::now() >= started + limits.max_lifetime => ending.begin(CloseReason::MaxLifetime),
-                None if Instant::now() >= last_activity + limits.idle_timeout => ending.begin(CloseReason::IdleTimeout),
-                None => {}
-            },
-        }
-    }
+    };
+    RelayEnd { cause, client_to_server: relay.up.bytes, server_to_client: relay.down.bytes }
 }
 
 #[cfg(test)]
