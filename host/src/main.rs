@@ -90,6 +90,18 @@ enum PluginCommand {
     },
 }
 
+/// jemalloc, chosen by measurement against glibc's malloc and mimalloc
+/// (bench/compare; see host/Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read when it starts: a background thread returns
+/// freed pages to the system over `dirty_decay_ms` (10 s) even while the
+/// gateway is idle, so the memory of closed connections comes back.
+/// `_RJEM_MALLOC_CONF` in the environment overrides it.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static MALLOC_CONF: Option<&'static std::ffi::c_char> = Some(unsafe { &*c"background_thread:true".as_ptr() });
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `run` logs as its config's `[log] format` says (a config that does
