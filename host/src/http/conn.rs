@@ -14,6 +14,9 @@ pub struct ConnInfo {
     pub tls: Option<TlsDetails>,
     /// The WebSockets this connection carries now.
     pub tunnels: Tunnels,
+    /// The client's IP address (IPv4-mapped addresses as IPv4) as a header
+    /// value, formatted once per connection for `X-Forwarded-For`.
+    pub ip_header: http::HeaderValue,
 }
 
 /// What the TLS handshake told: the name asked for and the protocol agreed.
@@ -26,7 +29,9 @@ pub struct TlsDetails {
 impl ConnInfo {
     /// What is known of a new connection from `addr`.
     pub fn new(addr: SocketAddr, tls: Option<TlsDetails>) -> ConnInfo {
-        ConnInfo { addr, tls, tunnels: Tunnels::default() }
+        let ip = addr.ip().to_canonical().to_string();
+        let ip_header = http::HeaderValue::from_str(&ip).expect("an IP address is a header value");
+        ConnInfo { addr, tls, tunnels: Tunnels::default(), ip_header }
     }
 
     /// `https` on TLS connections, else `http`.

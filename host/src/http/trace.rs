@@ -10,8 +10,6 @@
 //!   passed on as it came, as the specification asks of a hop that does not
 //!   add to it.
 
-use std::fmt::Write as _;
-
 use http::{HeaderMap, HeaderValue};
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -44,14 +42,26 @@ impl Trace {
         };
         let request_id = match kept {
             Some(id) => id.clone(),
-            None => HeaderValue::from_str(&hex(&nonzero_random::<16>())).expect("hex is a header value"),
+            None => {
+                let mut id = [0u8; 32];
+                hex_into(&nonzero_random::<16>(), &mut id);
+                HeaderValue::from_bytes(&id).expect("hex is a header value")
+            }
         };
         Trace { request_id, trace_id, span_id: nonzero_random(), parent_id, flags }
     }
 
     /// `00-TRACE-SPAN-FLAGS`, the gateway's span as the parent.
     pub fn traceparent(&self) -> String {
-        format!("00-{}-{}-{:02x}", hex(&self.trace_id), hex(&self.span_id), self.flags)
+        String::from_utf8(self.traceparent_bytes().to_vec()).expect("hex digits are UTF-8")
+    }
+
+    fn traceparent_bytes(&self) -> [u8; 55] {
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex_into(&self.trace_id, &mut out[3..35]);
+        hex_into(&self.span_id, &mut out[36..52]);
+        hex_into(&[self.flags], &mut out[53..55]);
+        out
     }
 
     /// A new span ID, for a span under this trace.
@@ -67,7 +77,7 @@ impl Trace {
     /// going to the backend, replacing whatever the client sent.
     pub fn stamp(&self, headers: &mut HeaderMap) {
         headers.insert(REQUEST_ID, self.request_id.clone());
-        headers.insert(TRACEPARENT, HeaderValue::from_str(&self.traceparent()).expect("hex is a header value"));
+        headers.insert(TRACEPARENT, HeaderValue::from_bytes(&self.traceparent_bytes()).expect("hex is a header value"));
     }
 }
 
@@ -115,12 +125,20 @@ fn unhex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
     Some(out)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        let _ = write!(out, "{byte:02x}");
+/// Lowercase hex of `bytes` into `out`, two digits a byte (on every
+/// request: a table, not the formatter).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
     }
-    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    String::from_utf8(out).expect("hex digits are UTF-8")
 }
 
 /// Random bytes, not all zero (an all-zero ID is invalid in a trace).

@@ -54,12 +54,14 @@ pub fn prepare_upstream(
     parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
 
-    let client_ip = client.addr.ip().to_canonical().to_string();
     let earlier = if trusted { joined(&parts.headers, "x-forwarded-for") } else { None };
-    let forwarded_for = earlier.map_or_else(|| client_ip.clone(), |earlier| format!("{earlier}, {client_ip}"));
-    let value = HeaderValue::from_str(&forwarded_for)
-        .or_else(|_| HeaderValue::from_str(&client_ip))
-        .map_err(|_| GatewayError::BadRequest("the client address is not a header value"))?;
+    let value = match earlier {
+        Some(earlier) => {
+            let client_ip = client.ip_header.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{earlier}, {client_ip}")).unwrap_or_else(|_| client.ip_header.clone())
+        }
+        None => client.ip_header.clone(),
+    };
     parts.headers.insert("x-forwarded-for", value);
     if !trusted {
         for name in FORWARDING {

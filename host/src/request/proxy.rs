@@ -569,18 +569,24 @@ impl ListenerProxy {
         let mut body = (!replayable).then_some(body);
         let timeout = route.pool.request_timeout;
         let forwarder = &route.pool.forwarder;
+        let retryable = replayable && idempotent && route.pool.may_retry();
+        let mut parts = Some(parts);
         let attempt = |server: Arc<Server>| {
             let body = match body.take() {
                 Some(body) => Either::Left(body),
                 None => Either::Right(Empty::new()),
             };
-            let head = forward::copy_head(&parts);
+            let head = next_head(&mut parts, retryable);
             async move {
                 let _active = server.begin();
-                forwarder.send(head, body, &server.address, timeout).await
+                let authority = server
+                    .authority
+                    .as_ref()
+                    .ok_or_else(|| SendError::Failed(format!("`{}` is not a host and port", server.address)))?;
+                forwarder.send(head?, body, authority, timeout).await
             }
         };
-        let (mut response, server) = self.try_servers(route, replayable && idempotent, attempt).await?;
+        let (mut response, server) = self.try_servers(route, retryable, attempt).await?;
         remove_gateway_headers(response.headers_mut());
         Ok(Answer::served(response, Outcome::Served, &route.pool, server))
     }
@@ -610,16 +616,18 @@ impl ListenerProxy {
         let (mut parts, _body) = req.into_parts();
         forward::prepare_upstream(&mut parts, route, client, rules.trusts(client))?;
         let (timeout, tls, budgets) = (route.pool.request_timeout, route.pool.tls.as_ref(), &route.pool.budgets);
+        let retryable = route.pool.may_retry();
+        let mut parts = Some(parts);
         let attempt = |server: Arc<Server>| {
-            let (head, handshake) = (forward::copy_head(&parts), &handshake);
+            let (head, handshake) = (next_head(&mut parts, retryable), &handshake);
             async move {
                 // Counted on its server from the handshake on (least-connections).
                 let active = server.begin();
-                let answer = handshake.send(head, &server.address, tls, budgets, timeout).await;
+                let answer = handshake.send(head?, &server.address, tls, budgets, timeout).await;
                 answer.map(|response| (response, active))
             }
         };
-        let ((mut response, active), server) = self.try_servers(route, true, attempt).await?;
+        let ((mut response, active), server) = self.try_servers(route, retryable, attempt).await?;
         remove_gateway_headers(response.headers_mut());
         let relaying = Relaying {
             client_upgrade,
@@ -780,6 +788,14 @@ impl ListenerProxy {
             "request"
         );
     }
+}
+
+/// The head for one attempt at a server: a copy while another server may
+/// still be tried (`retryable`), else the head itself, which only the one
+/// attempt there is can take.
+fn next_head(parts: &mut Option<http::request::Parts>, retryable: bool) -> Result<http::request::Parts, SendError> {
+    let head = if retryable { parts.as_ref().map(forward::copy_head) } else { parts.take() };
+    head.ok_or_else(|| SendError::Failed("the request head was already sent".into()))
 }
 
 /// Removes the `x-wasmgate-*` headers from a backend's answer: a client,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::uri::{PathAndQuery, Uri};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -147,10 +147,10 @@ impl Forwarder {
         Forwarder::Tls(builder.build(https.enable_all_versions().wrap_connector(connector)))
     }
 
-    fn scheme(&self) -> &'static str {
+    fn scheme(&self) -> Scheme {
         match self {
-            Forwarder::Plain(_) => "http",
-            Forwarder::Tls(_) => "https",
+            Forwarder::Plain(_) => Scheme::HTTP,
+            Forwarder::Tls(_) => Scheme::HTTPS,
         }
     }
 
@@ -161,10 +161,10 @@ impl Forwarder {
         &self,
         mut parts: Parts,
         body: ForwardBody,
-        address: &str,
+        authority: &Authority,
         timeout: Duration,
     ) -> Result<Response<ResponseBody>, SendError> {
-        parts.uri = absolute(&parts.uri, self.scheme(), address).map_err(|e| SendError::Failed(e.to_string()))?;
+        parts.uri = absolute(&parts.uri, self.scheme(), authority).map_err(|e| SendError::Failed(e.to_string()))?;
         let request = Request::from_parts(parts, body);
         let sent = async {
             match self {
@@ -188,10 +188,14 @@ impl Forwarder {
     }
 }
 
-/// `uri` (origin-form) made absolute for the server at `address`.
-fn absolute(uri: &Uri, scheme: &str, address: &str) -> Result<Uri, http::Error> {
-    let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::builder().scheme(scheme).authority(address).path_and_query(path).build()
+/// `uri` (origin-form) made absolute for the server at `authority` (parsed
+/// once per server, not per request).
+fn absolute(uri: &Uri, scheme: Scheme, authority: &Authority) -> Result<Uri, http::uri::InvalidUriParts> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    Uri::from_parts(parts)
 }
 
 /// An error and its sources on one line.

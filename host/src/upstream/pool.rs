@@ -29,6 +29,9 @@ use crate::shutdown::Spread;
 pub struct Server {
     /// `host:port`, as configured.
     pub address: String,
+    /// The address as a URI authority, parsed once (`None` if it is not
+    /// one; requests to the server then fail as they would have).
+    pub authority: Option<http::uri::Authority>,
     /// The pool it belongs to (for logs).
     pub pool: String,
     healthy: AtomicBool,
@@ -75,6 +78,7 @@ impl Server {
     fn new(address: &str, pool: &PoolConfig) -> Server {
         Server {
             address: address.to_owned(),
+            authority: address.parse().ok(),
             pool: pool.name.clone(),
             healthy: AtomicBool::new(pool.probe.start_healthy),
             active: AtomicUsize::new(0),
@@ -216,6 +220,12 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Whether a request that cannot reach one server may be sent to
+    /// another: the pool retries and has another server.
+    pub fn may_retry(&self) -> bool {
+        self.retries > 0 && self.servers.len() > 1
+    }
+
     /// Builds a pool whose connections count in `process`; fails if its TLS
     /// settings cannot be loaded (`ca`).
     pub fn new(config: &PoolConfig, process: &Arc<SocketBudget>) -> Result<Pool, String> {
