@@ -564,10 +564,15 @@ fn close_frame(reason: CloseReason, masked: bool) -> Vec<u8> {
 /// Relays between `client` and `server` until both close, a socket fails, or
 /// the gateway ends it: idle for `idle_timeout`, `max_lifetime` reached, or
 /// `stop` resolving with its reason.
-pub async fn relay<C, S>(client: C, server: S, limits: RelayLimits, stop: impl Future<Output = CloseReason>) -> RelayEnd
+///
+/// `stop` is `Unpin` (boxed, if need be): an async fn keeps its arguments
+/// for its whole life, so a large stop future passed by value would be held
+/// twice by every idle WebSocket.
+pub async fn relay<C, S, F>(client: C, server: S, limits: RelayLimits, mut stop: F) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
+    F: Future<Output = CloseReason> + Unpin,
 {
     let started = Instant::now();
     let mut relay = Relay {
@@ -583,8 +588,8 @@ where
         gateway_first: false,
     };
     let timer = tokio::time::sleep_until(relay.deadline());
-    tokio::pin!(stop, timer);
-    let finish = std::future::poll_fn(|cx| relay.poll_relay(cx, stop.as_mut(), timer.as_mut())).await;
+    tokio::pin!(timer);
+    let finish = std::future::poll_fn(|cx| relay.poll_relay(cx, Pin::new(&mut stop), timer.as_mut())).await;
     let cause = match finish {
         Finish::Done(cause) => cause,
         Finish::ServerLost(error) => {

@@ -172,14 +172,15 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
         let _counted = GaugeGuard::up(metrics.websockets.get_or_create(&labels).clone());
         let (ejected, drained) = (server.ejected(), drain.my_turn());
         let (server_removed, listener_removed) = (server.removed(), listener_removal.my_turn());
-        let stop = async move {
+        // Boxed: the relay holds it for the WebSocket's whole life, once.
+        let stop = Box::pin(async move {
             tokio::select! {
                 _ = ejected => CloseReason::ServerUnhealthy,
                 _ = drained => CloseReason::Shutdown,
                 _ = server_removed => CloseReason::Removed,
                 _ = listener_removed => CloseReason::Removed,
             }
-        };
+        });
         let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, stop).await;
         let reason = end.cause.label();
         metrics.websocket_closes.get_or_create(&ReasonLabel { reason }).inc();
