@@ -363,3 +363,45 @@ async fn a_client_that_stops_reading_is_cut_at_the_idle_timeout() {
     assert!(took < Duration::from_secs(1) + Duration::from_secs(3) + CI_MARGIN, "cut after {took:?}");
     wait_until("the WebSocket is released", Duration::from_secs(5), || gateway.websockets() == 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_direction_never_holds_up_the_other() {
+    // The backend floods the client, which never reads, so the gateway's
+    // writes toward the client stall; meanwhile the client keeps sending,
+    // and every one of its frames must still reach the backend.
+    const FRAMES: usize = 200;
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel::<usize>();
+    let backend = raw_backend(|socket| async move {
+        let (mut read, mut write) = socket.into_split();
+        tokio::spawn(async move {
+            let mut frame = vec![0x82u8, 126, 0xff, 0x00];
+            frame.resize(4 + 0xff00, 0xab);
+            // Bounded: 64 MiB at most, far more than the socket buffers hold.
+            let mut sent = 0u64;
+            while sent < 64 << 20 {
+                match tokio::time::timeout(Duration::from_secs(20), write.write_all(&frame)).await {
+                    Ok(Ok(())) => sent += frame.len() as u64,
+                    _ => break,
+                }
+            }
+        });
+        // Each client frame: 2 header bytes, a 4-byte mask, 8 of payload.
+        let mut buf = vec![0u8; FRAMES * 14];
+        let got = match tokio::time::timeout(Duration::from_secs(20), read.read_exact(&mut buf)).await {
+            Ok(Ok(_)) => FRAMES,
+            _ => 0,
+        };
+        let _ = got_tx.send(got);
+    })
+    .await;
+    let gateway = start_gateway(&raw_config(backend, "[websocket]\nidle_timeout_s = 30\n"), &PluginDir::new()).await;
+    let mut client = raw_upgrade(web(&gateway), "/ws").await;
+    // Let the flood fill every buffer toward the client first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..FRAMES {
+        client.write_all(&[0x82, 0x88, 1, 2, 3, 4, 9, 9, 9, 9, 9, 9, 9, 9]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let got = tokio::time::timeout(Duration::from_secs(25), got_rx).await.expect("the backend answered").unwrap();
+    assert_eq!(got, FRAMES, "the client's frames were held up behind the stalled direction");
+}
