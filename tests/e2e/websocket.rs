@@ -332,22 +332,29 @@ async fn at_capacity_listener_answers_503_with_retry_after() {
     }
 }
 
+/// Sends unmasked binary frames (65,280 bytes of payload each) as fast as
+/// `to` takes them, until a write makes no progress for `stall` or 64 MiB
+/// went (far more than socket buffers hold); returns the bytes sent.
+async fn flood<W: tokio::io::AsyncWrite + Unpin>(to: &mut W, stall: Duration) -> u64 {
+    let mut frame = vec![0x82u8, 126, 0xff, 0x00];
+    frame.resize(4 + 0xff00, 0xab);
+    let mut sent = 0u64;
+    while sent < 64 << 20 {
+        match tokio::time::timeout(stall, to.write_all(&frame)).await {
+            Ok(Ok(())) => sent += frame.len() as u64,
+            _ => break,
+        }
+    }
+    sent
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_at_the_idle_timeout() {
     // The backend sends binary frames as fast as it can; the client never
     // reads, so the gateway's writes to it stop making progress.
     let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<(u64, Instant)>();
     let backend = raw_backend(|mut socket| async move {
-        let mut frame = vec![0x82u8, 126, 0xff, 0x00];
-        frame.resize(4 + 0xff00, 0xab);
-        let mut sent = 0u64;
-        // Bounded: 64 MiB at most, far more than the socket buffers hold.
-        while sent < 64 << 20 {
-            match tokio::time::timeout(Duration::from_secs(30), socket.write_all(&frame)).await {
-                Ok(Ok(())) => sent += frame.len() as u64,
-                _ => break,
-            }
-        }
+        let sent = flood(&mut socket, Duration::from_secs(30)).await;
         let _ = cut_tx.send((sent, Instant::now()));
     })
     .await;
@@ -373,18 +380,7 @@ async fn a_stalled_direction_never_holds_up_the_other() {
     let (got_tx, got_rx) = tokio::sync::oneshot::channel::<usize>();
     let backend = raw_backend(|socket| async move {
         let (mut read, mut write) = socket.into_split();
-        tokio::spawn(async move {
-            let mut frame = vec![0x82u8, 126, 0xff, 0x00];
-            frame.resize(4 + 0xff00, 0xab);
-            // Bounded: 64 MiB at most, far more than the socket buffers hold.
-            let mut sent = 0u64;
-            while sent < 64 << 20 {
-                match tokio::time::timeout(Duration::from_secs(20), write.write_all(&frame)).await {
-                    Ok(Ok(())) => sent += frame.len() as u64,
-                    _ => break,
-                }
-            }
-        });
+        tokio::spawn(async move { flood(&mut write, Duration::from_secs(20)).await });
         // Each client frame: 2 header bytes, a 4-byte mask, 8 of payload.
         let mut buf = vec![0u8; FRAMES * 14];
         let got = match tokio::time::timeout(Duration::from_secs(20), read.read_exact(&mut buf)).await {
