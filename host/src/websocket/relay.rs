@@ -42,8 +42,10 @@ use tokio::time::{Instant, Sleep};
 /// How long each side has to finish a close the gateway started.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Bytes read at a time, into the worker thread's buffer.
-const READ_SIZE: usize = 64 * 1024;
+/// Bytes read at a time, into the worker thread's buffer. Also the most a
+/// stalled direction spills: a peer that stops reading holds at most this
+/// much of the gateway's memory until the idle timeout cuts it.
+const READ_SIZE: usize = 16 * 1024;
 
 /// Reads one direction makes in a turn before the relay lets other tasks run.
 const READS_PER_TURN: usize = 16;
