@@ -434,14 +434,13 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
 
     /// The nearest moment something must happen.
     fn deadline(&self) -> Instant {
-        let wait = if self.closing.is_some() { CLOSE_GRACE } else { self.limits.idle_timeout };
         let mut deadline = match self.closing {
             Some((_, since)) => since + CLOSE_GRACE,
             None => (self.last_activity + self.limits.idle_timeout).min(self.started + self.limits.max_lifetime),
         };
         for direction in [&self.up, &self.down] {
             if let Some(since) = direction.stalled_since {
-                deadline = deadline.min(since + wait);
+                deadline = deadline.min(since + self.limits.idle_timeout);
             }
             if let (Some(since), false) = (direction.eof, direction.ended) {
                 deadline = deadline.min(since + CLOSE_GRACE);
@@ -452,20 +451,18 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
 
     /// What a passed deadline means: the end, or a change of state.
     fn on_deadline(&mut self, now: Instant) -> Option<Finish> {
-        if let Some((reason, since)) = self.closing {
-            if now >= since + CLOSE_GRACE {
-                // The grace is over: cut what is left.
-                return Some(Finish::Done(self.cause(None)));
-            }
-            if [&self.up, &self.down].iter().any(|d| d.stalled_since.is_some_and(|s| now >= s + CLOSE_GRACE)) {
-                return Some(Finish::Done(EndCause::Gateway(reason)));
-            }
-        } else if [&self.up, &self.down]
-            .iter()
-            .any(|d| d.stalled_since.is_some_and(|s| now >= s + self.limits.idle_timeout))
+        if let Some((_, since)) = self.closing
+            && now >= since + CLOSE_GRACE
         {
-            // A peer that took no bytes for the idle timeout stopped reading.
-            return Some(Finish::Done(EndCause::Gateway(CloseReason::IdleTimeout)));
+            // The grace is over: cut what is left.
+            return Some(Finish::Done(self.cause(None)));
+        }
+        let stalled = |d: &Direction| d.stalled_since.is_some_and(|s| now >= s + self.limits.idle_timeout);
+        if stalled(&self.up) || stalled(&self.down) {
+            // A peer that took no bytes for the idle timeout stopped reading
+            // (while closing, the grace above bounds the wait as well).
+            let reason = self.closing.map_or(CloseReason::IdleTimeout, |(reason, _)| reason);
+            return Some(Finish::Done(EndCause::Gateway(reason)));
         }
         for direction in [&mut self.up, &mut self.down] {
             if direction.eof.is_some_and(|since| now >= since + CLOSE_GRACE) {
