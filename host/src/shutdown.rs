@@ -7,9 +7,165 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use tokio::sync::watch;
+
+/// Why the gateway closes a WebSocket from outside its relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopCause {
+    /// The gateway is shutting down.
+    Shutdown,
+    /// A reload removed the WebSocket's server or listener.
+    Removed,
+    /// Its server turned unhealthy in a pool that closes such WebSockets.
+    ServerUnhealthy,
+}
+
+/// One WebSocket's stop signal: set by the first of its sources to fire
+/// (shutdown, its server or listener removed, its server ejected), with the
+/// cause and the moment to close; the relay polls it and keeps the moment
+/// on its own timer. A few dozen bytes, where a future per source would
+/// hold a channel wait and a timer each for the WebSocket's whole life.
+#[derive(Debug, Default)]
+pub struct Stop {
+    fired: AtomicBool,
+    when: Mutex<Option<(StopCause, Instant)>>,
+    waker: AtomicWaker,
+}
+
+impl Stop {
+    /// Closes for `cause` at `at`, unless an earlier moment was already set.
+    fn fire(&self, cause: StopCause, at: Instant) {
+        {
+            let mut when = self.when.lock().unwrap_or_else(|p| p.into_inner());
+            if when.is_some_and(|(_, earlier)| earlier <= at) {
+                return;
+            }
+            *when = Some((cause, at));
+        }
+        self.fired.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// The cause and moment to close once a source fired; until then
+    /// `Pending`, with the task woken when one fires.
+    pub fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<(StopCause, Instant)> {
+        self.waker.register(cx.waker());
+        if !self.fired.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        match *self.when.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(fired) => Poll::Ready(fired),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// The stop signals one source fires: a list of weak references, pruned of
+/// ended WebSockets whenever it would grow, so it stays within about twice
+/// the live ones. Firing takes the list; a signal added after the source
+/// fired is fired at once.
+#[derive(Debug)]
+pub struct StopList {
+    cause: StopCause,
+    inner: Mutex<StopListInner>,
+}
+
+#[derive(Debug, Default)]
+struct StopListInner {
+    stops: Vec<Weak<Stop>>,
+    /// Since when, and over what window, the source closes its WebSockets.
+    fired: Option<(Instant, Duration)>,
+}
+
+impl StopList {
+    pub fn new(cause: StopCause) -> StopList {
+        StopList { cause, inner: Mutex::new(StopListInner::default()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StopListInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `stop`: fired when this source fires, at once if it has.
+    pub fn add(&self, stop: &Arc<Stop>) {
+        let mut inner = self.lock();
+        if let Some((began, window)) = inner.fired {
+            drop(inner);
+            // A moment of what is left of the window.
+            let now = Instant::now();
+            stop.fire(self.cause, now + random_share((began + window).saturating_duration_since(now)));
+            return;
+        }
+        if inner.stops.len() == inner.stops.capacity() {
+            inner.stops.retain(|stop| stop.strong_count() > 0);
+            // Room for as many again as are live, so a prune comes only
+            // after that many additions; a list mostly ended gives memory back.
+            let (live, capacity) = (inner.stops.len(), inner.stops.capacity());
+            if live * 2 > capacity {
+                inner.stops.reserve(live);
+            } else if capacity > 64 && live < capacity / 4 {
+                inner.stops.shrink_to(live * 2);
+            }
+        }
+        inner.stops.push(Arc::downgrade(stop));
+    }
+
+    /// Fires every signal, each at its own uniformly random moment of
+    /// `window` from now (`Duration::ZERO`: all at once), and every signal
+    /// added from now on (at a moment of what is left of the window).
+    pub fn fire(&self, window: Duration) {
+        let now = Instant::now();
+        let stops = {
+            let mut inner = self.lock();
+            inner.fired = Some((now, window));
+            std::mem::take(&mut inner.stops)
+        };
+        self.fire_each(stops, now, window);
+    }
+
+    fn fire_each(&self, stops: Vec<Weak<Stop>>, now: Instant, window: Duration) {
+        for stop in stops.iter().filter_map(Weak::upgrade) {
+            stop.fire(self.cause, now + random_share(window));
+        }
+    }
+
+    /// For a source that turns on and off (a server ejected while
+    /// unhealthy): while on, every signal is fired at once, those added
+    /// later too; once off, signals added wait for it to turn on again
+    /// (those fired stay fired).
+    pub fn set(&self, on: bool) {
+        let stops = {
+            let mut inner = self.lock();
+            match (on, inner.fired.is_some()) {
+                (true, false) => {
+                    inner.fired = Some((Instant::now(), Duration::ZERO));
+                    std::mem::take(&mut inner.stops)
+                }
+                (false, true) => {
+                    inner.fired = None;
+                    return;
+                }
+                _ => return,
+            }
+        };
+        self.fire_each(stops, Instant::now(), Duration::ZERO);
+    }
+}
+
+/// A uniformly random part of `window`.
+fn random_share(window: Duration) -> Duration {
+    static SEED: AtomicU64 = AtomicU64::new(0);
+    if window.is_zero() {
+        return window;
+    }
+    let draw = RandomState::new().hash_one(SEED.fetch_add(1, Ordering::Relaxed));
+    window.mul_f64((draw % 1_000_000) as f64 / 1_000_000.0)
+}
 
 /// A window over which a set of connections is closed, each at its own
 /// uniformly random moment: the whole gateway on shutdown, one server when a
@@ -20,20 +176,21 @@ pub struct Spread {
     window: watch::Sender<Option<Duration>>,
     /// The same fact as an atomic, for the request path (no lock).
     begun: AtomicBool,
-    seed: AtomicU64,
-}
-
-impl Default for Spread {
-    fn default() -> Self {
-        Spread { window: watch::channel(None).0, begun: AtomicBool::new(false), seed: AtomicU64::new(0) }
-    }
+    /// The WebSockets it closes.
+    stops: StopList,
 }
 
 impl Spread {
+    /// A spread whose WebSockets close for `cause`.
+    pub fn new(cause: StopCause) -> Spread {
+        Spread { window: watch::channel(None).0, begun: AtomicBool::new(false), stops: StopList::new(cause) }
+    }
+
     /// Starts closing over `window`.
     pub fn begin(&self, window: Duration) {
         self.begun.store(true, Ordering::Release);
         self.window.send_replace(Some(window));
+        self.stops.fire(window);
     }
 
     pub fn has_begun(&self) -> bool {
@@ -50,25 +207,15 @@ impl Spread {
         }
     }
 
-    /// Resolves at this connection's moment to close: a uniformly random
-    /// point of the window once closing starts; never before.
-    pub fn my_turn(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.window.subscribe();
-        let draw = RandomState::new().hash_one(self.seed.fetch_add(1, Ordering::Relaxed));
-        let fraction = (draw % 1_000_000) as f64 / 1_000_000.0;
-        async move {
-            // The guard wait_for returns is dropped before the next await.
-            let window = rx.wait_for(|w| w.is_some()).await.ok().and_then(|w| *w);
-            match window {
-                Some(window) => tokio::time::sleep(window.mul_f64(fraction)).await,
-                None => std::future::pending().await,
-            }
-        }
+    /// Fires `stop` at a uniformly random moment of the window once closing
+    /// starts (of what is left of it, if it has).
+    pub fn add(&self, stop: &Arc<Stop>) {
+        self.stops.add(stop);
     }
 }
 
 /// The shutdown state shared by every request and WebSocket.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Drain {
     spread: Spread,
     in_flight: AtomicUsize,
@@ -81,6 +228,16 @@ pub struct Live<'a>(&'a AtomicUsize);
 impl Drop for Live<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            spread: Spread::new(StopCause::Shutdown),
+            in_flight: AtomicUsize::new(0),
+            websockets: AtomicUsize::new(0),
+        }
     }
 }
 
@@ -117,8 +274,112 @@ impl Drain {
         self.spread.started()
     }
 
-    /// Resolves at this connection's moment to close (see [`Spread::my_turn`]).
-    pub fn my_turn(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.spread.my_turn()
+    /// Fires `stop` at a random moment of the drain window once draining
+    /// starts (see [`Spread::add`]).
+    pub fn add(&self, stop: &Arc<Stop>) {
+        self.spread.add(stop);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fired(stop: &Stop) -> Option<(StopCause, Instant)> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match stop.poll_fired(&mut cx) {
+            Poll::Ready(fired) => Some(fired),
+            Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn a_spread_fires_each_signal_within_its_window_and_later_ones_within_what_is_left() {
+        let spread = Spread::new(StopCause::Removed);
+        let stops: Vec<Arc<Stop>> = (0..200).map(|_| Arc::new(Stop::default())).collect();
+        stops.iter().for_each(|stop| spread.add(stop));
+        assert!(stops.iter().all(|stop| fired(stop).is_none()), "nothing fires before the spread begins");
+
+        let window = Duration::from_secs(60);
+        let before = Instant::now();
+        spread.begin(window);
+        let moments: Vec<Instant> = stops
+            .iter()
+            .map(|stop| {
+                let (cause, at) = fired(stop).expect("fired");
+                assert_eq!(cause, StopCause::Removed);
+                at
+            })
+            .collect();
+        assert!(moments.iter().all(|&at| at >= before && at <= Instant::now() + window));
+        // Spread out, not bunched: some in each half of the window.
+        let middle = before + window / 2;
+        assert!(moments.iter().any(|&at| at < middle) && moments.iter().any(|&at| at > middle));
+
+        let late = Arc::new(Stop::default());
+        spread.add(&late);
+        let (_, at) = fired(&late).expect("a signal added after the spread began fires at once");
+        assert!(at <= before + window + Duration::from_millis(50), "within what is left of the window");
+    }
+
+    #[test]
+    fn the_earliest_source_wins_and_a_later_one_does_not_postpone_it() {
+        let (drain, ejected) = (Spread::new(StopCause::Shutdown), StopList::new(StopCause::ServerUnhealthy));
+        let stop = Arc::new(Stop::default());
+        drain.add(&stop);
+        ejected.add(&stop);
+        ejected.set(true);
+        let (cause, at) = fired(&stop).expect("fired");
+        assert_eq!(cause, StopCause::ServerUnhealthy);
+        assert!(at <= Instant::now());
+        drain.begin(Duration::from_secs(60));
+        assert_eq!(fired(&stop), Some((cause, at)));
+    }
+
+    #[test]
+    fn an_ejection_fires_while_on_and_not_after_it_turns_off() {
+        let list = StopList::new(StopCause::ServerUnhealthy);
+        list.set(true);
+        let during = Arc::new(Stop::default());
+        list.add(&during);
+        assert!(fired(&during).is_some(), "added while on: fired at once");
+        list.set(false);
+        let after = Arc::new(Stop::default());
+        list.add(&after);
+        assert!(fired(&after).is_none());
+        assert!(fired(&during).is_some(), "a fired signal stays fired");
+        list.set(true);
+        assert!(fired(&after).is_some());
+    }
+
+    #[test]
+    fn firing_wakes_the_waiting_task() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = std::task::Waker::from(flag.clone());
+        let list = StopList::new(StopCause::Shutdown);
+        let stop = Arc::new(Stop::default());
+        list.add(&stop);
+        assert!(stop.poll_fired(&mut Context::from_waker(&waker)).is_pending());
+        list.fire(Duration::ZERO);
+        assert!(flag.0.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn ended_websockets_do_not_pile_up_in_a_list() {
+        let list = StopList::new(StopCause::Removed);
+        let kept: Vec<Arc<Stop>> = (0..10).map(|_| Arc::new(Stop::default())).collect();
+        kept.iter().for_each(|stop| list.add(stop));
+        for _ in 0..100_000 {
+            list.add(&Arc::new(Stop::default()));
+        }
+        let inner = list.lock();
+        assert!(inner.stops.capacity() <= 1024, "capacity {} after 100,000 ended ones", inner.stops.capacity());
+        assert_eq!(inner.stops.iter().filter(|stop| stop.strong_count() > 0).count(), 10);
     }
 }

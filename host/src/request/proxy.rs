@@ -53,7 +53,7 @@ use crate::http::trace::{self, Trace};
 use crate::http::{ConnInfo, ERROR_HEADER, GatewayError, ResponseBody, WAF_DENY};
 use crate::plugin::bindings::{RouteDecision, Verdict};
 use crate::plugin::{PluginError, PluginSlot, Registry, RequestView};
-use crate::shutdown::{Drain, Spread};
+use crate::shutdown::{Drain, Spread, StopCause};
 use crate::telemetry::access_log::{self, AccessLog, RequestEntry};
 use crate::telemetry::metrics::{
     ConnectErrorLabels, HandshakeCounters, Histogram, ListenerLabel, Metrics, RequestCounters,
@@ -228,7 +228,7 @@ impl ListenerProxy {
             handshakes: HandshakeCounters::new(&shared.metrics, name),
             rules: ArcSwap::from_pointee(rules),
             live_websockets: Arc::new(AtomicUsize::new(0)),
-            removal: Arc::new(Spread::default()),
+            removal: Arc::new(Spread::new(StopCause::Removed)),
             shared,
         }
     }

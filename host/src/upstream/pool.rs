@@ -16,13 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use super::budget::{Budgets, SocketBudget};
 use super::connect::{self, Forwarder, MAX_IDLE_PER_SERVER};
 use super::tls::PoolTls;
 use crate::config::{Balance, PoolConfig, ProbeConfig};
-use crate::shutdown::Spread;
+use crate::shutdown::{Spread, Stop, StopCause, StopList};
 
 /// One backend server of a pool.
 #[derive(Debug)]
@@ -44,9 +42,9 @@ pub struct Server {
     last_probe: Mutex<Option<(std::time::SystemTime, Option<String>)>>,
     /// Why the server last changed state (for status and logs).
     last_reason: Mutex<String>,
-    /// Flips to `true` when the server turns unhealthy in a pool that closes
-    /// WebSockets of unhealthy servers; relays watch it.
-    eject: watch::Sender<bool>,
+    /// Fired when the server turns unhealthy in a pool that closes
+    /// WebSockets of unhealthy servers (and reset when it recovers).
+    eject: StopList,
     close_on_unhealthy: AtomicBool,
     /// Set when a reload removes the server: its WebSockets close over it.
     removal: Spread,
@@ -85,9 +83,9 @@ impl Server {
             websockets: AtomicUsize::new(0),
             last_probe: Mutex::new(None),
             last_reason: Mutex::new(if pool.probe.start_healthy { "starting" } else { "not probed yet" }.into()),
-            eject: watch::channel(false).0,
+            eject: StopList::new(StopCause::ServerUnhealthy),
             close_on_unhealthy: AtomicBool::new(pool.close_on_unhealthy),
-            removal: Spread::default(),
+            removal: Spread::new(StopCause::Removed),
         }
     }
 
@@ -97,10 +95,12 @@ impl Server {
         self.removal.begin(window);
     }
 
-    /// Resolves at this WebSocket's moment to close once the server was
-    /// removed from its pool; never otherwise.
-    pub fn removed(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.removal.my_turn()
+    /// Fires `stop` when this server's WebSockets must close: at once when
+    /// it is ejected (unhealthy in a pool with `close_on_unhealthy`), at a
+    /// random moment of the drain window when a reload removes it.
+    pub fn add_stop(&self, stop: &Arc<Stop>) {
+        self.eject.add(stop);
+        self.removal.add(stop);
     }
 
     fn takes_traffic(&self) -> bool {
@@ -149,17 +149,6 @@ impl Server {
         self.last_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Resolves when this server's WebSockets must be closed (it turned
-    /// unhealthy in a pool with `close_on_unhealthy`); never otherwise.
-    pub fn ejected(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.eject.subscribe();
-        async move {
-            if rx.wait_for(|ejected| *ejected).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-
     /// Sets the server's health; logs and returns `true` if it changed.
     pub fn set_healthy(&self, healthy: bool, reason: &str) -> bool {
         let changed = self.healthy.swap(healthy, Ordering::AcqRel) != healthy;
@@ -186,7 +175,7 @@ impl Server {
     /// unhealthy servers.
     fn update_eject(&self) {
         let eject = self.close_on_unhealthy.load(Ordering::Acquire) && !self.is_healthy();
-        self.eject.send_if_modified(|ejected| std::mem::replace(ejected, eject) != eject);
+        self.eject.set(eject);
     }
 
     /// A connection to the server failed: it takes no new traffic until
@@ -533,22 +522,30 @@ mod tests {
             let text = format!("name = \"app\"\nservers = [\"a:1\"]\nclose_on_unhealthy = {close}\n");
             vec![toml::from_str(&text).unwrap()]
         };
+        // Whether a WebSocket opened on the server now is closed at once.
+        let ejected = |server: &Server| {
+            let stop = Arc::new(Stop::default());
+            server.add_stop(&stop);
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            stop.poll_fired(&mut cx).is_ready()
+        };
         let strict = Pools::new(&configs(true)).unwrap();
         let server = strict.get("app").unwrap().servers[0].clone();
+        assert!(!ejected(&server));
         server.set_healthy(false, "down");
-        assert!(*server.eject.borrow(), "ejected while unhealthy");
+        assert!(ejected(&server), "ejected while unhealthy");
 
         let (relaxed, changes) = strict.update(&configs(false)).unwrap();
         assert_eq!(changes.changed, ["app"]);
         assert!(changes.servers_removed.is_empty() && changes.servers_added.is_empty());
         assert!(Arc::ptr_eq(&relaxed.get("app").unwrap().servers[0], &server), "the same server, health and all");
         assert!(!server.is_healthy());
-        assert!(*server.eject.borrow(), "an uncommitted (maybe refused) config changes nothing");
+        assert!(ejected(&server), "an uncommitted (maybe refused) config changes nothing");
         relaxed.commit();
-        assert!(!*server.eject.borrow(), "no longer ejected once the new setting is in force");
+        assert!(!ejected(&server), "no longer ejected once the new setting is in force");
         server.set_healthy(true, "up");
         server.set_healthy(false, "down again");
-        assert!(!*server.eject.borrow());
+        assert!(!ejected(&server));
     }
 
     #[test]

@@ -39,6 +39,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::shutdown::{Stop, StopCause};
+
 /// How long each side has to finish a close the gateway started.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -69,6 +71,16 @@ pub enum CloseReason {
     /// The server's connection failed (reset, error): the client is told,
     /// between frames, before its side is closed.
     ServerLost,
+}
+
+impl From<StopCause> for CloseReason {
+    fn from(cause: StopCause) -> CloseReason {
+        match cause {
+            StopCause::Shutdown => CloseReason::Shutdown,
+            StopCause::Removed => CloseReason::Removed,
+            StopCause::ServerUnhealthy => CloseReason::ServerUnhealthy,
+        }
+    }
 }
 
 impl CloseReason {
@@ -379,6 +391,8 @@ struct Relay<C, S> {
     first: Option<Side>,
     /// The gateway is closing, for this reason, since then.
     closing: Option<(CloseReason, Instant)>,
+    /// The stop signal fired: close for this reason at this moment.
+    stop_at: Option<(CloseReason, Instant)>,
     /// The gateway began closing before either peer had.
     gateway_first: bool,
 }
@@ -436,7 +450,11 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
     fn deadline(&self) -> Instant {
         let mut deadline = match self.closing {
             Some((_, since)) => since + CLOSE_GRACE,
-            None => (self.last_activity + self.limits.idle_timeout).min(self.started + self.limits.max_lifetime),
+            None => {
+                let deadline =
+                    (self.last_activity + self.limits.idle_timeout).min(self.started + self.limits.max_lifetime);
+                self.stop_at.map_or(deadline, |(_, at)| deadline.min(at))
+            }
         };
         for direction in [&self.up, &self.down] {
             if let Some(since) = direction.stalled_since {
@@ -470,7 +488,11 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
             }
         }
         if self.closing.is_none() {
-            if now >= self.started + self.limits.max_lifetime {
+            if let Some((reason, at)) = self.stop_at
+                && now >= at
+            {
+                self.begin(reason);
+            } else if now >= self.started + self.limits.max_lifetime {
                 self.begin(CloseReason::MaxLifetime);
             } else if now >= self.last_activity + self.limits.idle_timeout {
                 self.begin(CloseReason::IdleTimeout);
@@ -491,17 +513,18 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
         Finish::Done(self.cause(Some(error)))
     }
 
-    fn poll_relay<F: Future<Output = CloseReason>>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut stop: Pin<&mut F>,
-        mut timer: Pin<&mut Sleep>,
-    ) -> Poll<Finish> {
+    fn poll_relay(&mut self, cx: &mut Context<'_>, stop: &Stop, mut timer: Pin<&mut Sleep>) -> Poll<Finish> {
         loop {
             if self.closing.is_none()
-                && let Poll::Ready(reason) = stop.as_mut().poll(cx)
+                && let Poll::Ready((cause, at)) = stop.poll_fired(cx)
             {
-                self.begin(reason);
+                // Polled again each turn: another source may fire earlier.
+                let at = Instant::from_std(at);
+                if at <= Instant::now() {
+                    self.begin(cause.into());
+                } else {
+                    self.stop_at = Some((cause.into(), at));
+                }
             }
             self.deliver_closes();
             let up = self.up.pump(cx, &mut self.client, &mut self.server, &mut self.last_activity);
@@ -562,16 +585,11 @@ fn close_frame(reason: CloseReason, masked: bool) -> Vec<u8> {
 
 /// Relays between `client` and `server` until both close, a socket fails, or
 /// the gateway ends it: idle for `idle_timeout`, `max_lifetime` reached, or
-/// `stop` resolving with its reason.
-///
-/// `stop` is `Unpin` (boxed, if need be): an async fn keeps its arguments
-/// for its whole life, so a large stop future passed by value would be held
-/// twice by every idle WebSocket.
-pub async fn relay<C, S, F>(client: C, server: S, limits: RelayLimits, mut stop: F) -> RelayEnd
+/// `stop` fired (at the moment it names, with its cause).
+pub async fn relay<C, S>(client: C, server: S, limits: RelayLimits, stop: &Stop) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
-    F: Future<Output = CloseReason> + Unpin,
 {
     let started = Instant::now();
     let mut relay = Relay {
@@ -584,11 +602,12 @@ where
         last_activity: started,
         first: None,
         closing: None,
+        stop_at: None,
         gateway_first: false,
     };
     let timer = tokio::time::sleep_until(relay.deadline());
     tokio::pin!(timer);
-    let finish = std::future::poll_fn(|cx| relay.poll_relay(cx, Pin::new(&mut stop), timer.as_mut())).await;
+    let finish = std::future::poll_fn(|cx| relay.poll_relay(cx, stop, timer.as_mut())).await;
     let cause = match finish {
         Finish::Done(cause) => cause,
         Finish::ServerLost(error) => {

@@ -15,10 +15,10 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::handshake::{ClientHandshake, check_server_handshake};
-use super::relay::{self, CloseReason, EndCause, RelayLimits};
+use super::relay::{self, EndCause, RelayLimits};
 use crate::http::headers::remove_hop_by_hop;
 use crate::http::{GatewayError, ResponseBody, TunnelGuard};
-use crate::shutdown::{Drain, Spread};
+use crate::shutdown::{Drain, Spread, Stop};
 use crate::telemetry::access_log::{self, AccessLog, WebSocketEntry};
 use crate::telemetry::metrics::{DirectionLabel, ListenerPoolLabels, Metrics, ReasonLabel};
 use crate::telemetry::otlp::{Attribute, Otlp, SpanRecord};
@@ -170,18 +170,13 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
         let span = span.map(|(otlp, span)| (otlp, SpanRecord { start: std::time::SystemTime::now(), ..span }));
         let labels = ListenerPoolLabels { listener: listener.clone(), pool: server.pool.as_str().into() };
         let _counted = GaugeGuard::up(metrics.websockets.get_or_create(&labels).clone());
-        let (ejected, drained) = (server.ejected(), drain.my_turn());
-        let (server_removed, listener_removed) = (server.removed(), listener_removal.my_turn());
-        // Boxed: the relay holds it for the WebSocket's whole life, once.
-        let stop = Box::pin(async move {
-            tokio::select! {
-                _ = ejected => CloseReason::ServerUnhealthy,
-                _ = drained => CloseReason::Shutdown,
-                _ = server_removed => CloseReason::Removed,
-                _ = listener_removed => CloseReason::Removed,
-            }
-        });
-        let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, stop).await;
+        // One signal that shutdown, the server (ejected or removed) and the
+        // listener (removed) fire.
+        let stop = Arc::new(Stop::default());
+        drain.add(&stop);
+        server.add_stop(&stop);
+        listener_removal.add(&stop);
+        let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, &stop).await;
         let reason = end.cause.label();
         metrics.websocket_closes.get_or_create(&ReasonLabel { reason }).inc();
         metrics
