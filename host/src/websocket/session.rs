@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::handshake::{ClientHandshake, check_server_handshake};
-use super::relay::{self, EndCause, RelayLimits};
+use super::relay::{self, EndCause, RelayEnd, RelayLimits};
 use crate::http::headers::remove_hop_by_hop;
 use crate::http::{GatewayError, ResponseBody, TunnelGuard};
 use crate::shutdown::{Drain, Spread, Stop};
@@ -108,21 +108,6 @@ pub struct WebSocketLog {
 /// accept key) with the relay started in the background, or the server's
 /// own refusal passed through.
 pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<ClientAnswer, GatewayError> {
-    let Relaying {
-        client_upgrade,
-        handshake,
-        server,
-        active,
-        limits,
-        slot,
-        drain,
-        listener_removal,
-        metrics,
-        listener,
-        log,
-        span,
-        tunnel,
-    } = relaying;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server declined the upgrade: its answer is the client's answer.
         let (mut parts, body) = response.into_parts();
@@ -130,10 +115,10 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
         parts.headers.remove(header::UPGRADE);
         return Ok(ClientAnswer::Declined(Response::from_parts(parts, Either::Left(body))));
     }
-    if let Err(reason) = check_server_handshake(response.headers(), &handshake) {
+    if let Err(reason) = check_server_handshake(response.headers(), &relaying.handshake) {
         return Err(GatewayError::BadBackendHandshake {
-            pool: server.pool.clone(),
-            server: server.address.clone(),
+            pool: relaying.server.pool.clone(),
+            server: relaying.server.address.clone(),
             reason,
         });
     }
@@ -141,7 +126,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
     let server_upgrade = hyper::upgrade::on(&mut response);
     let mut answer = Response::new(Either::Right(Default::default()));
     *answer.headers_mut() = response.headers().clone();
-    if handshake.over_h2 {
+    if relaying.handshake.over_h2 {
         // RFC 8441: a 200 opens the stream; HTTP/2 has no connection-level
         // headers and no accept key.
         *answer.status_mut() = StatusCode::OK;
@@ -153,30 +138,45 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
         *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     }
 
+    // Boxed, and only borrowed by the task: what the task keeps across its
+    // awaits is stored in it for the WebSocket's whole life, so an idle
+    // WebSocket holds this once, out of line, not field by field.
+    let mut session = Box::new(relaying);
     tokio::spawn(async move {
-        let _slot = slot;
-        let _active = active;
-        let _tunnel = tunnel;
-        let (client_io, server_io) = match tokio::try_join!(client_upgrade, server_upgrade) {
+        let upgrades = tokio::try_join!(&mut session.client_upgrade, server_upgrade);
+        let (client_io, server_io) = match upgrades {
             Ok(both) => both,
             Err(e) => {
-                tracing::debug!(pool = %server.pool, error = %e, "upgrade did not complete");
+                tracing::debug!(pool = %session.server.pool, error = %e, "upgrade did not complete");
                 return;
             }
         };
-        let _live = drain.websocket();
-        let _on_server = server.websocket();
+        if let Some((_, span)) = &mut session.span {
+            span.start = std::time::SystemTime::now();
+        }
+        let session = &*session;
+        let _live = session.drain.websocket();
+        let _on_server = session.server.websocket();
+        let labels =
+            ListenerPoolLabels { listener: session.listener.clone(), pool: session.server.pool.as_str().into() };
+        let _counted = GaugeGuard::up(session.metrics.websockets.get_or_create(&labels).clone());
         let started = std::time::Instant::now();
-        let span = span.map(|(otlp, span)| (otlp, SpanRecord { start: std::time::SystemTime::now(), ..span }));
-        let labels = ListenerPoolLabels { listener: listener.clone(), pool: server.pool.as_str().into() };
-        let _counted = GaugeGuard::up(metrics.websockets.get_or_create(&labels).clone());
         // One signal that shutdown, the server (ejected or removed) and the
         // listener (removed) fire.
         let stop = Arc::new(Stop::default());
-        drain.add(&stop);
-        server.add_stop(&stop);
-        listener_removal.add(&stop);
-        let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), limits, &stop).await;
+        session.drain.add(&stop);
+        session.server.add_stop(&stop);
+        session.listener_removal.add(&stop);
+        let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), session.limits, &stop).await;
+        session.ended(&end, started.elapsed());
+    });
+    Ok(ClientAnswer::Upgraded(answer))
+}
+
+impl Relaying {
+    /// Counts, traces and logs a relay that ended after `lasted`.
+    fn ended(&self, end: &RelayEnd, lasted: std::time::Duration) {
+        let metrics = &self.metrics;
         let reason = end.cause.label();
         metrics.websocket_closes.get_or_create(&ReasonLabel { reason }).inc();
         metrics
@@ -187,10 +187,11 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
             .relayed_bytes
             .get_or_create(&DirectionLabel { direction: "server_to_client" })
             .inc_by(end.server_to_client);
-        let (pool, address) = (&server.pool, &server.address);
+        let (pool, address) = (&self.server.pool, &self.server.address);
         let (up, down) = (end.client_to_server, end.server_to_client);
-        if let Some((otlp, mut span)) = span {
-            span.end = span.start + started.elapsed();
+        if let Some((otlp, span)) = &self.span {
+            let mut span = span.clone();
+            span.end = span.start + lasted;
             span.attributes.extend([
                 ("wasmgate.pool", Attribute::from(pool.as_str())),
                 ("server.address", Attribute::from(address.as_str())),
@@ -203,14 +204,14 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
             }
             otlp.record(span);
         }
-        if let Some(log) = log {
+        if let Some(log) = &self.log {
             log.access.websocket(&WebSocketEntry {
-                listener: &listener,
+                listener: &self.listener,
                 client: log.client,
                 path: &log.path,
                 pool,
                 server: address,
-                duration_ms: access_log::millis(started.elapsed()),
+                duration_ms: access_log::millis(lasted),
                 client_to_server: up,
                 server_to_client: down,
                 close: reason,
@@ -223,6 +224,5 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
             }
             _ => tracing::debug!(%pool, server = %address, reason, up, down, "websocket closed"),
         }
-    });
-    Ok(ClientAnswer::Upgraded(answer))
+    }
 }
