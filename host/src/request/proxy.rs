@@ -631,7 +631,6 @@ impl ListenerProxy {
         remove_gateway_headers(response.headers_mut());
         let relaying = Relaying {
             client_upgrade,
-            handshake,
             server: server.clone(),
             active,
             limits: rules.relay_limits,
@@ -661,7 +660,7 @@ impl ListenerProxy {
             }),
             tunnel,
         };
-        Ok(match session::answer(response, relaying)? {
+        Ok(match session::answer(response, &handshake, relaying)? {
             ClientAnswer::Upgraded(response) => Answer::served(response, Outcome::Upgraded, &route.pool, server),
             ClientAnswer::Declined(response) => Answer::served(response, Outcome::Served, &route.pool, server),
         })

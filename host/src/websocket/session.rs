@@ -47,7 +47,6 @@ impl Drop for WebSocketSlot {
 /// What a successful upgrade needs to keep while it relays.
 pub struct Relaying {
     pub client_upgrade: OnUpgrade,
-    pub handshake: ClientHandshake,
     pub server: Arc<Server>,
     /// Counts the connection on its server (for least-connections) from the
     /// handshake until the relay ends.
@@ -107,7 +106,14 @@ pub struct WebSocketLog {
 /// Turns the server's answer into the client's: a 101 (after checking the
 /// accept key) with the relay started in the background, or the server's
 /// own refusal passed through.
-pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<ClientAnswer, GatewayError> {
+///
+/// The client's `handshake` is only borrowed: its header values share the
+/// client connection's read buffer, which the WebSocket must not keep.
+pub fn answer(
+    mut response: Response<Incoming>,
+    handshake: &ClientHandshake,
+    relaying: Relaying,
+) -> Result<ClientAnswer, GatewayError> {
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The server declined the upgrade: its answer is the client's answer.
         let (mut parts, body) = response.into_parts();
@@ -115,7 +121,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
         parts.headers.remove(header::UPGRADE);
         return Ok(ClientAnswer::Declined(Response::from_parts(parts, Either::Left(body))));
     }
-    if let Err(reason) = check_server_handshake(response.headers(), &relaying.handshake) {
+    if let Err(reason) = check_server_handshake(response.headers(), handshake) {
         return Err(GatewayError::BadBackendHandshake {
             pool: relaying.server.pool.clone(),
             server: relaying.server.address.clone(),
@@ -126,7 +132,7 @@ pub fn answer(mut response: Response<Incoming>, relaying: Relaying) -> Result<Cl
     let server_upgrade = hyper::upgrade::on(&mut response);
     let mut answer = Response::new(Either::Right(Default::default()));
     *answer.headers_mut() = response.headers().clone();
-    if relaying.handshake.over_h2 {
+    if handshake.over_h2 {
         // RFC 8441: a 200 opens the stream; HTTP/2 has no connection-level
         // headers and no accept key.
         *answer.status_mut() = StatusCode::OK;
