@@ -170,6 +170,19 @@ impl GatewayProcess {
         process.listening(listening_lines).await
     }
 
+    /// [`GatewayProcess::start`], the process allowed only the first CPU
+    /// (by taskset(1), from util-linux): the gateway then runs one
+    /// current-thread runtime.
+    pub async fn start_on_one_cpu(config: &Path, log: &Path, listening_lines: usize) -> GatewayProcess {
+        let mut command = std::process::Command::new("taskset");
+        command.args(["--cpu-list", "0"]).arg(env!("CARGO_BIN_EXE_wasmgate"));
+        let process = GatewayProcess {
+            child: Self::run_command(command, config, log).spawn().expect("start taskset"),
+            log: log.to_owned(),
+        };
+        process.listening(listening_lines).await
+    }
+
     /// Runs `wasmgate run --config CONFIG` as [`GatewayProcess::start`]
     /// does, without waiting for anything.
     pub fn spawn(config: &Path, log: &Path) -> GatewayProcess {
@@ -179,8 +192,13 @@ impl GatewayProcess {
     /// `wasmgate run --config CONFIG`, stderr to `log`, its cache under the
     /// config's directory.
     fn command(config: &Path, log: &Path) -> std::process::Command {
+        Self::run_command(std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate")), config, log)
+    }
+
+    /// `command` (the wasmgate binary, or what runs it) given `run --config
+    /// CONFIG`, stderr to `log`, its cache under the config's directory.
+    fn run_command(mut command: std::process::Command, config: &Path, log: &Path) -> std::process::Command {
         let file = std::fs::File::create(log).expect("create log");
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"));
         command
             .args(["run", "--config"])
             .arg(config)

@@ -18,7 +18,29 @@ async fn sigterm_finishes_requests_and_drains_websockets_with_close_1001() {
     let _one = ONE_AT_A_TIME.lock().await;
     let app = Backend::start("app").await;
     let dir = tempfile::tempdir().unwrap();
-    let mut gateway = spawn_gateway(dir.path(), "gateway", 0, &app, 2).await;
+    let gateway = spawn_gateway(dir.path(), "gateway", 0, &app, 2).await;
+    assert!(gateway.log_text().contains("threads=\"one worker per CPU\""), "{}", gateway.log_text());
+    drains_websockets_and_finishes_requests(gateway).await;
+}
+
+/// The same on one CPU, where the gateway runs a single current-thread
+/// runtime: requests, 100 WebSockets, their spread Close 1001s on SIGTERM
+/// and the process's exit all happen on that one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_cpu_the_single_threaded_gateway_serves_and_drains_the_same() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let app = Backend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "gateway", 0, &app, 2);
+    let gateway = GatewayProcess::start_on_one_cpu(&config, &dir.path().join("gateway.log"), 1).await;
+    assert!(gateway.log_text().contains("cpus=1 threads=\"one (current-thread)\""), "{}", gateway.log_text());
+    drains_websockets_and_finishes_requests(gateway).await;
+}
+
+/// SIGTERM with 100 WebSockets open and a slow request in flight: the
+/// request finishes, every WebSocket gets a Close 1001 at its own moment of
+/// the 2 s window, and the process exits 0.
+async fn drains_websockets_and_finishes_requests(mut gateway: GatewayProcess) {
     let addr = gateway.addr("web");
 
     let mut sockets = Vec::new();
@@ -78,6 +100,13 @@ async fn spawn_gateway(
     backend: &Backend,
     drain_s: u64,
 ) -> GatewayProcess {
+    let config = write_config(dir, name, port, backend, drain_s);
+    GatewayProcess::start(&config, &dir.join(format!("{name}.log")), 1).await
+}
+
+/// The config [`spawn_gateway`] runs: listener `web` on `port` in front of
+/// `backend`, WebSockets drained over `drain_s`.
+fn write_config(dir: &std::path::Path, name: &str, port: u16, backend: &Backend, drain_s: u64) -> std::path::PathBuf {
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
         &config,
@@ -89,7 +118,7 @@ async fn spawn_gateway(
         ),
     )
     .unwrap();
-    GatewayProcess::start(&config, &dir.join(format!("{name}.log")), 1).await
+    config
 }
 
 /// Sets `net.ipv4.tcp_migrate_req` (Linux ≥ 5.14) for the test and puts the
