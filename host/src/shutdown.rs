@@ -78,6 +78,8 @@ pub struct StopList {
 #[derive(Debug, Default)]
 struct StopListInner {
     stops: Vec<Weak<Stop>>,
+    /// WebSockets that ended since the last prune.
+    ended: usize,
     /// Since when, and over what window, the source closes its WebSockets.
     fired: Option<(Instant, Duration)>,
 }
@@ -113,6 +115,23 @@ impl StopList {
             }
         }
         inner.stops.push(Arc::downgrade(stop));
+    }
+
+    /// A WebSocket whose signal was added here ended. Once as many have
+    /// ended as half the list holds, the list is pruned: a mass close gives
+    /// its memory back without waiting for new WebSockets, at an amortized
+    /// constant cost per end.
+    pub fn ended(&self) {
+        let mut inner = self.lock();
+        inner.ended += 1;
+        if inner.ended * 2 >= inner.stops.len() {
+            inner.ended = 0;
+            inner.stops.retain(|stop| stop.strong_count() > 0);
+            let live = inner.stops.len();
+            if inner.stops.capacity() > 64 && live < inner.stops.capacity() / 4 {
+                inner.stops.shrink_to(live * 2);
+            }
+        }
     }
 
     /// Fires every signal, each at its own uniformly random moment of
@@ -212,6 +231,11 @@ impl Spread {
     pub fn add(&self, stop: &Arc<Stop>) {
         self.stops.add(stop);
     }
+
+    /// A WebSocket added here ended (see [`StopList::ended`]).
+    pub fn ended(&self) {
+        self.stops.ended();
+    }
 }
 
 /// The shutdown state shared by every request and WebSocket.
@@ -278,6 +302,11 @@ impl Drain {
     /// starts (see [`Spread::add`]).
     pub fn add(&self, stop: &Arc<Stop>) {
         self.spread.add(stop);
+    }
+
+    /// A WebSocket added here ended (see [`StopList::ended`]).
+    pub fn ended(&self) {
+        self.spread.ended();
     }
 }
 
@@ -368,6 +397,22 @@ mod tests {
         assert!(stop.poll_fired(&mut Context::from_waker(&waker)).is_pending());
         list.fire(Duration::ZERO);
         assert!(flag.0.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_mass_close_gives_the_list_back_without_new_websockets() {
+        let list = StopList::new(StopCause::Removed);
+        let stops: Vec<Arc<Stop>> = (0..9_000).map(|_| Arc::new(Stop::default())).collect();
+        stops.iter().for_each(|stop| list.add(stop));
+        let kept = stops[..10].to_vec();
+        drop(stops);
+        for _ in 0..8_990 {
+            list.ended();
+        }
+        let inner = list.lock();
+        assert_eq!(inner.stops.len(), 10, "only the live ones are left");
+        assert!(inner.stops.capacity() <= 64, "capacity {} after 8,990 ended", inner.stops.capacity());
+        drop(kept);
     }
 
     #[test]

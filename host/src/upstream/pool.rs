@@ -103,6 +103,12 @@ impl Server {
         self.removal.add(stop);
     }
 
+    /// A WebSocket whose stop signal was added here ended.
+    pub fn stop_ended(&self) {
+        self.eject.ended();
+        self.removal.ended();
+    }
+
     fn takes_traffic(&self) -> bool {
         self.is_healthy() && !self.removal.has_begun()
     }

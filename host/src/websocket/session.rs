@@ -174,6 +174,10 @@ pub fn answer(
         session.server.add_stop(&stop);
         session.listener_removal.add(&stop);
         let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), session.limits, &stop).await;
+        drop(stop);
+        session.drain.ended();
+        session.server.stop_ended();
+        session.listener_removal.ended();
         session.ended(&end, started.elapsed());
     });
     Ok(ClientAnswer::Upgraded(answer))
