@@ -66,9 +66,9 @@ impl Stop {
 }
 
 /// The stop signals one source fires: a list of weak references, pruned of
-/// ended WebSockets whenever it would grow, so it stays within about twice
-/// the live ones. Firing takes the list; a signal added after the source
-/// fired is fired at once.
+/// ended WebSockets whenever it would grow and once half of it has ended, so
+/// it stays within about twice the live ones. Firing takes the list; a
+/// signal added after the source fired is fired at once.
 #[derive(Debug)]
 pub struct StopList {
     cause: StopCause,

@@ -163,9 +163,11 @@ pub fn answer(
         let session = &*session;
         let _live = session.drain.websocket();
         let _on_server = session.server.websocket();
-        let labels =
-            ListenerPoolLabels { listener: session.listener.clone(), pool: session.server.pool.as_str().into() };
-        let _counted = GaugeGuard::up(session.metrics.websockets.get_or_create(&labels).clone());
+        let _counted = {
+            let labels =
+                ListenerPoolLabels { listener: session.listener.clone(), pool: session.server.pool.as_str().into() };
+            GaugeGuard::up(session.metrics.websockets.get_or_create(&labels).clone())
+        };
         let started = std::time::Instant::now();
         // One signal that shutdown, the server (ejected or removed) and the
         // listener (removed) fire.
