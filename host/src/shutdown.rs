@@ -84,6 +84,19 @@ struct StopListInner {
     fired: Option<(Instant, Duration)>,
 }
 
+impl StopListInner {
+    /// Drops the ended WebSockets' entries; a list mostly ended gives its
+    /// memory back.
+    fn prune(&mut self) {
+        self.ended = 0;
+        self.stops.retain(|stop| stop.strong_count() > 0);
+        let (live, capacity) = (self.stops.len(), self.stops.capacity());
+        if capacity > 64 && live < capacity / 4 {
+            self.stops.shrink_to(live * 2);
+        }
+    }
+}
+
 impl StopList {
     pub fn new(cause: StopCause) -> StopList {
         StopList { cause, inner: Mutex::new(StopListInner::default()) }
@@ -104,14 +117,12 @@ impl StopList {
             return;
         }
         if inner.stops.len() == inner.stops.capacity() {
-            inner.stops.retain(|stop| stop.strong_count() > 0);
+            inner.prune();
             // Room for as many again as are live, so a prune comes only
-            // after that many additions; a list mostly ended gives memory back.
-            let (live, capacity) = (inner.stops.len(), inner.stops.capacity());
-            if live * 2 > capacity {
+            // after that many additions.
+            let live = inner.stops.len();
+            if live * 2 > inner.stops.capacity() {
                 inner.stops.reserve(live);
-            } else if capacity > 64 && live < capacity / 4 {
-                inner.stops.shrink_to(live * 2);
             }
         }
         inner.stops.push(Arc::downgrade(stop));
@@ -125,12 +136,7 @@ impl StopList {
         let mut inner = self.lock();
         inner.ended += 1;
         if inner.ended * 2 >= inner.stops.len() {
-            inner.ended = 0;
-            inner.stops.retain(|stop| stop.strong_count() > 0);
-            let live = inner.stops.len();
-            if inner.stops.capacity() > 64 && live < inner.stops.capacity() / 4 {
-                inner.stops.shrink_to(live * 2);
-            }
+            inner.prune();
         }
     }
 

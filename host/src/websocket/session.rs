@@ -169,23 +169,35 @@ pub fn answer(
             GaugeGuard::up(session.metrics.websockets.get_or_create(&labels).clone())
         };
         let started = std::time::Instant::now();
-        // One signal that shutdown, the server (ejected or removed) and the
-        // listener (removed) fire.
-        let stop = Arc::new(Stop::default());
-        session.drain.add(&stop);
-        session.server.add_stop(&stop);
-        session.listener_removal.add(&stop);
+        let stop = session.stop_signal();
         let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), session.limits, &stop).await;
         drop(stop);
-        session.drain.ended();
-        session.server.stop_ended();
-        session.listener_removal.ended();
+        session.stop_signal_ended();
         session.ended(&end, started.elapsed());
     });
     Ok(ClientAnswer::Upgraded(answer))
 }
 
 impl Relaying {
+    /// One stop signal that every source able to close this WebSocket
+    /// fires: shutdown, its server (ejected or removed), its listener
+    /// (removed).
+    fn stop_signal(&self) -> Arc<Stop> {
+        let stop = Arc::new(Stop::default());
+        self.drain.add(&stop);
+        self.server.add_stop(&stop);
+        self.listener_removal.add(&stop);
+        stop
+    }
+
+    /// The signal from [`Relaying::stop_signal`] was dropped: each source
+    /// that holds it may prune its list.
+    fn stop_signal_ended(&self) {
+        self.drain.ended();
+        self.server.stop_ended();
+        self.listener_removal.ended();
+    }
+
     /// Counts, traces and logs a relay that ended after `lasted`.
     fn ended(&self, end: &RelayEnd, lasted: std::time::Duration) {
         let metrics = &self.metrics;
