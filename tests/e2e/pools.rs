@@ -387,3 +387,102 @@ async fn server_failing_its_probe_gets_no_new_requests_or_handshakes() {
     assert_eq!(b.requests().len(), before, "no new request or handshake reached it");
     assert!(last_reason(&gateway, "app", &b_addr).contains("status 500"));
 }
+
+/// A backend that numbers its connections and the requests on each: it
+/// answers `c{connection}-r{request}` (and `x-connection: c{connection}`),
+/// a 32 MiB body for `/big` (more than the sockets between a client and
+/// the gateway hold), and closes a
+/// connection (idle, between responses, without saying so) after `per_connection`
+/// requests on it. The gateway's probes get connections of their own.
+async fn numbering_backend(per_connection: usize) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let mut connections = 0;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let connection = connections;
+            connections += 1;
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                for request in 0..per_connection {
+                    let Some(head) = read_head(&mut socket).await else { return };
+                    let body = if head.starts_with("GET /big ") {
+                        vec![b'x'; 32 << 20]
+                    } else {
+                        format!("c{connection}-r{request}").into_bytes()
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nx-connection: c{connection}\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if socket.write_all(answer.as_bytes()).await.is_err() || socket.write_all(&body).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_and_replaced_once_the_server_closes_them() {
+    let backend = numbering_backend(3).await;
+    let config = format!("{}{}", listener("app"), pool_toml("app", &[backend], "[pool.probe]\ninterval_s = 3600"));
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let mut answers = Vec::new();
+    for _ in 0..9 {
+        let got = get(web(&gateway), "/").await;
+        assert_eq!(got.status, StatusCode::OK, "{:?}", got.header("x-wasmgate-error"));
+        answers.push(got.body);
+        // Time for the gateway to see a connection its server closed.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Three requests over each connection (one each would be no reuse), and
+    // no request lost to the connections the server closed after three.
+    let connection = |answer: &str| answer.split_once('-').map(|(c, _)| c.to_owned()).unwrap();
+    for group in answers.chunks(3) {
+        assert!(group.iter().all(|a| connection(a) == connection(&group[0])), "{answers:?}");
+        let requests: Vec<&str> = group.iter().map(|a| a.split_once('-').unwrap().1).collect();
+        assert_eq!(requests, ["r0", "r1", "r2"], "{answers:?}");
+    }
+    assert_ne!(connection(&answers[0]), connection(&answers[3]), "{answers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_response_was_not_read_to_the_end_is_never_reused() {
+    let backend = numbering_backend(100).await;
+    let config = format!("{}{}", listener("app"), pool_toml("app", &[backend], "[pool.probe]\ninterval_s = 3600"));
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    assert_eq!(get(web(&gateway), "/").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A client that reads the head of a 32 MiB answer and leaves.
+    let cut = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut client = tokio::net::TcpStream::connect(web(&gateway)).await.unwrap();
+        client.write_all(b"GET /big HTTP/1.1\r\nHost: gw.test\r\n\r\n").await.unwrap();
+        let mut head = [0u8; 1024];
+        let n = client.read(&mut head).await.unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let connection = head.lines().find_map(|l| l.strip_prefix("x-connection: ")).map(str::to_owned);
+        connection.unwrap_or_else(|| panic!("{head}"))
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The next requests get whole, right answers of their own: the rest of
+    // the 32 MiB never reaches them, because that connection was closed.
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let next = get(web(&gateway), "/").await;
+        assert_eq!(next.status, StatusCode::OK);
+        assert!(next.body.starts_with('c') && next.body.len() < 32, "{}", &next.body[..next.body.len().min(64)]);
+        answers.push(next.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let connection = |answer: &str| answer.split_once('-').map(|(c, _)| c.to_owned()).unwrap();
+    assert!(answers.iter().all(|a| connection(a) != cut), "{cut} was reused: {answers:?}");
+    assert!(
+        answers.iter().all(|a| connection(a) == connection(&answers[0])),
+        "reused after whole answers: {answers:?}"
+    );
+}

@@ -583,7 +583,7 @@ impl ListenerProxy {
                     .authority
                     .as_ref()
                     .ok_or_else(|| SendError::Failed(format!("`{}` is not a host and port", server.address)))?;
-                forwarder.send(head?, body, authority, timeout).await
+                forwarder.send(head?, body, &server.address, authority, timeout).await
             }
         };
         let (mut response, server) = self.try_servers(route, retryable, attempt).await?;

@@ -1,22 +1,22 @@
 //! Connections to backend servers, by address: one-off HTTP/1.1 connections
-//! (plain or TLS) for WebSocket handshakes and probes, and the pooled client
-//! plain requests are forwarded with.
+//! (plain or TLS) for WebSocket handshakes and probes, and the reused
+//! connections plain requests are forwarded over.
 //!
 //! Everything here takes a server's `host:port`, never a pool's `Server`:
 //! what a failure means for the server's health is decided by the caller.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Once, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Response};
-use http_body_util::{Either, Empty};
+use http::{Request, Response, header};
 use hyper::body::Incoming;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -24,6 +24,8 @@ use tokio_rustls::TlsConnector;
 use super::budget::{Budgets, Counted, CountingConnector, is_over_budget};
 use super::tls::{PoolTls, is_tls_error};
 use crate::http::ResponseBody;
+use crate::http::body::{ForwardBody, Upstream};
+use crate::http::client::{IdleConnections, Lease};
 use crate::http::headers::remove_hop_by_hop;
 
 /// How long a connection to a server may take to open (at most): a server
@@ -32,6 +34,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Idle upstream connections kept open per server for reuse.
 pub const MAX_IDLE_PER_SERVER: usize = 32;
+
+/// How long an idle upstream connection is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How often idle connections past [`IDLE_TIMEOUT`] are looked for (so one
+/// closes between 90 and 105 s idle even if its server gets no request).
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 /// The connect timeout of a pool: 5 s, or less if its request timeout is.
 pub fn connect_timeout(request_timeout: Duration) -> Duration {
@@ -108,83 +117,174 @@ pub async fn connect(
     }
 }
 
-/// The body of a forwarded request: the client's, or none (for requests
-/// without one, so they can be sent again to another server).
-pub type ForwardBody = Either<Incoming, Empty<Bytes>>;
-
-/// The pooled client a pool's plain requests are forwarded with.
+/// How a pool's plain requests reach its servers.
 #[derive(Debug)]
 pub enum Forwarder {
-    Plain(Client<CountingConnector<HttpConnector>, ForwardBody>),
-    /// HTTP/1.1 or HTTP/2 (by ALPN) over TLS.
-    Tls(Client<HttpsConnector<CountingConnector<HttpConnector>>, ForwardBody>),
+    /// HTTP/1.1, each server's idle connections reused.
+    Plain(Plain),
+    /// HTTP/1.1 or HTTP/2 (by ALPN) over TLS, through hyper-util's pooled
+    /// client.
+    Tls(Box<Client<HttpsConnector<CountingConnector<HttpConnector>>, ForwardBody>>),
+}
+
+/// A plain pool's connections: per server, those idle for reuse.
+#[derive(Debug)]
+pub struct Plain {
+    idle: HashMap<String, Arc<IdleConnections>>,
+    connect_timeout: Duration,
+    budgets: Budgets,
+    /// Started with the first request (a runtime is running by then).
+    sweeper: Once,
+}
+
+impl Plain {
+    /// A connection to `address` ready for a request: an idle one, or a new one.
+    async fn lease(&self, address: &str, idle: &Arc<IdleConnections>) -> Result<Lease, SendError> {
+        if let Some(lease) = idle.checkout() {
+            return Ok(lease);
+        }
+        self.sweeper.call_once(|| {
+            let idle: Vec<Weak<IdleConnections>> = self.idle.values().map(Arc::downgrade).collect();
+            tokio::spawn(sweep(idle));
+        });
+        let io = connect(address, None, self.connect_timeout, &self.budgets).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| SendError::Failed(error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error_chain(&error), "upstream connection failed");
+            }
+        });
+        Ok(Lease::new(sender, idle.clone()))
+    }
+
+    /// Sends `request` to the server at `address` over a connection of its
+    /// own, and returns the response with the connection's lease.
+    async fn send(
+        &self,
+        mut request: Request<ForwardBody>,
+        address: &str,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let idle = self
+            .idle
+            .get(address)
+            .ok_or_else(|| SendError::Failed(format!("`{address}` is not a server of this pool")))?;
+        loop {
+            let mut lease = self.lease(address, idle).await?;
+            match lease.sender().try_send_request(request).await {
+                Ok(response) => return Ok((response, lease)),
+                Err(mut error) => match error.take_message() {
+                    // Refused before a byte was written: the server closed
+                    // the idle connection meanwhile. Sent again on another
+                    // (at worst a new one, which ends the loop).
+                    Some(unsent) if lease.reused() => request = unsent,
+                    _ => return Err(SendError::Failed(error_chain(error.error()))),
+                },
+            }
+        }
+    }
+}
+
+/// Closes idle connections past their timeout, every [`SWEEP_EVERY`],
+/// until the pool is gone.
+async fn sweep(idle: Vec<Weak<IdleConnections>>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let mut any = false;
+        for server in idle.iter().filter_map(Weak::upgrade) {
+            server.sweep();
+            any = true;
+        }
+        if !any {
+            return;
+        }
+    }
 }
 
 impl Forwarder {
-    /// A client for a pool with these TLS settings (`None`: plain HTTP/1.1)
-    /// whose connections count in `budgets`, keeping at most `max_idle`
-    /// idle connections per server.
-    pub fn new(tls: Option<&PoolTls>, connect_timeout: Duration, budgets: Budgets, max_idle: usize) -> Forwarder {
+    /// The connections for a pool of `servers` with these TLS settings
+    /// (`None`: plain HTTP/1.1) whose connections count in `budgets`,
+    /// keeping at most `max_idle` idle connections per server.
+    pub fn new(
+        servers: &[String],
+        tls: Option<&PoolTls>,
+        connect_timeout: Duration,
+        budgets: Budgets,
+        max_idle: usize,
+    ) -> Forwarder {
+        let Some(tls) = tls else {
+            let idle =
+                servers.iter().map(|server| (server.clone(), IdleConnections::new(max_idle, IDLE_TIMEOUT))).collect();
+            return Forwarder::Plain(Plain { idle, connect_timeout, budgets, sweeper: Once::new() });
+        };
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(false);
         let mut builder = Client::builder(TokioExecutor::new());
         // Idle connections kept per server: a burst's connections do not all
         // stay open (each is a descriptor) once it has passed. The timer
         // closes those idle past the pool's idle timeout (90 s) even when
         // nothing checks one out again.
-        builder.pool_max_idle_per_host(max_idle).pool_timer(TokioTimer::new());
-        let Some(tls) = tls else {
-            return Forwarder::Plain(builder.build(CountingConnector::new(connector, budgets)));
-        };
-        connector.enforce_http(false);
+        builder.pool_max_idle_per_host(max_idle).pool_idle_timeout(IDLE_TIMEOUT).pool_timer(TokioTimer::new());
         let connector = CountingConnector::new(connector, budgets);
         let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((*tls.config).clone()).https_only();
         let https = match &tls.server_name {
             Some(name) => https.with_server_name_resolver(FixedServerNameResolver::new(name.clone())),
             None => https,
         };
-        Forwarder::Tls(builder.build(https.enable_all_versions().wrap_connector(connector)))
-    }
-
-    fn scheme(&self) -> Scheme {
-        match self {
-            Forwarder::Plain(_) => Scheme::HTTP,
-            Forwarder::Tls(_) => Scheme::HTTPS,
-        }
+        Forwarder::Tls(Box::new(builder.build(https.enable_all_versions().wrap_connector(connector))))
     }
 
     /// Sends a request head made for upstream (origin-form target) to the
-    /// server at `address` and returns its response head, hop-by-hop headers
-    /// removed, the body still streaming.
+    /// server at `address` (`authority`, parsed) and returns its response
+    /// head, hop-by-hop headers removed, the body still streaming.
     pub async fn send(
         &self,
         mut parts: Parts,
         body: ForwardBody,
+        address: &str,
         authority: &Authority,
         timeout: Duration,
     ) -> Result<Response<ResponseBody>, SendError> {
-        parts.uri = absolute(&parts.uri, self.scheme(), authority).map_err(|e| SendError::Failed(e.to_string()))?;
-        let request = Request::from_parts(parts, body);
+        // HTTP/1.1 needs a `Host`; an HTTP/2 client's `:authority` became one
+        // already, so this is for a client that sent neither.
+        if !parts.headers.contains_key(header::HOST)
+            && let Ok(host) = http::HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
         let sent = async {
             match self {
-                Forwarder::Plain(client) => client.request(request).await,
-                Forwarder::Tls(client) => client.request(request).await,
+                Forwarder::Plain(plain) => {
+                    let (response, lease) = plain.send(Request::from_parts(parts, body), address).await?;
+                    let (parts, body) = response.into_parts();
+                    Ok((parts, Upstream::leased(body, lease)))
+                }
+                Forwarder::Tls(client) => {
+                    parts.uri =
+                        absolute(&parts.uri, Scheme::HTTPS, authority).map_err(|e| SendError::Failed(e.to_string()))?;
+                    let response = match client.request(Request::from_parts(parts, body)).await {
+                        Ok(response) => response,
+                        Err(err) if is_tls_error(&err) => return Err(SendError::Tls(error_chain(&err))),
+                        Err(err) if err.is_connect() && (local_exhaustion(&err) || is_over_budget(&err)) => {
+                            return Err(SendError::Local(error_chain(&err)));
+                        }
+                        Err(err) if err.is_connect() => return Err(SendError::Connect(error_chain(&err))),
+                        Err(err) => return Err(SendError::Failed(error_chain(&err))),
+                    };
+                    let (parts, body) = response.into_parts();
+                    Ok((parts, Upstream::new(body)))
+                }
             }
         };
-        let response = match tokio::time::timeout(timeout, sent).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(err)) if is_tls_error(&err) => return Err(SendError::Tls(error_chain(&err))),
-            Ok(Err(err)) if err.is_connect() && (local_exhaustion(&err) || is_over_budget(&err)) => {
-                return Err(SendError::Local(error_chain(&err)));
-            }
-            Ok(Err(err)) if err.is_connect() => return Err(SendError::Connect(error_chain(&err))),
-            Ok(Err(err)) => return Err(SendError::Failed(error_chain(&err))),
+        let (mut parts, body) = match tokio::time::timeout(timeout, sent).await {
+            Ok(sent) => sent?,
             Err(_) => return Err(SendError::Timeout),
         };
-        let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Either::Left(body)))
+        Ok(Response::from_parts(parts, body))
     }
 }
 

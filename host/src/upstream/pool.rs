@@ -263,6 +263,7 @@ impl Pool {
             retries: config.retries,
             probe: config.probe.clone(),
             forwarder: Forwarder::new(
+                &config.servers,
                 tls.as_ref(),
                 connect::connect_timeout(Duration::from_secs(config.request_timeout_s)),
                 budgets.clone(),

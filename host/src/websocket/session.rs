@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use super::handshake::{ClientHandshake, check_server_handshake};
 use super::relay::{self, EndCause, RelayEnd, RelayLimits};
+use crate::http::body::Upstream;
 use crate::http::headers::remove_hop_by_hop;
 use crate::http::{GatewayError, ResponseBody, TunnelGuard};
 use crate::shutdown::{Drain, Spread, Stop};
@@ -119,7 +120,7 @@ pub fn answer(
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::UPGRADE);
-        return Ok(ClientAnswer::Declined(Response::from_parts(parts, Either::Left(body))));
+        return Ok(ClientAnswer::Declined(Response::from_parts(parts, Upstream::new(body))));
     }
     if let Err(reason) = check_server_handshake(response.headers(), handshake) {
         return Err(GatewayError::BadBackendHandshake {

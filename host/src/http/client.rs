@@ -1,0 +1,235 @@
+//! Reused HTTP/1.1 connections to one server: idle connections kept on a
+//! stack (the most recently used is taken first, so a quiet period lets the
+//! others age out), leased for one exchange, and given back only once the
+//! response body has been read to its end on a connection ready for the
+//! next request. A lease dropped before that closes its connection.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http1::SendRequest;
+
+use super::body::ForwardBody;
+
+/// The sending half of one HTTP/1.1 connection (hyper's; its connection
+/// task reads and writes the socket).
+pub type Sender = SendRequest<ForwardBody>;
+
+/// One server's idle connections.
+#[derive(Debug)]
+pub struct IdleConnections {
+    idle: Mutex<Vec<Idle>>,
+    /// At most this many are kept; a connection given back past it closes.
+    max_idle: usize,
+    /// A connection idle this long is closed rather than reused.
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+impl IdleConnections {
+    pub fn new(max_idle: usize, timeout: Duration) -> Arc<IdleConnections> {
+        Arc::new(IdleConnections { idle: Mutex::new(Vec::new()), max_idle, timeout })
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // Nothing here can panic while holding the lock; a poisoned list is
+        // still a list of connections.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An idle connection ready for a request, the most recently used
+    /// first; closed and expired ones met on the way are dropped.
+    pub fn checkout(self: &Arc<Self>) -> Option<Lease> {
+        let now = Instant::now();
+        let mut idle = self.idle();
+        while let Some(entry) = idle.pop() {
+            if entry.sender.is_ready() && now.duration_since(entry.since) < self.timeout {
+                return Some(Lease { sender: entry.sender, home: self.clone(), reused: true });
+            }
+        }
+        None
+    }
+
+    /// A connection back from an exchange: kept if it is ready and there is
+    /// room, else closed.
+    fn checkin(&self, sender: Sender) {
+        if !sender.is_ready() {
+            return;
+        }
+        let mut idle = self.idle();
+        if idle.len() < self.max_idle {
+            idle.push(Idle { sender, since: Instant::now() });
+        }
+    }
+
+    /// Closes the connections idle for the timeout or more, and those their
+    /// server closed.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.idle().retain(|entry| !entry.sender.is_closed() && now.duration_since(entry.since) < self.timeout);
+    }
+
+    /// Idle connections kept now.
+    pub fn len(&self) -> usize {
+        self.idle().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One connection, taken for one exchange.
+#[derive(Debug)]
+pub struct Lease {
+    sender: Sender,
+    home: Arc<IdleConnections>,
+    reused: bool,
+}
+
+impl Lease {
+    /// A new connection's lease; given back, it joins `home`'s idle ones.
+    pub fn new(sender: Sender, home: Arc<IdleConnections>) -> Lease {
+        Lease { sender, home, reused: false }
+    }
+
+    pub fn sender(&mut self) -> &mut Sender {
+        &mut self.sender
+    }
+
+    /// Whether the connection served an exchange before this one (a server
+    /// may have closed it meanwhile, so a request it refuses unsent may be
+    /// sent again on a new one).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// The exchange is complete: the connection is kept for the next one
+    /// once hyper is ready to send it. Mostly it already is; else (the
+    /// request body is still being written, or the connection task has not
+    /// yet run since the response ended) a small task waits for that.
+    pub fn release(mut self) {
+        if self.sender.is_ready() {
+            return self.home.checkin(self.sender);
+        }
+        if self.sender.is_closed() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            if self.sender.ready().await.is_ok() {
+                self.home.checkin(self.sender);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::body::ForwardBody;
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connection to a server that answers every request with `hi`, and
+    /// the number of connections it accepted so far.
+    async fn server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(bytes::Bytes::from_static(b"hi"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn connect(addr: std::net::SocketAddr, home: &Arc<IdleConnections>) -> Lease {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(connection);
+        sender.ready().await.unwrap();
+        Lease::new(sender, home.clone())
+    }
+
+    fn get() -> http::Request<ForwardBody> {
+        http::Request::builder()
+            .uri("/")
+            .header("host", "server")
+            .body(http_body_util::Either::Right(Empty::new()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_only_after_its_response_is_read_to_the_end() {
+        let (addr, accepted) = server().await;
+        let home = IdleConnections::new(4, Duration::from_secs(90));
+        let mut lease = connect(addr, &home).await;
+        let response = lease.sender().send_request(get()).await.unwrap();
+        // The body is not read yet: nothing to reuse.
+        assert!(home.checkout().is_none());
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "hi");
+        lease.release();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(home.len(), 1);
+
+        let mut again = home.checkout().expect("the connection is idle");
+        assert!(again.reused());
+        let body = again.sender().send_request(get()).await.unwrap().into_body().collect().await.unwrap();
+        assert_eq!(body.to_bytes(), "hi");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one connection served both");
+
+        // Dropped without being released (say, the client left mid-body):
+        // the connection closes and is not kept.
+        drop(again);
+        assert!(home.is_empty());
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_timeout_or_the_cap_or_closed_by_the_server_are_not_kept() {
+        let (addr, _) = server().await;
+        let home = IdleConnections::new(1, Duration::from_millis(200));
+        let (first, second) = (connect(addr, &home).await, connect(addr, &home).await);
+        first.release();
+        second.release();
+        assert_eq!(home.len(), 1, "the cap is one");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(home.checkout().is_none(), "expired");
+
+        // A server that closes the connection after one answer.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        });
+        let home = IdleConnections::new(4, Duration::from_secs(90));
+        let mut lease = connect(addr, &home).await;
+        let body = lease.sender().send_request(get()).await.unwrap().into_body().collect().await.unwrap();
+        assert_eq!(body.to_bytes(), "hi");
+        lease.release();
+        assert_eq!(home.len(), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        home.sweep();
+        assert!(home.is_empty(), "the server closed it");
+    }
+}
