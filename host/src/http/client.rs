@@ -68,10 +68,13 @@ impl IdleConnections {
     }
 
     /// Closes the connections idle for the timeout or more, and those their
-    /// server closed.
-    pub fn sweep(&self) {
+    /// server closed; returns when the oldest one left expires (the stack is
+    /// in the order connections came back, so none expires sooner).
+    pub fn sweep(&self) -> Option<Instant> {
         let now = Instant::now();
-        self.idle().retain(|entry| !entry.sender.is_closed() && now.duration_since(entry.since) < self.timeout);
+        let mut idle = self.idle();
+        idle.retain(|entry| !entry.sender.is_closed() && now.duration_since(entry.since) < self.timeout);
+        idle.first().map(|oldest| oldest.since + self.timeout)
     }
 
     /// Idle connections kept now.
@@ -207,8 +210,11 @@ mod tests {
         let home = IdleConnections::new(1, Duration::from_millis(200));
         let (first, second) = (connect(addr, &home).await, connect(addr, &home).await);
         first.release();
+        let released = Instant::now();
         second.release();
         assert_eq!(home.len(), 1, "the cap is one");
+        let expires = home.sweep().expect("one idle connection");
+        assert!(expires > released && expires <= Instant::now() + Duration::from_millis(200), "{expires:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(home.checkout().is_none(), "expired");
 

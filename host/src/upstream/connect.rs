@@ -32,15 +32,14 @@ use crate::http::headers::remove_hop_by_hop;
 /// that does not answer the connection is skipped like one that refuses it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Idle upstream connections kept open per server for reuse.
-pub const MAX_IDLE_PER_SERVER: usize = 32;
+/// Idle upstream connections kept open per server for reuse: room for a
+/// busy server's concurrency, so steady load reuses its connections instead
+/// of closing and opening some on every burst (each still closes after
+/// [`IDLE_TIMEOUT`] unused, and all count in the pool's budgets).
+pub const MAX_IDLE_PER_SERVER: usize = 256;
 
 /// How long an idle upstream connection is kept for reuse.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// How often idle connections past [`IDLE_TIMEOUT`] are looked for (so one
-/// closes between 90 and 105 s idle even if its server gets no request).
-const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 /// The connect timeout of a pool: 5 s, or less if its request timeout is.
 pub fn connect_timeout(request_timeout: Duration) -> Duration {
@@ -186,19 +185,22 @@ impl Plain {
     }
 }
 
-/// Closes idle connections past their timeout, every [`SWEEP_EVERY`],
-/// until the pool is gone.
+/// Closes each idle connection as it reaches [`IDLE_TIMEOUT`], even if
+/// its server gets no request, until the pool is gone.
 async fn sweep(idle: Vec<Weak<IdleConnections>>) {
     loop {
-        tokio::time::sleep(SWEEP_EVERY).await;
+        let mut next = tokio::time::Instant::now() + IDLE_TIMEOUT;
         let mut any = false;
         for server in idle.iter().filter_map(Weak::upgrade) {
-            server.sweep();
+            if let Some(expires) = server.sweep() {
+                next = next.min(expires.into());
+            }
             any = true;
         }
         if !any {
             return;
         }
+        tokio::time::sleep_until(next).await;
     }
 }
 
