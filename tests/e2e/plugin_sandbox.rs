@@ -21,6 +21,9 @@ async fn looping_plugin_is_cut_off_and_other_requests_are_served() {
     let plugins = PluginDir::new().add("looper", "looper", "");
     let gateway = start_gateway(&config(&app), &plugins).await;
     let addr = web(&gateway);
+    // No plugin ran for a while: the epoch ticker is asleep, and the first
+    // call must wake it for its deadline to hold.
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Ten looping requests at once, with normal requests alongside.
     let loops: Vec<_> = (0..10)

@@ -350,8 +350,10 @@ impl LoadedPlugin {
         state.caps.refused_memory = false;
         std::mem::swap(&mut state.request, req);
         state.cpu = CpuBudget::starting_now(self.limits.call_timeout);
+        let awake = self.runtime.awake();
         instance.store.set_epoch_deadline(self.call_ticks);
         let result = export(&instance.bindings, &mut instance.store, Resource::new_borrow(call));
+        drop(awake);
         let state = instance.store.data_mut();
         std::mem::swap(&mut state.request, req);
         state.call = None;
@@ -456,6 +458,7 @@ impl LoadedPlugin {
         });
         // Start-up code (constructors, static initialisers, `init`) is bounded too.
         store.data_mut().cpu = CpuBudget::starting_now(INIT_TIMEOUT);
+        let _awake = self.runtime.awake();
         store.set_epoch_deadline(ticks(INIT_TIMEOUT));
         let failed = |err: wasmtime::Error| PluginError::Instantiate {
             plugin: self.name.clone(),
