@@ -10,10 +10,11 @@
 //!   passed on as it came, as the specification asks of a hop that does not
 //!   add to it.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
-pub const REQUEST_ID: &str = "x-request-id";
-pub const TRACEPARENT: &str = "traceparent";
+/// Header names made once (a `&str` name is parsed on every use).
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Longest request ID kept from a trusted proxy.
 const MAX_REQUEST_ID: usize = 128;
@@ -34,8 +35,8 @@ impl Trace {
     /// The trace of a request with `headers`, from a peer the listener
     /// trusts (`trusted`) or not.
     pub fn of(headers: &HeaderMap, trusted: bool) -> Trace {
-        let kept = if trusted { headers.get(REQUEST_ID).filter(|v| valid_request_id(v.as_bytes())) } else { None };
-        let parent = headers.get(TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes()));
+        let kept = if trusted { headers.get(&REQUEST_ID).filter(|v| valid_request_id(v.as_bytes())) } else { None };
+        let parent = headers.get(&TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes()));
         let (trace_id, parent_id, flags) = match parent {
             Some((trace_id, parent_id, flags)) => (trace_id, Some(parent_id), flags),
             None => (nonzero_random(), None, 0),
@@ -158,10 +159,10 @@ mod tests {
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    fn headers(pairs: &[(HeaderName, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
-            map.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+            map.append(name.clone(), HeaderValue::from_str(value).unwrap());
         }
         map
     }
@@ -219,8 +220,8 @@ mod tests {
         let mut sent = headers(&[(REQUEST_ID, "forged"), (REQUEST_ID, "twice"), (TRACEPARENT, VALID)]);
         let trace = Trace::of(&sent, false);
         trace.stamp(&mut sent);
-        assert_eq!(sent.get_all(REQUEST_ID).iter().count(), 1);
-        assert_eq!(sent[REQUEST_ID], trace.request_id);
-        assert_eq!(sent[TRACEPARENT].to_str().unwrap(), trace.traceparent());
+        assert_eq!(sent.get_all(&REQUEST_ID).iter().count(), 1);
+        assert_eq!(sent[&REQUEST_ID], trace.request_id);
+        assert_eq!(sent[&TRACEPARENT].to_str().unwrap(), trace.traceparent());
     }
 }

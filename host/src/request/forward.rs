@@ -7,7 +7,7 @@
 //! another server.
 
 use http::Request;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::{PathAndQuery, Uri};
 
@@ -17,7 +17,17 @@ use crate::http::GatewayError;
 use crate::http::headers::remove_hop_by_hop;
 
 /// Forwarding headers a client could forge, believed only from a trusted proxy.
-const FORWARDING: [&str; 4] = ["forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-prefix"];
+const FORWARDING: [HeaderName; 4] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+];
+
+// Header names made once (a `&str` name is parsed on every use).
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Turns the client's request head into the head sent upstream (to whichever
 /// server): origin-form target (rewritten if the route says so), hop-by-hop
@@ -54,7 +64,7 @@ pub fn prepare_upstream(
     parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
 
-    let earlier = if trusted { joined(&parts.headers, "x-forwarded-for") } else { None };
+    let earlier = if trusted { joined(&parts.headers, &X_FORWARDED_FOR) } else { None };
     let value = match earlier {
         Some(earlier) => {
             let client_ip = client.ip_header.to_str().unwrap_or_default();
@@ -62,19 +72,19 @@ pub fn prepare_upstream(
         }
         None => client.ip_header.clone(),
     };
-    parts.headers.insert("x-forwarded-for", value);
+    parts.headers.insert(X_FORWARDED_FOR, value);
     if !trusted {
-        for name in FORWARDING {
+        for name in &FORWARDING {
             parts.headers.remove(name);
         }
     }
-    if !trusted || !parts.headers.contains_key("x-forwarded-proto") {
-        parts.headers.insert("x-forwarded-proto", HeaderValue::from_static(client.scheme()));
+    if !trusted || !parts.headers.contains_key(&X_FORWARDED_PROTO) {
+        parts.headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme()));
     }
     if let Some(host) = host
-        && (!trusted || !parts.headers.contains_key("x-forwarded-host"))
+        && (!trusted || !parts.headers.contains_key(&X_FORWARDED_HOST))
     {
-        parts.headers.insert("x-forwarded-host", host);
+        parts.headers.insert(X_FORWARDED_HOST, host);
     }
     for (name, value) in &route.set_headers {
         parts.headers.insert(name.clone(), value.clone());
@@ -83,7 +93,7 @@ pub fn prepare_upstream(
 }
 
 /// Every line of header `name`, joined with `, `.
-fn joined(headers: &http::HeaderMap, name: &str) -> Option<String> {
+fn joined(headers: &http::HeaderMap, name: &HeaderName) -> Option<String> {
     let values: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
     (!values.is_empty()).then(|| values.join(", "))
 }

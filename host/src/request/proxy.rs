@@ -147,7 +147,7 @@ impl ListenerRules {
         if !self.trusts_ip(peer) {
             return peer;
         }
-        let lines = headers.get_all("x-forwarded-for").iter().rev();
+        let lines = headers.get_all(&forward::X_FORWARDED_FOR).iter().rev();
         for entry in lines.flat_map(|line| line.as_bytes().rsplit(|&b| b == b',')) {
             match forwarded_address(entry) {
                 Some(ip) if self.trusts_ip(ip) => continue,
@@ -611,7 +611,7 @@ impl ListenerProxy {
             access,
             client: client.addr,
             path: req.uri().path().to_owned(),
-            request_id: req.headers().get(trace::REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned(),
+            request_id: req.headers().get(&trace::REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned(),
         });
         let (mut parts, _body) = req.into_parts();
         forward::prepare_upstream(&mut parts, route, client, rules.trusts(client))?;
