@@ -18,7 +18,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::budget::{Budgets, Counted, CountingConnector, is_over_budget};
@@ -89,22 +88,34 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// Opens a connection to `address` (TLS if `tls` is set) for an HTTP/1.1
-/// exchange: a WebSocket handshake or a probe. It holds a place in
-/// `budgets` while it is open.
+/// exchange: a forwarded request, a WebSocket handshake or a probe. It
+/// holds a place in `budgets` while it is open.
+///
+/// A name that resolves to several addresses gets hyper-util's connector:
+/// the timeout divided between the addresses, and the other address family
+/// tried 300 ms into a silent first one (RFC 8305), so a black-holed IPv6
+/// route neither costs the whole timeout nor marks the server unhealthy.
 pub async fn connect(
     address: &str,
     tls: Option<&PoolTls>,
     connect_timeout: Duration,
     budgets: &Budgets,
 ) -> Result<Box<dyn Io>, SendError> {
+    use tower_service::Service;
     let slot = budgets.take().map_err(|over| SendError::Local(over.to_string()))?;
-    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(address)).await {
-        Ok(Ok(stream)) => Counted::new(stream, slot),
-        Ok(Err(e)) if is_local_exhaustion(&e) => return Err(SendError::Local(e.to_string())),
-        Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
+    let uri: Uri = format!("http://{address}")
+        .parse()
+        .map_err(|_| SendError::Connect(format!("`{address}` is not a host and port")))?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    // The whole bound, name resolution included.
+    let stream = match tokio::time::timeout(connect_timeout, connector.call(uri)).await {
+        Ok(Ok(stream)) => Counted::new(stream.into_inner(), slot),
+        Ok(Err(e)) if local_exhaustion(&e) => return Err(SendError::Local(error_chain(&e))),
+        Ok(Err(e)) => return Err(SendError::Connect(error_chain(&e))),
         Err(_) => return Err(SendError::Connect(format!("no connection within {connect_timeout:?}"))),
     };
-    let _ = stream.get_ref().set_nodelay(true);
     let Some(tls) = tls else {
         return Ok(Box::new(stream));
     };
@@ -315,6 +326,25 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::budget::SocketBudget;
+
+    #[tokio::test]
+    async fn a_name_is_resolved_and_each_address_tried_and_failures_are_told_apart() {
+        let budgets = Budgets { process: SocketBudget::new("the process", 1), pool: None };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // `localhost` may resolve to ::1 first, where nothing listens.
+        let open = connect(&format!("localhost:{port}"), None, Duration::from_secs(2), &budgets).await;
+        assert!(open.is_ok(), "{:?}", open.err());
+        // Its place is held while it is open: the budget of one is spent.
+        let over = connect(&format!("127.0.0.1:{port}"), None, Duration::from_secs(2), &budgets).await;
+        assert!(matches!(over, Err(SendError::Local(_))), "{:?}", over.err());
+        drop((open, listener));
+        let refused = connect(&format!("127.0.0.1:{port}"), None, Duration::from_secs(2), &budgets).await;
+        assert!(matches!(refused, Err(SendError::Connect(_))), "{:?}", refused.err());
+        let nonsense = connect("not an address", None, Duration::from_secs(2), &budgets).await;
+        assert!(matches!(nonsense, Err(SendError::Connect(_))), "{:?}", nonsense.err());
+    }
 
     #[test]
     fn running_out_of_descriptors_or_ports_is_local_and_a_refusal_is_not() {
