@@ -87,6 +87,15 @@ fn local_exhaustion(error: &(dyn std::error::Error + 'static)) -> bool {
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
+/// hyper-util's TCP connector as every upstream socket is opened: no Nagle
+/// delay, and `connect_timeout` divided among a name's addresses.
+fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector
+}
+
 /// Opens a connection to `address` (TLS if `tls` is set) for an HTTP/1.1
 /// exchange: a forwarded request, a WebSocket handshake or a probe. It
 /// holds a place in `budgets` while it is open.
@@ -106,9 +115,7 @@ pub async fn connect(
     let uri: Uri = format!("http://{address}")
         .parse()
         .map_err(|_| SendError::Connect(format!("`{address}` is not a host and port")))?;
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
+    let mut connector = tcp_connector(connect_timeout);
     // The whole bound, name resolution included.
     let stream = match tokio::time::timeout(connect_timeout, connector.call(uri)).await {
         Ok(Ok(stream)) => Counted::new(stream.into_inner(), slot),
@@ -231,9 +238,7 @@ impl Forwarder {
                 servers.iter().map(|server| (server.clone(), IdleConnections::new(max_idle, IDLE_TIMEOUT))).collect();
             return Forwarder::Plain(Plain { idle, connect_timeout, budgets, sweeper: Once::new() });
         };
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
+        let mut connector = tcp_connector(connect_timeout);
         connector.enforce_http(false);
         let mut builder = Client::builder(TokioExecutor::new());
         // Idle connections kept per server: a burst's connections do not all
