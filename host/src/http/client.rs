@@ -4,6 +4,7 @@
 //! response body has been read to its end on a connection ready for the
 //! next request. A lease dropped before that closes its connection.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,8 @@ pub struct IdleConnections {
     max_idle: usize,
     /// A connection idle this long is closed rather than reused.
     timeout: Duration,
+    /// Its pool was replaced or removed: connections coming back close.
+    retired: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -33,7 +36,7 @@ struct Idle {
 
 impl IdleConnections {
     pub fn new(max_idle: usize, timeout: Duration) -> Arc<IdleConnections> {
-        Arc::new(IdleConnections { idle: Mutex::new(Vec::new()), max_idle, timeout })
+        Arc::new(IdleConnections { idle: Mutex::new(Vec::new()), max_idle, timeout, retired: AtomicBool::new(false) })
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
@@ -58,13 +61,40 @@ impl IdleConnections {
     /// A connection back from an exchange: kept if it is ready and there is
     /// room, else closed.
     fn checkin(&self, sender: Sender) {
-        if !sender.is_ready() {
+        if !sender.is_ready() || self.retired.load(Ordering::Acquire) {
             return;
         }
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
             idle.push(Idle { sender, since: Instant::now() });
         }
+    }
+
+    /// When the oldest idle connection came back, if one is kept.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.idle().first().map(|oldest| oldest.since)
+    }
+
+    /// Closes the oldest idle connection; false if none is kept.
+    pub fn close_oldest(&self) -> bool {
+        let mut idle = self.idle();
+        let oldest = (!idle.is_empty()).then(|| idle.remove(0));
+        drop(idle);
+        oldest.is_some()
+    }
+
+    /// Closes every idle connection (their server stopped answering on
+    /// one, so the others are suspect too).
+    pub fn close_all(&self) {
+        let closed = std::mem::take(&mut *self.idle());
+        drop(closed);
+    }
+
+    /// The pool these connections served is gone: the idle ones close now,
+    /// and those still leased close when they come back.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.close_all();
     }
 
     /// Closes the connections idle for the timeout or more, and those their
@@ -79,7 +109,7 @@ impl IdleConnections {
 
     /// Idle connections kept now.
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.idle().len()
     }
 }
@@ -112,7 +142,9 @@ impl Lease {
     /// The exchange is complete: the connection is kept for the next one
     /// once hyper is ready to send it. Mostly it already is; else (the
     /// request body is still being written, or the connection task has not
-    /// yet run since the response ended) a small task waits for that.
+    /// yet run since the response ended) a small task waits for that, at
+    /// most as long as an idle connection is kept (a client dripping its
+    /// request body does not hold the task longer).
     pub fn release(mut self) {
         if self.sender.is_ready() {
             return self.home.checkin(self.sender);
@@ -122,7 +154,7 @@ impl Lease {
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         runtime.spawn(async move {
-            if self.sender.ready().await.is_ok() {
+            if let Ok(Ok(())) = tokio::time::timeout(self.home.timeout, self.sender.ready()).await {
                 self.home.checkin(self.sender);
             }
         });
@@ -215,6 +247,29 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(home.len(), 0);
         assert_eq!(open.load(SeqCst), 0, "the server saw it close");
+    }
+
+    #[tokio::test]
+    async fn a_retired_home_keeps_nothing_and_gives_up_its_oldest_first() {
+        let (addr, _, open) = server().await;
+        let home = IdleConnections::new(4, Duration::from_secs(90));
+        let (first, second, third) =
+            (connect(addr, &home).await, connect(addr, &home).await, connect(addr, &home).await);
+        first.release();
+        let oldest = home.oldest().expect("one idle");
+        second.release();
+        assert_eq!((home.len(), home.oldest()), (2, Some(oldest)), "the oldest stays the first given back");
+        assert!(home.close_oldest());
+        assert!(home.oldest().is_some_and(|next| next > oldest), "the oldest went first");
+        home.retire();
+        assert_eq!(home.len(), 0);
+        // A lease out when its pool was retired: its connection closes when
+        // it comes back instead of joining the idle ones.
+        third.release();
+        assert_eq!(home.len(), 0);
+        assert!(!home.close_oldest());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(open.load(SeqCst), 0, "the server saw all three close");
     }
 
     #[tokio::test]

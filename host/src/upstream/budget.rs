@@ -5,16 +5,42 @@
 //! local shortage (503 `out-of-resources`, the server's health untouched)
 //! instead of the process running out of descriptors, or one client's
 //! HTTP/2 streams taking every connection a backend accepts.
+//!
+//! Idle connections kept for reuse hold places too, so a budget knows who
+//! keeps them ([`Reclaim`]): a new socket that finds its budget full has
+//! the oldest idle connection under it closed and takes its place, rather
+//! than a burst to one pool leaving another pool, or WebSockets, short for
+//! as long as its connections idle.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+/// How long a socket waits for the place of an idle connection it had
+/// closed: the connection's task gives it back as soon as it runs.
+const RECLAIM_WAIT: Duration = Duration::from_secs(1);
+
+/// Idle connections closed for one new socket at most (others may take a
+/// freed place first).
+const RECLAIM_TRIES: usize = 3;
+
+/// Keeps sockets open while they idle (a pool's connections kept for
+/// reuse), and closes one on demand.
+pub trait Reclaim: Send + Sync {
+    /// When the oldest idle socket kept began idling, if any is kept.
+    fn oldest_idle(&self) -> Option<Instant>;
+    /// Closes the oldest idle socket; false if none was kept. Its place
+    /// comes back once the socket has closed.
+    fn close_oldest(&self) -> bool;
+}
 
 /// Sockets open under one limit.
 #[derive(Debug)]
@@ -24,11 +50,44 @@ pub struct SocketBudget {
     open: AtomicUsize,
     /// Changed by a reload that changes the pool's `max_connections`.
     limit: AtomicUsize,
+    /// Whoever keeps idle sockets that hold places here.
+    keepers: Mutex<Vec<Weak<dyn Reclaim>>>,
+    /// Sockets waiting for a place to come back, told by `released`.
+    waiting: AtomicUsize,
+    released: Notify,
 }
 
 impl SocketBudget {
     pub fn new(owner: impl Into<String>, limit: usize) -> Arc<SocketBudget> {
-        Arc::new(SocketBudget { owner: owner.into(), open: AtomicUsize::new(0), limit: AtomicUsize::new(limit) })
+        Arc::new(SocketBudget {
+            owner: owner.into(),
+            open: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit),
+            keepers: Mutex::default(),
+            waiting: AtomicUsize::new(0),
+            released: Notify::new(),
+        })
+    }
+
+    fn keepers(&self) -> std::sync::MutexGuard<'_, Vec<Weak<dyn Reclaim>>> {
+        // Nothing panics while holding the lock.
+        self.keepers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `keeper`'s idle sockets hold places here: they are closed, oldest
+    /// first, when a new socket finds no place (until `keeper` is gone).
+    pub fn kept_by(&self, keeper: Weak<dyn Reclaim>) {
+        let mut keepers = self.keepers();
+        keepers.retain(|keeper| keeper.strong_count() > 0);
+        keepers.push(keeper);
+    }
+
+    /// Closes the oldest idle socket holding a place here; false if none.
+    fn close_oldest_idle(&self) -> bool {
+        let keepers: Vec<Arc<dyn Reclaim>> = self.keepers().iter().filter_map(Weak::upgrade).collect();
+        let oldest =
+            keepers.iter().filter_map(|keeper| Some((keeper.oldest_idle()?, keeper))).min_by_key(|(at, _)| *at);
+        oldest.is_some_and(|(_, keeper)| keeper.close_oldest())
     }
 
     /// Sockets open now.
@@ -52,7 +111,10 @@ impl SocketBudget {
             return Ok(Held(self.clone()));
         }
         self.open.fetch_sub(1, Ordering::AcqRel);
-        Err(OverBudget(format!("{} has {limit} upstream connections open, its limit", self.owner)))
+        Err(OverBudget {
+            message: format!("{} has {limit} upstream connections open, its limit", self.owner),
+            full: self.clone(),
+        })
     }
 }
 
@@ -62,14 +124,39 @@ struct Held(Arc<SocketBudget>);
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        // SeqCst with `Waiting`: a socket that counted itself waiting before
+        // this place came back is told, or its next `take` finds the place.
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        if self.0.waiting.load(Ordering::SeqCst) > 0 {
+            self.0.released.notify_waiters();
+        }
+    }
+}
+
+/// Counts a socket waiting for a place in a budget while it lives.
+struct Waiting<'a>(&'a SocketBudget);
+
+impl<'a> Waiting<'a> {
+    fn on(budget: &'a SocketBudget) -> Waiting<'a> {
+        budget.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(budget)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// No place left: a shortage of this host's, not the server's doing.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct OverBudget(String);
+#[error("{message}")]
+pub struct OverBudget {
+    message: String,
+    /// The budget that had no place.
+    full: Arc<SocketBudget>,
+}
 
 /// Whether `error`'s chain holds an [`OverBudget`].
 pub fn is_over_budget(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -96,6 +183,48 @@ impl Budgets {
     pub fn take(&self) -> Result<Slot, OverBudget> {
         let pool = self.pool.as_ref().map(SocketBudget::take).transpose()?;
         Ok(Slot { _process: self.process.take()?, _pool: pool })
+    }
+
+    /// A place in every budget; where one is full, its oldest idle
+    /// connection is closed to make room (a few times at most, since
+    /// others may take the freed place first). Refused only when the
+    /// places are held by sockets in use.
+    pub async fn take_reclaiming(&self) -> Result<Slot, OverBudget> {
+        let mut refused = match self.take() {
+            Ok(slot) => return Ok(slot),
+            Err(over) => over,
+        };
+        for _ in 0..RECLAIM_TRIES {
+            let full = refused.full.clone();
+            let _waiting = Waiting::on(&full);
+            let released = full.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            // Closed meanwhile by a socket that did not wait.
+            match self.take() {
+                Ok(slot) => return Ok(slot),
+                Err(over) => refused = over,
+            }
+            if !Arc::ptr_eq(&refused.full, &full) {
+                continue;
+            }
+            if !full.close_oldest_idle() || tokio::time::timeout(RECLAIM_WAIT, released).await.is_err() {
+                return Err(refused);
+            }
+            match self.take() {
+                Ok(slot) => return Ok(slot),
+                Err(over) => refused = over,
+            }
+        }
+        Err(refused)
+    }
+
+    /// `keeper`'s idle sockets hold places in these budgets.
+    pub fn kept_by(&self, keeper: Weak<dyn Reclaim>) {
+        self.process.kept_by(keeper.clone());
+        if let Some(pool) = &self.pool {
+            pool.kept_by(keeper);
+        }
     }
 }
 
@@ -229,12 +358,12 @@ where
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let slot = match self.budgets.take() {
-            Ok(slot) => slot,
-            Err(over) => return Box::pin(std::future::ready(Err(over.into()))),
-        };
+        let budgets = self.budgets.clone();
         let connecting = self.inner.call(uri);
-        Box::pin(async move { Ok(Counted::new(connecting.await.map_err(Into::into)?, slot)) })
+        Box::pin(async move {
+            let slot = budgets.take_reclaiming().await?;
+            Ok(Counted::new(connecting.await.map_err(Into::into)?, slot))
+        })
     }
 }
 

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 
-use super::budget::{Budgets, Counted, CountingConnector, is_over_budget};
+use super::budget::{Budgets, Counted, CountingConnector, Reclaim, is_over_budget};
 use super::tls::{PoolTls, is_tls_error};
 use crate::http::ResponseBody;
 use crate::http::body::{ForwardBody, Upstream};
@@ -87,11 +87,23 @@ fn local_exhaustion(error: &(dyn std::error::Error + 'static)) -> bool {
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
+/// Quiet time after which the kernel checks an upstream socket's peer is
+/// still there, then every [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_PROBES`] times:
+/// a server whose host vanished without a FIN is found within a minute,
+/// not when the next request on the socket times out.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+
 /// hyper-util's TCP connector as every upstream socket is opened: no Nagle
-/// delay, and `connect_timeout` divided among a name's addresses.
+/// delay, TCP keepalive, and `connect_timeout` divided among a name's
+/// addresses.
 fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    connector.set_keepalive(Some(KEEPALIVE_IDLE));
+    connector.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
+    connector.set_keepalive_retries(Some(KEEPALIVE_PROBES));
     connector.set_connect_timeout(Some(connect_timeout));
     connector
 }
@@ -111,7 +123,7 @@ pub async fn connect(
     budgets: &Budgets,
 ) -> Result<Box<dyn Io>, SendError> {
     use tower_service::Service;
-    let slot = budgets.take().map_err(|over| SendError::Local(over.to_string()))?;
+    let slot = budgets.take_reclaiming().await.map_err(|over| SendError::Local(over.to_string()))?;
     let uri: Uri = format!("http://{address}")
         .parse()
         .map_err(|_| SendError::Connect(format!("`{address}` is not a host and port")))?;
@@ -203,6 +215,25 @@ impl Plain {
     }
 }
 
+impl Drop for Plain {
+    /// The pool was replaced or removed: its idle connections close, and
+    /// those of requests still under way close when they end, instead of
+    /// idling in a list nothing takes from.
+    fn drop(&mut self) {
+        self.idle.values().for_each(|idle| idle.retire());
+    }
+}
+
+impl Reclaim for IdleConnections {
+    fn oldest_idle(&self) -> Option<std::time::Instant> {
+        self.oldest()
+    }
+
+    fn close_oldest(&self) -> bool {
+        IdleConnections::close_oldest(self)
+    }
+}
+
 /// Closes each idle connection as it reaches [`IDLE_TIMEOUT`], even if
 /// its server gets no request, until the pool is gone.
 async fn sweep(idle: Vec<Weak<IdleConnections>>) {
@@ -234,8 +265,11 @@ impl Forwarder {
         max_idle: usize,
     ) -> Forwarder {
         let Some(tls) = tls else {
-            let idle =
+            let idle: HashMap<String, Arc<IdleConnections>> =
                 servers.iter().map(|server| (server.clone(), IdleConnections::new(max_idle, IDLE_TIMEOUT))).collect();
+            for server in idle.values() {
+                budgets.kept_by(Arc::downgrade(server) as Weak<dyn Reclaim>);
+            }
             return Forwarder::Plain(Plain { idle, connect_timeout, budgets, sweeper: Once::new() });
         };
         let mut connector = tcp_connector(connect_timeout);
@@ -299,7 +333,17 @@ impl Forwarder {
         };
         let (mut parts, body) = match tokio::time::timeout(timeout, sent).await {
             Ok(sent) => sent?,
-            Err(_) => return Err(SendError::Timeout),
+            Err(_) => {
+                // A server that stopped answering (its host gone without a
+                // FIN) leaves its idle connections looking ready: each
+                // would cost a request the timeout.
+                if let Forwarder::Plain(plain) = self
+                    && let Some(idle) = plain.idle.get(address)
+                {
+                    idle.close_all();
+                }
+                return Err(SendError::Timeout);
+            }
         };
         remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body))
@@ -349,6 +393,127 @@ mod tests {
         assert!(matches!(refused, Err(SendError::Connect(_))), "{:?}", refused.err());
         let nonsense = connect("not an address", None, Duration::from_secs(2), &budgets).await;
         assert!(matches!(nonsense, Err(SendError::Connect(_))), "{:?}", nonsense.err());
+    }
+
+    /// A server that answers `/slow` after 100 ms, never answers `/hang`,
+    /// and answers anything else at once; it counts its open connections.
+    async fn server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counting = open.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let open = counting.clone();
+                open.fetch_add(1, SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                        match request.uri().path() {
+                            "/slow" => tokio::time::sleep(Duration::from_millis(100)).await,
+                            "/hang" => std::future::pending().await,
+                            _ => {}
+                        }
+                        Ok::<_, hyper::Error>(Response::new(http_body_util::Full::new(bytes::Bytes::from("hi"))))
+                    });
+                    let io = TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                    open.fetch_sub(1, SeqCst);
+                });
+            }
+        });
+        (address, open)
+    }
+
+    /// Sends `path` to `address` through `forwarder`; the body read to its end.
+    async fn fetch(forwarder: &Forwarder, address: &str, path: &str, timeout: Duration) -> Result<String, SendError> {
+        use http_body_util::BodyExt;
+        let (parts, _) = Request::get(path).body(()).unwrap().into_parts();
+        let authority: Authority = address.parse().unwrap();
+        let body = http_body_util::Either::Right(http_body_util::Empty::new());
+        let response = forwarder.send(parts, body, address, &authority, timeout).await?;
+        let body = response.into_body().collect().await.map_err(|e| SendError::Failed(e.to_string()))?;
+        Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+    }
+
+    fn idle(forwarder: &Forwarder, address: &str) -> usize {
+        match forwarder {
+            Forwarder::Plain(plain) => plain.idle[address].len(),
+            Forwarder::Tls(_) => unreachable!("plain pools only here"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_budget_closes_another_pools_oldest_idle_connection_to_make_room() {
+        let (address, open) = server().await;
+        let process = SocketBudget::new("the process", 2);
+        let budgets = || Budgets { process: process.clone(), pool: None };
+        let second = Duration::from_secs(1);
+        let busy = Forwarder::new(std::slice::from_ref(&address), None, second, budgets(), 8);
+        let other = Forwarder::new(std::slice::from_ref(&address), None, second, budgets(), 8);
+        // Two at once: two connections, both idle afterwards, holding the
+        // process's every place.
+        let (a, b) = tokio::join!(fetch(&busy, &address, "/slow", second), fetch(&busy, &address, "/slow", second));
+        assert_eq!((a.unwrap(), b.unwrap()), ("hi".to_owned(), "hi".to_owned()));
+        assert_eq!((idle(&busy, &address), process.open()), (2, 2));
+
+        let answer = fetch(&other, &address, "/", second).await;
+        assert_eq!(answer.ok().as_deref(), Some("hi"), "a place was made from an idle connection");
+        assert_eq!((idle(&busy, &address), idle(&other, &address), process.open()), (1, 1, 2));
+
+        // Places held by sockets in use are never taken: with both busy,
+        // a third is refused as a local shortage.
+        let (a, b, c) =
+            tokio::join!(fetch(&busy, &address, "/slow", second), fetch(&other, &address, "/slow", second), async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                fetch(&busy, &address, "/", second).await
+            });
+        assert!(a.is_ok() && b.is_ok(), "{:?} {:?}", a.err(), b.err());
+        assert!(matches!(c, Err(SendError::Local(_))), "{:?}", c);
+        assert_eq!(open.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_replaced_pools_connections_close_as_their_exchanges_end() {
+        use http_body_util::BodyExt;
+        use std::sync::atomic::Ordering::SeqCst;
+        let (address, open) = server().await;
+        let budgets = Budgets { process: SocketBudget::new("the process", 8), pool: None };
+        let forwarder = Forwarder::new(std::slice::from_ref(&address), None, Duration::from_secs(1), budgets, 8);
+        let authority: Authority = address.parse().unwrap();
+        let head = || {
+            let (parts, _) = Request::get("/slow").body(()).unwrap().into_parts();
+            let body = http_body_util::Either::Right(http_body_util::Empty::new());
+            forwarder.send(parts, body, &address, &authority, Duration::from_secs(1))
+        };
+        let (first, second) = tokio::join!(head(), head());
+        let (first, second) = (first.unwrap(), second.unwrap());
+        drop(forwarder);
+        // The first exchange ends while the second is still under way: its
+        // connection closes rather than idling where nothing takes it.
+        first.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(open.load(SeqCst), 1);
+        second.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(open.load(SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_stops_answering_loses_its_idle_connections() {
+        let (address, open) = server().await;
+        let budgets = Budgets { process: SocketBudget::new("the process", 8), pool: None };
+        let forwarder = Forwarder::new(std::slice::from_ref(&address), None, Duration::from_secs(1), budgets, 8);
+        let second = Duration::from_secs(1);
+        let (a, b) =
+            tokio::join!(fetch(&forwarder, &address, "/slow", second), fetch(&forwarder, &address, "/slow", second));
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(idle(&forwarder, &address), 2);
+        let hung = fetch(&forwarder, &address, "/hang", Duration::from_millis(200)).await;
+        assert!(matches!(hung, Err(SendError::Timeout)), "{:?}", hung);
+        assert_eq!(idle(&forwarder, &address), 0, "every idle connection to it is suspect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(open.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     #[test]
