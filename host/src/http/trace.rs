@@ -29,6 +29,8 @@ pub struct Trace {
     /// The span the gateway's span continues, if the request came with one.
     pub parent_id: Option<[u8; 8]>,
     pub flags: u8,
+    /// The `traceparent` the backend gets, made once.
+    traceparent: HeaderValue,
 }
 
 impl Trace {
@@ -41,15 +43,21 @@ impl Trace {
             Some((trace_id, parent_id, flags)) => (trace_id, Some(parent_id), flags),
             None => (nonzero_random(), None, 0),
         };
-        let request_id = match kept {
-            Some(id) => id.clone(),
+        let span_id = nonzero_random();
+        let traceparent = traceparent_bytes(&trace_id, &span_id, flags);
+        // One allocation holds both values the gateway makes (the request
+        // and its response each get a shared reference, not a copy).
+        let (request_id, traceparent) = match kept {
+            Some(id) => (id.clone(), header_value(bytes::Bytes::from_owner(traceparent))),
             None => {
-                let mut id = [0u8; 32];
-                hex_into(&nonzero_random::<16>(), &mut id);
-                HeaderValue::from_bytes(&id).expect("hex is a header value")
+                let mut made = [0u8; 32 + 55];
+                hex_into(&nonzero_random::<16>(), &mut made[..32]);
+                made[32..].copy_from_slice(&traceparent);
+                let made = bytes::Bytes::from_owner(made);
+                (header_value(made.slice(..32)), header_value(made.slice(32..)))
             }
         };
-        Trace { request_id, trace_id, span_id: nonzero_random(), parent_id, flags }
+        Trace { request_id, trace_id, span_id, parent_id, flags, traceparent }
     }
 
     /// `00-TRACE-SPAN-FLAGS`, the gateway's span as the parent.
@@ -58,11 +66,7 @@ impl Trace {
     }
 
     fn traceparent_bytes(&self) -> [u8; 55] {
-        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        hex_into(&self.trace_id, &mut out[3..35]);
-        hex_into(&self.span_id, &mut out[36..52]);
-        hex_into(&[self.flags], &mut out[53..55]);
-        out
+        traceparent_bytes(&self.trace_id, &self.span_id, self.flags)
     }
 
     /// A new span ID, for a span under this trace.
@@ -78,8 +82,22 @@ impl Trace {
     /// going to the backend, replacing whatever the client sent.
     pub fn stamp(&self, headers: &mut HeaderMap) {
         headers.insert(REQUEST_ID, self.request_id.clone());
-        headers.insert(TRACEPARENT, HeaderValue::from_bytes(&self.traceparent_bytes()).expect("hex is a header value"));
+        headers.insert(TRACEPARENT, self.traceparent.clone());
     }
+}
+
+/// `00-TRACE-SPAN-FLAGS`.
+fn traceparent_bytes(trace_id: &[u8; 16], span_id: &[u8; 8], flags: u8) -> [u8; 55] {
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(trace_id, &mut out[3..35]);
+    hex_into(span_id, &mut out[36..52]);
+    hex_into(&[flags], &mut out[53..55]);
+    out
+}
+
+/// Hex digits and dashes as a header value, sharing `bytes`.
+fn header_value(bytes: bytes::Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes).expect("hex digits and dashes are a header value")
 }
 
 /// 1-128 visible ASCII characters (no spaces or controls): safe to log and

@@ -307,7 +307,9 @@ impl ListenerProxy {
         let (req, route) = self.decide(rules, req, client, handshake.is_some(), trace)?;
         let answer = match handshake {
             None => self.forward(rules, req, &route, client).await,
-            Some(handshake) => self.upgrade(rules, req, handshake, &route, client, trace).await,
+            // Boxed: a handshake's future is larger than a plain request's,
+            // and every request's future would carry its size otherwise.
+            Some(handshake) => Box::pin(self.upgrade(rules, req, handshake, &route, client, trace)).await,
         };
         answer.map_err(|error| Answer::from(error).routed_to(&route.pool))
     }
@@ -689,8 +691,6 @@ impl ListenerProxy {
                 return Err(last_error.unwrap_or_else(|| GatewayError::NoHealthyServer { pool: pool.name.clone() }));
             };
             let may_retry = retryable && tried.len() < pool.retries as usize;
-            let unreachable =
-                GatewayError::BackendUnreachable { pool: pool.name.clone(), server: server.address.clone() };
             let outcome = attempt(server.clone()).await;
             if let Err(error) = &outcome {
                 let kind = match error {
@@ -735,6 +735,8 @@ impl ListenerProxy {
                     tracing::warn!(pool = %pool.name, server = %server.address, %error, retry = may_retry, "upstream request failed");
                 }
             }
+            let unreachable =
+                GatewayError::BackendUnreachable { pool: pool.name.clone(), server: server.address.clone() };
             if !may_retry {
                 return Err(unreachable);
             }

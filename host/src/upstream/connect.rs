@@ -167,11 +167,8 @@ pub struct Plain {
 }
 
 impl Plain {
-    /// A connection to `address` ready for a request: an idle one, or a new one.
-    async fn lease(&self, address: &str, idle: &Arc<IdleConnections>) -> Result<Lease, SendError> {
-        if let Some(lease) = idle.checkout() {
-            return Ok(lease);
-        }
+    /// A new connection to `address`, leased for a request.
+    async fn open(&self, address: &str, idle: &Arc<IdleConnections>) -> Result<Lease, SendError> {
         self.sweeper.call_once(|| {
             let idle: Vec<Weak<IdleConnections>> = self.idle.values().map(Arc::downgrade).collect();
             tokio::spawn(sweep(idle));
@@ -200,7 +197,14 @@ impl Plain {
             .get(address)
             .ok_or_else(|| SendError::Failed(format!("`{address}` is not a server of this pool")))?;
         loop {
-            let mut lease = self.lease(address, idle).await?;
+            let mut lease = match idle.checkout() {
+                Some(lease) => lease,
+                // Boxed: opening a connection is a large future (connect,
+                // name resolution, hyper's handshake), and every future
+                // this one is nested in would carry its size, copied at
+                // each level on every request, even those that reuse one.
+                None => Box::pin(self.open(address, idle)).await?,
+            };
             match lease.sender().try_send_request(request).await {
                 Ok(response) => return Ok((response, lease)),
                 Err(mut error) => match error.take_message() {
