@@ -609,11 +609,18 @@ impl ListenerProxy {
             .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() })?;
         let client_upgrade = hyper::upgrade::on(&mut req);
         let tunnel = client.tunnels.enter();
-        let log = self.shared.access_log.clone().map(|access| WebSocketLog {
-            access,
-            client: client.addr,
-            path: req.uri().path().to_owned(),
-            request_id: req.headers().get(&trace::REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned(),
+        let log = self.shared.access_log.clone().map(|access| {
+            Box::new(WebSocketLog {
+                access,
+                client: client.addr,
+                path: req.uri().path().to_owned(),
+                request_id: req
+                    .headers()
+                    .get(&trace::REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned(),
+            })
         });
         let (mut parts, _body) = req.into_parts();
         forward::prepare_upstream(&mut parts, route, client, rules.trusts(client))?;
@@ -658,7 +665,7 @@ impl ListenerProxy {
                     ],
                     error: None,
                 };
-                (otlp, span)
+                Box::new((otlp, span))
             }),
             tunnel,
         };

@@ -149,9 +149,9 @@ enum Side {
 pub struct Frames {
     /// Bytes of the current frame still to pass (header done).
     remaining: u64,
-    /// A header seen in part.
+    /// A header seen in part (its first `have` bytes; at most 14).
     header: [u8; 14],
-    have: usize,
+    have: u8,
     /// A Close frame's header went by.
     saw_close: bool,
 }
@@ -166,7 +166,7 @@ impl Frames {
                 data = &data[take as usize..];
                 continue;
             }
-            self.header[self.have] = data[0];
+            self.header[usize::from(self.have)] = data[0];
             self.have += 1;
             data = &data[1..];
             if self.have < 2 {
@@ -178,7 +178,7 @@ impl Frames {
                 127 => 8,
                 _ => 0,
             };
-            let header_len = 2 + extended + if masked { 4 } else { 0 };
+            let header_len: u8 = 2 + extended + if masked { 4 } else { 0 };
             if self.have < header_len {
                 continue;
             }
@@ -210,8 +210,9 @@ struct Direction {
     bytes: u64,
     /// Bytes read but not yet taken by the destination (and the gateway's
     /// Close frame, queued behind them). Allocated only while a write is
-    /// stalled, and freed once written.
-    spill: Option<Spill>,
+    /// stalled, and freed once written (boxed: a pointer's width in every
+    /// idle relay).
+    spill: Option<Box<Spill>>,
     /// Since when the destination takes none of the bytes waiting for it.
     stalled_since: Option<Instant>,
     /// Bytes went to the destination since its last flush.
@@ -269,7 +270,7 @@ impl Direction {
     fn queue(&mut self, data: &[u8]) {
         match &mut self.spill {
             Some(spill) => spill.data.extend_from_slice(data),
-            None => self.spill = Some(Spill { data: data.to_vec(), at: 0 }),
+            None => self.spill = Some(Box::new(Spill { data: data.to_vec(), at: 0 })),
         }
     }
 
@@ -379,7 +380,7 @@ enum Finish {
 /// A relay's whole state, polled as one future: both sockets, both
 /// directions, the stop signal, and one timer reset only when the nearest
 /// deadline moves earlier (or passes).
-struct Relay<C, S> {
+pub struct Relay<C, S> {
     client: C,
     server: S,
     up: Direction,
@@ -583,41 +584,56 @@ fn close_frame(reason: CloseReason, masked: bool) -> Vec<u8> {
     frame
 }
 
-/// Relays between `client` and `server` until both close, a socket fails, or
-/// the gateway ends it: idle for `idle_timeout`, `max_lifetime` reached, or
-/// `stop` fired (at the moment it names, with its cause).
-pub async fn relay<C, S>(client: C, server: S, limits: RelayLimits, stop: &Stop) -> RelayEnd
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let started = Instant::now();
-    let mut relay = Relay {
-        client,
-        server,
-        up: Direction::default(),
-        down: Direction::default(),
-        limits,
-        started,
-        last_activity: started,
-        first: None,
-        closing: None,
-        stop_at: None,
-        gateway_first: false,
-    };
-    let timer = tokio::time::sleep_until(relay.deadline());
-    tokio::pin!(timer);
-    let finish = std::future::poll_fn(|cx| relay.poll_relay(cx, stop, timer.as_mut())).await;
-    let cause = match finish {
-        Finish::Done(cause) => cause,
-        Finish::ServerLost(error) => {
-            let frame = close_frame(CloseReason::ServerLost, false);
-            let _ = tokio::time::timeout(CLOSE_GRACE, relay.client.write_all(&frame)).await;
-            let _ = tokio::time::timeout(CLOSE_GRACE, relay.client.flush()).await;
-            relay.cause(Some(error))
+impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay<C, S> {
+    /// A relay between `client` and `server`, starting now.
+    pub fn new(client: C, server: S, limits: RelayLimits) -> Relay<C, S> {
+        let started = Instant::now();
+        Relay {
+            client,
+            server,
+            up: Direction::default(),
+            down: Direction::default(),
+            limits,
+            started,
+            last_activity: started,
+            first: None,
+            closing: None,
+            stop_at: None,
+            gateway_first: false,
         }
-    };
-    RelayEnd { cause, client_to_server: relay.up.bytes, server_to_client: relay.down.bytes }
+    }
+
+    /// Relays until both sides close, a socket fails, or the gateway ends
+    /// it: idle for `idle_timeout`, `max_lifetime` reached, or `stop` fired
+    /// (at the moment it names, with its cause).
+    ///
+    /// It borrows the relay: the caller's task holds it once, rather than
+    /// this future holding a second copy of both sockets' state.
+    pub async fn run(&mut self, stop: &Stop) -> RelayEnd {
+        let finish = {
+            let timer = tokio::time::sleep_until(self.deadline());
+            tokio::pin!(timer);
+            std::future::poll_fn(|cx| self.poll_relay(cx, stop, timer.as_mut())).await
+        };
+        let cause = match finish {
+            Finish::Done(cause) => cause,
+            Finish::ServerLost(error) => {
+                // Boxed: rare, and its timers would otherwise take room in
+                // every relay's state.
+                Box::pin(self.tell_client_server_lost()).await;
+                self.cause(Some(error))
+            }
+        };
+        RelayEnd { cause, client_to_server: self.up.bytes, server_to_client: self.down.bytes }
+    }
+
+    /// Sends the client a Close 1011 (the server's connection failed
+    /// between two frames), within [`CLOSE_GRACE`].
+    async fn tell_client_server_lost(&mut self) {
+        let frame = close_frame(CloseReason::ServerLost, false);
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.client.write_all(&frame)).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.client.flush()).await;
+    }
 }
 
 #[cfg(test)]

@@ -61,11 +61,12 @@ pub struct Relaying {
     pub metrics: Arc<Metrics>,
     /// The listener's name, as a metrics label.
     pub listener: Arc<str>,
-    /// Set when the access log is on.
-    pub log: Option<WebSocketLog>,
+    /// Set when the access log is on (boxed, like `span`: a pointer's
+    /// width in every WebSocket's state when off).
+    pub log: Option<Box<WebSocketLog>>,
     /// With `[otlp]`: the exporter and this WebSocket's span, filled in and
     /// sent when it ends.
-    pub span: Option<(Arc<Otlp>, SpanRecord)>,
+    pub span: Option<Box<(Arc<Otlp>, SpanRecord)>>,
     /// Counts this WebSocket on its client connection while it lives.
     pub tunnel: TunnelGuard,
 }
@@ -150,18 +151,38 @@ pub fn answer(
     // WebSocket holds this once, out of line, not field by field.
     let mut session = Box::new(relaying);
     tokio::spawn(async move {
-        let upgrades = tokio::try_join!(&mut session.client_upgrade, server_upgrade);
-        let (client_io, server_io) = match upgrades {
-            Ok(both) => both,
+        // The upgrades' results are moved straight into the relay: a local
+        // holding them would stay in the task's state beside the relay's
+        // own copy for the WebSocket's whole life. The wait for them is
+        // boxed for the same reason: the task's state is sized by its
+        // largest moment, and this one's room would outlive it.
+        let upgrades = Box::pin(async { tokio::try_join!(&mut session.client_upgrade, server_upgrade) });
+        let mut relay = match upgrades.await {
+            Ok((client_io, server_io)) => {
+                relay::Relay::new(TokioIo::new(client_io), TokioIo::new(server_io), session.limits)
+            }
             Err(e) => {
                 tracing::debug!(pool = %session.server.pool, error = %e, "upgrade did not complete");
                 return;
             }
         };
-        if let Some((_, span)) = &mut session.span {
-            span.start = std::time::SystemTime::now();
+        session.run(&mut relay).await;
+    });
+    Ok(ClientAnswer::Upgraded(answer))
+}
+
+impl Relaying {
+    /// Relays until the WebSocket ends, counted while it lives, then
+    /// counts, traces and logs it.
+    async fn run<C, S>(&mut self, relay: &mut relay::Relay<C, S>)
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        if let Some(span) = &mut self.span {
+            span.1.start = std::time::SystemTime::now();
         }
-        let session = &*session;
+        let session = &*self;
         let _live = session.drain.websocket();
         let _on_server = session.server.websocket();
         let _counted = {
@@ -171,15 +192,12 @@ pub fn answer(
         };
         let started = std::time::Instant::now();
         let stop = session.stop_signal();
-        let end = relay::relay(TokioIo::new(client_io), TokioIo::new(server_io), session.limits, &stop).await;
+        let end = relay.run(&stop).await;
         drop(stop);
         session.stop_signal_ended();
         session.ended(&end, started.elapsed());
-    });
-    Ok(ClientAnswer::Upgraded(answer))
-}
+    }
 
-impl Relaying {
     /// One stop signal that every source able to close this WebSocket
     /// fires: shutdown, its server (ejected or removed), its listener
     /// (removed).
@@ -214,7 +232,8 @@ impl Relaying {
             .inc_by(end.server_to_client);
         let (pool, address) = (&self.server.pool, &self.server.address);
         let (up, down) = (end.client_to_server, end.server_to_client);
-        if let Some((otlp, span)) = &self.span {
+        if let Some(traced) = &self.span {
+            let (otlp, span) = &**traced;
             let mut span = span.clone();
             span.end = span.start + lasted;
             span.attributes.extend([
