@@ -101,6 +101,8 @@ impl CloseReason {
 #[derive(Debug)]
 pub struct RelayEnd {
     pub cause: EndCause,
+    /// From the relay's start to its end.
+    pub lasted: Duration,
     pub client_to_server: u64,
     pub server_to_client: u64,
 }
@@ -390,15 +392,29 @@ pub struct Relay<C, S> {
     last_activity: Instant,
     /// Who sent the first Close frame, else the first EOF.
     first: Option<Side>,
-    /// The gateway is closing, for this reason, since then.
-    closing: Option<(CloseReason, Instant)>,
-    /// The stop signal fired: close for this reason at this moment.
-    stop_at: Option<(CloseReason, Instant)>,
+    /// The gateway is closing since then, for `closing_reason` (kept
+    /// apart, like the stop's: a reason beside an `Instant` would pad each
+    /// pair to 24 bytes in every relay's state).
+    closing_since: Option<Instant>,
+    closing_reason: CloseReason,
+    /// The stop signal fired: close for `stop_reason` at this moment.
+    stop_at: Option<Instant>,
+    stop_reason: CloseReason,
     /// The gateway began closing before either peer had.
     gateway_first: bool,
 }
 
 impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay<C, S> {
+    /// Since when the gateway is closing, and why.
+    fn closing(&self) -> Option<(CloseReason, Instant)> {
+        self.closing_since.map(|since| (self.closing_reason, since))
+    }
+
+    /// When the stop signal says to close, and why.
+    fn stop_at(&self) -> Option<(CloseReason, Instant)> {
+        self.stop_at.map(|at| (self.stop_reason, at))
+    }
+
     fn note_first(&mut self) {
         if self.first.is_none() {
             if self.up.frames.saw_close || (self.up.saw_eof() && !self.down.frames.saw_close) {
@@ -413,14 +429,15 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
     fn begin(&mut self, reason: CloseReason) {
         self.note_first();
         self.gateway_first = self.first.is_none();
-        self.closing = Some((reason, Instant::now()));
+        self.closing_since = Some(Instant::now());
+        self.closing_reason = reason;
     }
 
     /// Who ended it: a peer that started closing before the gateway did
     /// keeps the credit.
     fn cause(&self, error: Option<io::Error>) -> EndCause {
-        let peer = self.first.filter(|_| self.closing.is_none() || !self.gateway_first);
-        match (peer, self.closing, error) {
+        let peer = self.first.filter(|_| self.closing().is_none() || !self.gateway_first);
+        match (peer, self.closing(), error) {
             (Some(Side::Client), _, _) => EndCause::Client,
             (Some(Side::Server), _, _) => EndCause::Server,
             (None, Some((reason, _)), _) => EndCause::Gateway(reason),
@@ -433,7 +450,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
     /// frames — unless that side already got a Close from its peer, which
     /// must not be followed by a second one. True if one was queued.
     fn deliver_closes(&mut self) -> bool {
-        let Some((reason, _)) = self.closing else { return false };
+        let Some((reason, _)) = self.closing() else { return false };
         let mut queued = false;
         for (direction, masked) in [(&mut self.up, true), (&mut self.down, false)] {
             if !direction.closed && direction.frames.at_boundary() {
@@ -449,12 +466,12 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
 
     /// The nearest moment something must happen.
     fn deadline(&self) -> Instant {
-        let mut deadline = match self.closing {
+        let mut deadline = match self.closing() {
             Some((_, since)) => since + CLOSE_GRACE,
             None => {
                 let deadline =
                     (self.last_activity + self.limits.idle_timeout).min(self.started + self.limits.max_lifetime);
-                self.stop_at.map_or(deadline, |(_, at)| deadline.min(at))
+                self.stop_at().map_or(deadline, |(_, at)| deadline.min(at))
             }
         };
         for direction in [&self.up, &self.down] {
@@ -470,7 +487,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
 
     /// What a passed deadline means: the end, or a change of state.
     fn on_deadline(&mut self, now: Instant) -> Option<Finish> {
-        if let Some((_, since)) = self.closing
+        if let Some((_, since)) = self.closing()
             && now >= since + CLOSE_GRACE
         {
             // The grace is over: cut what is left.
@@ -480,7 +497,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
         if stalled(&self.up) || stalled(&self.down) {
             // A peer that took no bytes for the idle timeout stopped reading
             // (while closing, the grace above bounds the wait as well).
-            let reason = self.closing.map_or(CloseReason::IdleTimeout, |(reason, _)| reason);
+            let reason = self.closing().map_or(CloseReason::IdleTimeout, |(reason, _)| reason);
             return Some(Finish::Done(EndCause::Gateway(reason)));
         }
         for direction in [&mut self.up, &mut self.down] {
@@ -488,8 +505,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
                 direction.ended = true;
             }
         }
-        if self.closing.is_none() {
-            if let Some((reason, at)) = self.stop_at
+        if self.closing().is_none() {
+            if let Some((reason, at)) = self.stop_at()
                 && now >= at
             {
                 self.begin(reason);
@@ -516,7 +533,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
 
     fn poll_relay(&mut self, cx: &mut Context<'_>, stop: &Stop, mut timer: Pin<&mut Sleep>) -> Poll<Finish> {
         loop {
-            if self.closing.is_none()
+            if self.closing().is_none()
                 && let Poll::Ready((cause, at)) = stop.poll_fired(cx)
             {
                 // Polled again each turn: another source may fire earlier.
@@ -524,7 +541,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
                 if at <= Instant::now() {
                     self.begin(cause.into());
                 } else {
-                    self.stop_at = Some((cause.into(), at));
+                    self.stop_at = Some(at);
+                    self.stop_reason = cause.into();
                 }
             }
             self.deliver_closes();
@@ -597,8 +615,10 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
             started,
             last_activity: started,
             first: None,
-            closing: None,
+            closing_since: None,
+            closing_reason: CloseReason::Shutdown,
             stop_at: None,
+            stop_reason: CloseReason::Shutdown,
             gateway_first: false,
         }
     }
@@ -624,7 +644,12 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
                 self.cause(Some(error))
             }
         };
-        RelayEnd { cause, client_to_server: self.up.bytes, server_to_client: self.down.bytes }
+        RelayEnd {
+            cause,
+            lasted: self.started.elapsed(),
+            client_to_server: self.up.bytes,
+            server_to_client: self.down.bytes,
+        }
     }
 
     /// Sends the client a Close 1011 (the server's connection failed

@@ -190,12 +190,11 @@ impl Relaying {
                 ListenerPoolLabels { listener: session.listener.clone(), pool: session.server.pool.as_str().into() };
             GaugeGuard::up(session.metrics.websockets.get_or_create(&labels).clone())
         };
-        let started = std::time::Instant::now();
         let stop = session.stop_signal();
         let end = relay.run(&stop).await;
         drop(stop);
         session.stop_signal_ended();
-        session.ended(&end, started.elapsed());
+        session.ended(&end);
     }
 
     /// One stop signal that every source able to close this WebSocket
@@ -217,8 +216,9 @@ impl Relaying {
         self.listener_removal.ended();
     }
 
-    /// Counts, traces and logs a relay that ended after `lasted`.
-    fn ended(&self, end: &RelayEnd, lasted: std::time::Duration) {
+    /// Counts, traces and logs a relay that ended.
+    fn ended(&self, end: &RelayEnd) {
+        let lasted = end.lasted;
         let metrics = &self.metrics;
         let reason = end.cause.label();
         metrics.websocket_closes.get_or_create(&ReasonLabel { reason }).inc();
