@@ -28,37 +28,62 @@ pub enum StopCause {
 /// One WebSocket's stop signal: set by the first of its sources to fire
 /// (shutdown, its server or listener removed, its server ejected), with the
 /// cause and the moment to close; the relay polls it and keeps the moment
-/// on its own timer. A few dozen bytes, where a future per source would
-/// hold a channel wait and a timer each for the WebSocket's whole life.
+/// on its own timer. 32 bytes (one word for the cause and moment, and the
+/// waker), where a future per source would hold a channel wait and a timer
+/// each for the WebSocket's whole life.
 #[derive(Debug, Default)]
 pub struct Stop {
-    fired: AtomicBool,
-    when: Mutex<Option<(StopCause, Instant)>>,
+    /// 0 until fired; then the cause (1 to 3) in the top two bits and the
+    /// moment in nanoseconds since [`epoch`] below them.
+    when: AtomicU64,
     waker: AtomicWaker,
+}
+
+/// The instant stop moments are counted from: the first use.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+const MOMENT_BITS: u32 = 62;
+
+fn encode(cause: StopCause, at: Instant) -> u64 {
+    let code = match cause {
+        StopCause::Shutdown => 1,
+        StopCause::Removed => 2,
+        StopCause::ServerUnhealthy => 3,
+    };
+    // 2^62 ns is 146 years: a moment past that is kept at the limit.
+    let nanos = u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX);
+    (code << MOMENT_BITS) | nanos.min((1 << MOMENT_BITS) - 1)
+}
+
+fn decode(when: u64) -> Option<(StopCause, Instant)> {
+    let cause = match when >> MOMENT_BITS {
+        1 => StopCause::Shutdown,
+        2 => StopCause::Removed,
+        3 => StopCause::ServerUnhealthy,
+        _ => return None,
+    };
+    Some((cause, epoch() + Duration::from_nanos(when & ((1 << MOMENT_BITS) - 1))))
 }
 
 impl Stop {
     /// Closes for `cause` at `at`, unless an earlier moment was already set.
     fn fire(&self, cause: StopCause, at: Instant) {
-        {
-            let mut when = self.when.lock().unwrap_or_else(|p| p.into_inner());
-            if when.is_some_and(|(_, earlier)| earlier <= at) {
-                return;
-            }
-            *when = Some((cause, at));
+        let new = encode(cause, at);
+        let moment = |when: u64| when & ((1 << MOMENT_BITS) - 1);
+        let earlier = |when: u64| when != 0 && moment(when) <= moment(new);
+        if self.when.fetch_update(Ordering::AcqRel, Ordering::Acquire, |when| (!earlier(when)).then_some(new)).is_ok() {
+            self.waker.wake();
         }
-        self.fired.store(true, Ordering::Release);
-        self.waker.wake();
     }
 
     /// The cause and moment to close once a source fired; until then
     /// `Pending`, with the task woken when one fires.
     pub fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<(StopCause, Instant)> {
         self.waker.register(cx.waker());
-        if !self.fired.load(Ordering::Acquire) {
-            return Poll::Pending;
-        }
-        match *self.when.lock().unwrap_or_else(|p| p.into_inner()) {
+        match decode(self.when.load(Ordering::Acquire)) {
             Some(fired) => Poll::Ready(fired),
             None => Poll::Pending,
         }
@@ -355,6 +380,23 @@ mod tests {
         spread.add(&late);
         let (_, at) = fired(&late).expect("a signal added after the spread began fires at once");
         assert!(at <= before + window + Duration::from_millis(50), "within what is left of the window");
+    }
+
+    #[test]
+    fn a_stop_keeps_its_cause_and_moment_to_the_nanosecond() {
+        let now = Instant::now();
+        for cause in [StopCause::Shutdown, StopCause::Removed, StopCause::ServerUnhealthy] {
+            for at in
+                [now, now + Duration::from_nanos(1), now + Duration::from_secs(4 * 3600) + Duration::from_nanos(7)]
+            {
+                assert_eq!(decode(encode(cause, at)), Some((cause, at)));
+            }
+        }
+        // Before the epoch (a moment computed before the first stop): the epoch.
+        let early = epoch().checked_sub(Duration::from_secs(1)).unwrap_or(epoch());
+        assert_eq!(decode(encode(StopCause::Removed, early)), Some((StopCause::Removed, epoch())));
+        assert_eq!(decode(0), None, "not fired");
+        assert_eq!(std::mem::size_of::<Stop>(), 32);
     }
 
     #[test]
