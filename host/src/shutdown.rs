@@ -31,7 +31,7 @@ pub enum StopCause {
 /// on its own timer. 32 bytes (one word for the cause and moment, and the
 /// waker), where a future per source would hold a channel wait and a timer
 /// each for the WebSocket's whole life.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stop {
     /// 0 until fired; then the cause (1 to 3) in the top two bits and the
     /// moment in nanoseconds since [`epoch`] below them.
@@ -39,7 +39,16 @@ pub struct Stop {
     waker: AtomicWaker,
 }
 
-/// The instant stop moments are counted from: the first use.
+impl Default for Stop {
+    /// Fixes the epoch, if this is the first: every moment a stop is fired
+    /// with is taken after the stop exists, so none is before the epoch.
+    fn default() -> Stop {
+        epoch();
+        Stop { when: AtomicU64::new(0), waker: AtomicWaker::new() }
+    }
+}
+
+/// The instant stop moments are counted from: the first stop's making.
 fn epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
@@ -384,6 +393,7 @@ mod tests {
 
     #[test]
     fn a_stop_keeps_its_cause_and_moment_to_the_nanosecond() {
+        drop(Stop::default());
         let now = Instant::now();
         for cause in [StopCause::Shutdown, StopCause::Removed, StopCause::ServerUnhealthy] {
             for at in

@@ -61,11 +61,13 @@ impl IdleConnections {
     /// A connection back from an exchange: kept if it is ready and there is
     /// room, else closed.
     fn checkin(&self, sender: Sender) {
-        if !sender.is_ready() || self.retired.load(Ordering::Acquire) {
+        if !sender.is_ready() {
             return;
         }
         let mut idle = self.idle();
-        if idle.len() < self.max_idle {
+        // Read under the lock `retire` empties the list with, so none is
+        // pushed after it.
+        if idle.len() < self.max_idle && !self.retired.load(Ordering::Acquire) {
             idle.push(Idle { sender, since: Instant::now() });
         }
     }
@@ -93,8 +95,12 @@ impl IdleConnections {
     /// The pool these connections served is gone: the idle ones close now,
     /// and those still leased close when they come back.
     pub fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
-        self.close_all();
+        let closed = {
+            let mut idle = self.idle();
+            self.retired.store(true, Ordering::Release);
+            std::mem::take(&mut *idle)
+        };
+        drop(closed);
     }
 
     /// Closes the connections idle for the timeout or more, and those their
@@ -143,8 +149,9 @@ impl Lease {
     /// once hyper is ready to send it. Mostly it already is; else (the
     /// request body is still being written, or the connection task has not
     /// yet run since the response ended) a small task waits for that, at
-    /// most as long as an idle connection is kept (a client dripping its
-    /// request body does not hold the task longer).
+    /// most as long as an idle connection is kept; past that the connection
+    /// is not reused (it closes once hyper has finished writing the body,
+    /// which the pool's request timeout bounds).
     pub fn release(mut self) {
         if self.sender.is_ready() {
             return self.home.checkin(self.sender);

@@ -18,7 +18,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Mostly `Connection` says only `keep-alive` or `close`: nothing to
-    // collect (`close` names no header).
+    // collect (a field named `close`, should one come, is removed by name).
     let tokens = || {
         headers
             .get_all(header::CONNECTION)
@@ -30,12 +30,15 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         !token.eq_ignore_ascii_case(b"close")
             && !HOP_BY_HOP.iter().any(|n| token.eq_ignore_ascii_case(n.as_str().as_bytes()))
     };
-    if tokens().any(more) {
-        let named: Vec<HeaderName> =
-            tokens().filter(|token| more(token)).filter_map(|token| HeaderName::from_bytes(token).ok()).collect();
-        for name in &named {
-            headers.remove(name);
-        }
+    let close = tokens().any(|token| token.eq_ignore_ascii_case(b"close"));
+    let named: Option<Vec<HeaderName>> = tokens()
+        .any(more)
+        .then(|| tokens().filter(|token| more(token)).filter_map(|token| HeaderName::from_bytes(token).ok()).collect());
+    if close {
+        headers.remove("close");
+    }
+    for name in named.iter().flatten() {
+        headers.remove(name);
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -92,6 +95,36 @@ mod tests {
     use base64::Engine as _;
 
     use super::*;
+
+    #[test]
+    fn every_header_connection_names_is_removed_and_the_others_kept() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "Close , X-A,,keep-alive"),
+            ("connection", "x-b\t"),
+            ("close", "1"),
+            ("x-a", "1"),
+            ("x-b", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("x-kept", "1"),
+        ] {
+            headers.append(HeaderName::from_static(name), name_value(value));
+        }
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+
+        // Only standard names listed: the common case, nothing else goes.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, name_value("keep-alive"));
+        headers.insert(HeaderName::from_static("x-kept"), name_value("1"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    fn name_value(value: &str) -> http::HeaderValue {
+        http::HeaderValue::from_str(value).unwrap()
+    }
 
     #[test]
     fn websocket_keys_are_16_fresh_random_bytes() {

@@ -85,9 +85,11 @@ impl SocketBudget {
     /// Closes the oldest idle socket holding a place here; false if none.
     fn close_oldest_idle(&self) -> bool {
         let keepers: Vec<Arc<dyn Reclaim>> = self.keepers().iter().filter_map(Weak::upgrade).collect();
-        let oldest =
-            keepers.iter().filter_map(|keeper| Some((keeper.oldest_idle()?, keeper))).min_by_key(|(at, _)| *at);
-        oldest.is_some_and(|(_, keeper)| keeper.close_oldest())
+        let mut by_age: Vec<(Instant, &Arc<dyn Reclaim>)> =
+            keepers.iter().filter_map(|keeper| Some((keeper.oldest_idle()?, keeper))).collect();
+        by_age.sort_by_key(|(at, _)| *at);
+        // A list emptied meanwhile (checked out, swept) passes to the next.
+        by_age.iter().any(|(_, keeper)| keeper.close_oldest())
     }
 
     /// Sockets open now.
@@ -186,9 +188,12 @@ impl Budgets {
     }
 
     /// A place in every budget; where one is full, its oldest idle
-    /// connection is closed to make room (a few times at most, since
-    /// others may take the freed place first). Refused only when the
-    /// places are held by sockets in use.
+    /// connection (of a plain pool: `https` pools' idle connections are
+    /// hyper-util's, not reclaimable) is closed to make room, and the freed
+    /// place waited for. A few times at most: another socket may take the
+    /// freed place first, and every waiter is woken by each one freed, so
+    /// under contention a few more idle connections close than strictly
+    /// needed. Refused when no reclaimable idle connection is left.
     pub async fn take_reclaiming(&self) -> Result<Slot, OverBudget> {
         let mut refused = match self.take() {
             Ok(slot) => return Ok(slot),

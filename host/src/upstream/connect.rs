@@ -123,7 +123,11 @@ pub async fn connect(
     budgets: &Budgets,
 ) -> Result<Box<dyn Io>, SendError> {
     use tower_service::Service;
-    let slot = budgets.take_reclaiming().await.map_err(|over| SendError::Local(over.to_string()))?;
+    // Waiting for an idle connection's place counts in the connect time.
+    let slot = match tokio::time::timeout(connect_timeout, budgets.take_reclaiming()).await {
+        Ok(taken) => taken.map_err(|over| SendError::Local(over.to_string()))?,
+        Err(_) => return Err(SendError::Local(format!("no upstream connection place within {connect_timeout:?}"))),
+    };
     let uri: Uri = format!("http://{address}")
         .parse()
         .map_err(|_| SendError::Connect(format!("`{address}` is not a host and port")))?;
@@ -186,11 +190,18 @@ impl Plain {
     }
 
     /// Sends `request` to the server at `address` over a connection of its
-    /// own, and returns the response with the connection's lease.
+    /// own, and returns the response head (by `deadline`) with the
+    /// connection's lease.
+    ///
+    /// A reused connection whose server does not answer in time was
+    /// probably left for dead (its host gone without a FIN): that server's
+    /// other idle connections are closed too, so the next requests do not
+    /// each wait out the timeout on one.
     async fn send(
         &self,
         mut request: Request<ForwardBody>,
         address: &str,
+        deadline: tokio::time::Instant,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let idle = self
             .idle
@@ -203,9 +214,21 @@ impl Plain {
                 // name resolution, hyper's handshake), and every future
                 // this one is nested in would carry its size, copied at
                 // each level on every request, even those that reuse one.
-                None => Box::pin(self.open(address, idle)).await?,
+                None => match tokio::time::timeout_at(deadline, Box::pin(self.open(address, idle))).await {
+                    Ok(opened) => opened?,
+                    Err(_) => return Err(SendError::Timeout),
+                },
             };
-            match lease.sender().try_send_request(request).await {
+            let answered = match tokio::time::timeout_at(deadline, lease.sender().try_send_request(request)).await {
+                Ok(answered) => answered,
+                Err(_) => {
+                    if lease.reused() {
+                        idle.close_all();
+                    }
+                    return Err(SendError::Timeout);
+                }
+            };
+            match answered {
                 Ok(response) => return Ok((response, lease)),
                 Err(mut error) => match error.take_message() {
                     // Refused before a byte was written: the server closed
@@ -311,14 +334,15 @@ impl Forwarder {
         {
             parts.headers.insert(header::HOST, host);
         }
-        let sent = async {
-            match self {
-                Forwarder::Plain(plain) => {
-                    let (response, lease) = plain.send(Request::from_parts(parts, body), address).await?;
-                    let (parts, body) = response.into_parts();
-                    Ok((parts, Upstream::leased(body, lease)))
-                }
-                Forwarder::Tls(client) => {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (mut parts, body) = match self {
+            Forwarder::Plain(plain) => {
+                let (response, lease) = plain.send(Request::from_parts(parts, body), address, deadline).await?;
+                let (parts, body) = response.into_parts();
+                (parts, Upstream::leased(body, lease))
+            }
+            Forwarder::Tls(client) => {
+                let sent = async {
                     parts.uri =
                         absolute(&parts.uri, Scheme::HTTPS, authority).map_err(|e| SendError::Failed(e.to_string()))?;
                     let response = match client.request(Request::from_parts(parts, body)).await {
@@ -332,21 +356,11 @@ impl Forwarder {
                     };
                     let (parts, body) = response.into_parts();
                     Ok((parts, Upstream::new(body)))
+                };
+                match tokio::time::timeout_at(deadline, sent).await {
+                    Ok(sent) => sent?,
+                    Err(_) => return Err(SendError::Timeout),
                 }
-            }
-        };
-        let (mut parts, body) = match tokio::time::timeout(timeout, sent).await {
-            Ok(sent) => sent?,
-            Err(_) => {
-                // A server that stopped answering (its host gone without a
-                // FIN) leaves its idle connections looking ready: each
-                // would cost a request the timeout.
-                if let Forwarder::Plain(plain) = self
-                    && let Some(idle) = plain.idle.get(address)
-                {
-                    idle.close_all();
-                }
-                return Err(SendError::Timeout);
             }
         };
         remove_hop_by_hop(&mut parts.headers);
@@ -516,8 +530,17 @@ mod tests {
         let hung = fetch(&forwarder, &address, "/hang", Duration::from_millis(200)).await;
         assert!(matches!(hung, Err(SendError::Timeout)), "{:?}", hung);
         assert_eq!(idle(&forwarder, &address), 0, "every idle connection to it is suspect");
+
+        // A timeout on a new connection says nothing about the idle ones
+        // (a slow endpoint, not a vanished host): they stay.
+        let (slow, hung) = tokio::join!(
+            fetch(&forwarder, &address, "/slow", second),
+            fetch(&forwarder, &address, "/hang", Duration::from_millis(200))
+        );
+        assert!(slow.is_ok() && matches!(hung, Err(SendError::Timeout)), "{:?} {:?}", slow.err(), hung.err());
+        assert_eq!(idle(&forwarder, &address), 1);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(open.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(open.load(std::sync::atomic::Ordering::SeqCst), 1, "the idle one");
     }
 
     #[test]

@@ -157,16 +157,13 @@ pub fn answer(
         // boxed for the same reason: the task's state is sized by its
         // largest moment, and this one's room would outlive it.
         let upgrades = Box::pin(async { tokio::try_join!(&mut session.client_upgrade, server_upgrade) });
-        let mut relay = match upgrades.await {
+        match upgrades.await {
             Ok((client_io, server_io)) => {
-                relay::Relay::new(TokioIo::new(client_io), TokioIo::new(server_io), session.limits)
+                let limits = session.limits;
+                session.run(relay::Relay::new(TokioIo::new(client_io), TokioIo::new(server_io), limits)).await;
             }
-            Err(e) => {
-                tracing::debug!(pool = %session.server.pool, error = %e, "upgrade did not complete");
-                return;
-            }
-        };
-        session.run(&mut relay).await;
+            Err(e) => tracing::debug!(pool = %session.server.pool, error = %e, "upgrade did not complete"),
+        }
     });
     Ok(ClientAnswer::Upgraded(answer))
 }
@@ -174,7 +171,7 @@ pub fn answer(
 impl Relaying {
     /// Relays until the WebSocket ends, counted while it lives, then
     /// counts, traces and logs it.
-    async fn run<C, S>(&mut self, relay: &mut relay::Relay<C, S>)
+    async fn run<C, S>(&mut self, mut relay: relay::Relay<C, S>)
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -192,6 +189,10 @@ impl Relaying {
         };
         let stop = session.stop_signal();
         let end = relay.run(&stop).await;
+        // Both sockets (and their upstream place) close before the
+        // WebSocket stops being counted: a drain that sees none left
+        // finds them closed.
+        drop(relay);
         drop(stop);
         session.stop_signal_ended();
         session.ended(&end);
