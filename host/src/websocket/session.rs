@@ -157,29 +157,19 @@ pub fn answer(
         // boxed for the same reason: the task's state is sized by its
         // largest moment, and this one's room would outlive it.
         let upgrades = Box::pin(async { tokio::try_join!(&mut session.client_upgrade, server_upgrade) });
-        match upgrades.await {
+        let mut relay = match upgrades.await {
             Ok((client_io, server_io)) => {
-                let limits = session.limits;
-                session.run(relay::Relay::new(TokioIo::new(client_io), TokioIo::new(server_io), limits)).await;
+                relay::Relay::new(TokioIo::new(client_io), TokioIo::new(server_io), session.limits)
             }
-            Err(e) => tracing::debug!(pool = %session.server.pool, error = %e, "upgrade did not complete"),
-        }
-    });
-    Ok(ClientAnswer::Upgraded(answer))
-}
-
-impl Relaying {
-    /// Relays until the WebSocket ends, counted while it lives, then
-    /// counts, traces and logs it.
-    async fn run<C, S>(&mut self, mut relay: relay::Relay<C, S>)
-    where
-        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        if let Some(span) = &mut self.span {
+            Err(e) => {
+                tracing::debug!(pool = %session.server.pool, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        if let Some(span) = &mut session.span {
             span.1.start = std::time::SystemTime::now();
         }
-        let session = &*self;
+        let session = &*session;
         let _live = session.drain.websocket();
         let _on_server = session.server.websocket();
         let _counted = {
@@ -188,16 +178,21 @@ impl Relaying {
             GaugeGuard::up(session.metrics.websockets.get_or_create(&labels).clone())
         };
         let stop = session.stop_signal();
+        // Borrowed, not moved: a relay moved into a future would be kept
+        // twice in this task's state, the moved-from place included.
         let end = relay.run(&stop).await;
-        // Both sockets (and their upstream place) close before the
-        // WebSocket stops being counted: a drain that sees none left
-        // finds them closed.
+        // Both sockets (and their upstream places) close before the
+        // WebSocket stops being counted: a drain that sees none left finds
+        // them closed.
         drop(relay);
         drop(stop);
         session.stop_signal_ended();
         session.ended(&end);
-    }
+    });
+    Ok(ClientAnswer::Upgraded(answer))
+}
 
+impl Relaying {
     /// One stop signal that every source able to close this WebSocket
     /// fires: shutdown, its server (ejected or removed), its listener
     /// (removed).
