@@ -205,7 +205,8 @@ impl Budgets {
             let released = full.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            // Closed meanwhile by a socket that did not wait.
+            // A place may have come back before this socket counted itself
+            // waiting (no one told it): try again before closing anything.
             match self.take() {
                 Ok(slot) => return Ok(slot),
                 Err(over) => refused = over,
