@@ -95,12 +95,10 @@ impl IdleConnections {
     /// The pool these connections served is gone: the idle ones close now,
     /// and those still leased close when they come back.
     pub fn retire(&self) {
-        let closed = {
-            let mut idle = self.idle();
-            self.retired.store(true, Ordering::Release);
-            std::mem::take(&mut *idle)
-        };
-        drop(closed);
+        // `checkin` reads the flag under the list's lock: one that read it
+        // unset pushed before `close_all` takes the list, so it closes too.
+        self.retired.store(true, Ordering::Release);
+        self.close_all();
     }
 
     /// Closes the connections idle for the timeout or more, and those their

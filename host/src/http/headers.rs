@@ -31,13 +31,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             && !HOP_BY_HOP.iter().any(|n| token.eq_ignore_ascii_case(n.as_str().as_bytes()))
     };
     let close = tokens().any(|token| token.eq_ignore_ascii_case(b"close"));
-    let named: Option<Vec<HeaderName>> = tokens()
-        .any(more)
-        .then(|| tokens().filter(|token| more(token)).filter_map(|token| HeaderName::from_bytes(token).ok()).collect());
+    // Empty, this allocates nothing.
+    let named: Vec<HeaderName> =
+        tokens().filter(|token| more(token)).filter_map(|token| HeaderName::from_bytes(token).ok()).collect();
     if close {
         headers.remove("close");
     }
-    for name in named.iter().flatten() {
+    for name in &named {
         headers.remove(name);
     }
     for name in &HOP_BY_HOP {

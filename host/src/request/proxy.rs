@@ -614,12 +614,7 @@ impl ListenerProxy {
                 access,
                 client: client.addr,
                 path: req.uri().path().to_owned(),
-                request_id: req
-                    .headers()
-                    .get(&trace::REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned(),
+                request_id: trace.request_id.to_str().unwrap_or("").to_owned(),
             })
         });
         let (mut parts, _body) = req.into_parts();
