@@ -134,7 +134,7 @@ fn dashboard_reads_only(scrape: &prometheus_parse::Scrape, which: impl Fn(&str) 
     assert!(missing.is_empty(), "the dashboard reads metrics /metrics does not have: {missing:?}");
 }
 
-async fn scrape(admin: std::net::SocketAddr) -> prometheus_parse::Scrape {
+pub(crate) async fn scrape(admin: std::net::SocketAddr) -> prometheus_parse::Scrape {
     let got = get(admin, "/metrics").await;
     assert_eq!(got.status, StatusCode::OK);
     assert!(got.header("content-type").unwrap().starts_with("application/openmetrics-text"));

@@ -580,3 +580,97 @@ async fn a_secret_rotated_by_a_data_symlink_swap_is_served_to_new_connections() 
     ws.send(Message::text("still here")).await.unwrap();
     assert_eq!(next_message(&mut ws).await, Message::text("still here"), "the open wss was not touched");
 }
+
+/// Sends a 1 MiB binary message and checks its echo comes back whole.
+/// Then closes the WebSocket.
+async fn bulk_echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, seed: u8) {
+    let big: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 ^ seed).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert!(next_message(&mut ws).await == Message::binary(big), "the 1 MiB echo came back whole");
+    ws.close(None).await.unwrap();
+    while futures_util::StreamExt::next(&mut ws).await.is_some() {}
+}
+
+/// A counter's value on the admin listener's `/metrics` (0 before its
+/// first sample).
+async fn counter(admin: std::net::SocketAddr, name: &str) -> f64 {
+    let scrape = crate::admin::scrape(admin).await;
+    let samples = scrape.samples.iter().filter(|s| s.metric == name);
+    samples
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// Waits until `n` WebSockets ended (their bytes are counted then).
+async fn websockets_closed(admin: std::net::SocketAddr, n: f64) {
+    let limit = std::time::Instant::now() + Duration::from_secs(5);
+    while counter(admin, "wasmgate_websocket_closes_total").await < n {
+        assert!(std::time::Instant::now() < limit, "{n} WebSockets counted closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const SPLICED: &str = "wasmgate_websocket_spliced_bytes_total";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_websocket_payload_is_spliced_only_over_a_socket_the_websocket_owns() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue("gw", &["gw.test"]);
+    let app = Backend::start("app").await;
+    let admin_and_plain = "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n\
+         [[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\ndefault_pool = \"app\"\n";
+    let listeners = https_config(&plain_pool(&app), &[(&["gw.test"], &cert, &key)], "");
+    let config = format!("[websocket]\nsplice = true\n{admin_and_plain}{listeners}");
+    let gateway = start_gateway(&config, &PluginDir::new()).await;
+    let admin = gateway.admin_addr().unwrap();
+    let plain = gateway.listener_addr("plain").unwrap();
+
+    // Over TLS the socket carries ciphertext: nothing is spliced.
+    let tls = tls_connect(web(&gateway), "gw.test", pki.client(&[b"http/1.1"])).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://gw.test/ws", tls).await.expect("wss handshake");
+    assert!(matches!(next_message(&mut ws).await, Message::Text(_)), "greeting");
+    bulk_echo(ws, 1).await;
+    websockets_closed(admin, 1.0).await;
+    assert_eq!(counter(admin, SPLICED).await, 0.0, "nothing spliced over TLS");
+
+    // Over HTTP/2 (h2c) the WebSocket is one stream among the connection's:
+    // nothing is spliced either.
+    let tcp = tokio::net::TcpStream::connect(plain).await.unwrap();
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.expect("h2c handshake");
+    tokio::spawn(connection);
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri("http://gw.test/ws")
+        .header("sec-websocket-version", "13")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    request.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut response = h2.send_request(request).await.expect("extended CONNECT answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let upgraded = hyper::upgrade::on(&mut response).await.expect("h2 stream");
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    assert!(matches!(next_message(&mut ws).await, Message::Text(_)), "greeting");
+    bulk_echo(ws, 2).await;
+    websockets_closed(admin, 2.0).await;
+    assert_eq!(counter(admin, SPLICED).await, 0.0, "nothing spliced over HTTP/2");
+
+    // An HTTP/1.1 upgrade on a plain connection to a plain server: the
+    // payload of both 1 MiB frames is spliced, all but their first read.
+    let (ws, _) = ws_connect(plain, "/ws", &[]).await;
+    bulk_echo(ws, 3).await;
+    websockets_closed(admin, 3.0).await;
+    let spliced = counter(admin, SPLICED).await;
+    assert!((1.8 * 1048576.0..=2.0 * 1048576.0).contains(&spliced), "{spliced} bytes spliced");
+
+    // Without `splice = true`, nothing is.
+    let gateway = start_gateway(&format!("{admin_and_plain}{}", plain_pool(&app)), &PluginDir::new()).await;
+    let admin = gateway.admin_addr().unwrap();
+    let (ws, _) = ws_connect(gateway.listener_addr("plain").unwrap(), "/ws", &[]).await;
+    bulk_echo(ws, 4).await;
+    websockets_closed(admin, 1.0).await;
+    assert_eq!(counter(admin, SPLICED).await, 0.0, "splicing is off by default");
+}

@@ -405,11 +405,15 @@ pub struct WebSocketConfig {
     pub max_lifetime_s: u64,
     /// On shutdown, WebSockets get their Close 1001 spread over this window.
     pub drain_s: u64,
+    /// Move large frame payloads between plain TCP sockets with splice(2),
+    /// never through the gateway's memory: less gateway CPU per byte, but
+    /// peers on the same host spend more to receive it (off by default).
+    pub splice: bool,
 }
 
 impl Default for WebSocketConfig {
     fn default() -> Self {
-        WebSocketConfig { idle_timeout_s: 300, max_lifetime_s: 14_400, drain_s: 30 }
+        WebSocketConfig { idle_timeout_s: 300, max_lifetime_s: 14_400, drain_s: 30, splice: false }
     }
 }
 

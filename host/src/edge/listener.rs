@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -206,7 +207,7 @@ async fn connection(
         addr
     };
     let Some(acceptor) = tls else {
-        let conn = Arc::new(ConnInfo::new(addr, None));
+        let conn = Arc::new(ConnInfo { plain_fd: Some(stream.io.as_raw_fd()), ..ConnInfo::new(addr, None) });
         return serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
     };
     let stream = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {

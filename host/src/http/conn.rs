@@ -17,6 +17,10 @@ pub struct ConnInfo {
     /// The client's IP address (IPv4-mapped addresses as IPv4) as a header
     /// value, formatted once per connection for `X-Forwarded-For`.
     pub ip_header: http::HeaderValue,
+    /// On plain TCP connections, the socket's descriptor: a WebSocket
+    /// upgraded on it may splice its payload (the connection's stream owns
+    /// the socket; this only names it).
+    pub plain_fd: Option<std::os::fd::RawFd>,
 }
 
 /// What the TLS handshake told: the name asked for and the protocol agreed.
@@ -31,7 +35,7 @@ impl ConnInfo {
     pub fn new(addr: SocketAddr, tls: Option<TlsDetails>) -> ConnInfo {
         let ip = addr.ip().to_canonical().to_string();
         let ip_header = http::HeaderValue::from_str(&ip).expect("an IP address is a header value");
-        ConnInfo { addr, tls, tunnels: Tunnels::default(), ip_header }
+        ConnInfo { addr, tls, tunnels: Tunnels::default(), ip_header, plain_fd: None }
     }
 
     /// `https` on TLS connections, else `http`.

@@ -628,13 +628,17 @@ impl ListenerProxy {
                 // Counted on its server from the handshake on (least-connections).
                 let active = server.begin();
                 let answer = handshake.send(head?, &server.address, tls, budgets, timeout).await;
-                answer.map(|response| (response, active))
+                answer.map(|(response, fd)| (response, fd, active))
             }
         };
-        let ((mut response, active), server) = self.try_servers(route, retryable, attempt).await?;
+        let ((mut response, server_fd, active), server) = self.try_servers(route, retryable, attempt).await?;
         remove_gateway_headers(response.headers_mut());
+        // Over HTTP/2 the client's WebSocket is one stream of many on its
+        // socket: only an HTTP/1.1 upgrade owns the whole socket.
+        let client_fd = client.plain_fd.filter(|_| rules.relay_limits.splice && !handshake.over_h2);
         let relaying = Relaying {
             client_upgrade,
+            sockets: client_fd.zip(server_fd),
             server: server.clone(),
             active,
             limits: rules.relay_limits,

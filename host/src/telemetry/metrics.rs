@@ -179,6 +179,7 @@ pub struct Metrics {
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub websocket_closes: Family<ReasonLabel, Counter>,
     pub relayed_bytes: Family<DirectionLabel, Counter>,
+    pub spliced_bytes: Counter,
     pub plugin_call_duration: HistogramFamily<PluginLabel>,
     pub reloads: Family<ResultLabel, Counter>,
     /// All requests answered, and those answered 5xx (the dashboard's rates).
@@ -197,6 +198,7 @@ impl Default for Metrics {
             handshakes: Family::default(),
             websocket_closes: Family::default(),
             relayed_bytes: Family::default(),
+            spliced_bytes: Counter::default(),
             plugin_call_duration: Family::new_with_constructor(|| Histogram::new(PLUGIN_BUCKETS)),
             reloads: Family::default(),
             answered: AtomicU64::new(0),
@@ -237,6 +239,11 @@ impl Default for Metrics {
             "websocket_relayed_bytes",
             "Bytes relayed on ended WebSockets, by direction",
             metrics.relayed_bytes.clone(),
+        );
+        registry.register(
+            "websocket_spliced_bytes",
+            "Of the bytes relayed on ended WebSockets, those spliced between two plain TCP sockets, never copied through the gateway's memory",
+            metrics.spliced_bytes.clone(),
         );
         registry.register(
             "plugin_call_duration_seconds",

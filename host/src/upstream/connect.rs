@@ -84,8 +84,16 @@ fn local_exhaustion(error: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// A byte stream to a server, plain or TLS.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + std::any::Any {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// The socket's descriptor when `io` is a plain TCP connection that
+/// [`connect`] opened (none for TLS).
+pub fn plain_fd(io: &dyn Io) -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    let io: &dyn std::any::Any = io;
+    io.downcast_ref::<Counted<tokio::net::TcpStream>>().map(|stream| stream.get_ref().as_raw_fd())
+}
 
 /// Quiet time after which the kernel checks an upstream socket's peer is
 /// still there, then every [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_PROBES`] times:

@@ -6,5 +6,6 @@
 pub mod handshake;
 pub mod relay;
 pub mod session;
+mod splice;
 
 pub use handshake::ClientHandshake;

@@ -32,6 +32,7 @@
 use std::cell::RefCell;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -39,6 +40,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use super::splice::{self, SpliceError, Spliced};
 use crate::shutdown::{Stop, StopCause};
 
 /// How long each side has to finish a close the gateway started.
@@ -52,11 +54,21 @@ const READ_SIZE: usize = 16 * 1024;
 /// Reads one direction makes in a turn before the relay lets other tasks run.
 const READS_PER_TURN: usize = 16;
 
+/// Between two plain TCP sockets, a frame whose payload has more than this
+/// left is passed on by splice(2), at most [`SPLICE_SIZE`] a time; smaller
+/// ones are cheaper to copy.
+const SPLICE_FROM: u64 = READ_SIZE as u64;
+
+/// Bytes spliced at a time: a pipe's default capacity.
+const SPLICE_SIZE: u64 = 64 * 1024;
+
 /// Limits on one relayed connection.
 #[derive(Debug, Clone, Copy)]
 pub struct RelayLimits {
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
+    /// Splice bulk payload between plain TCP sockets (`[websocket] splice`).
+    pub splice: bool,
 }
 
 /// Why the gateway ends a WebSocket, and the Close frame it sends for it.
@@ -105,6 +117,8 @@ pub struct RelayEnd {
     pub lasted: Duration,
     pub client_to_server: u64,
     pub server_to_client: u64,
+    /// Of both directions' bytes, those spliced (never in user space).
+    pub spliced: u64,
 }
 
 /// Who ended a relayed WebSocket.
@@ -210,6 +224,8 @@ impl Frames {
 struct Direction {
     frames: Frames,
     bytes: u64,
+    /// Of `bytes`, those spliced.
+    spliced: u64,
     /// Bytes read but not yet taken by the destination (and the gateway's
     /// Close frame, queued behind them). Allocated only while a write is
     /// stalled, and freed once written (boxed: a pointer's width in every
@@ -225,6 +241,10 @@ struct Direction {
     ended: bool,
     /// The gateway's Close went to the destination; later bytes are dropped.
     closed: bool,
+    /// A read of the source found nothing: bytes buffered above its socket
+    /// before the relay began (the rest of the handshake's read) are all
+    /// passed on, so the socket itself may be spliced from.
+    drained: bool,
 }
 
 /// Bytes waiting for a stalled destination.
@@ -281,11 +301,16 @@ impl Direction {
     /// reads (into the thread's buffer) written on at once, the rest
     /// spilled. EOF is passed on as a half-close; bytes after the gateway's
     /// Close went that way are dropped (counted, not written).
+    ///
+    /// With `sockets` (both ends plain TCP: source, destination), a frame
+    /// payload longer than one read is spliced from one socket to the
+    /// other once the source's buffered bytes are passed on.
     fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut R,
         to: &mut W,
+        sockets: Option<(BorrowedFd<'_>, BorrowedFd<'_>)>,
         last_activity: &mut Instant,
     ) -> Result<Turn, Failure> {
         for _ in 0..READS_PER_TURN {
@@ -319,10 +344,42 @@ impl Direction {
                 self.ended = true;
                 return Ok(Turn::Waiting);
             }
+            if let Some((source, destination)) = sockets
+                && self.drained
+                && !self.closed
+                && self.frames.remaining > SPLICE_FROM
+            {
+                let len = self.frames.remaining.min(SPLICE_SIZE) as usize;
+                match splice::splice(source, destination, len) {
+                    Some(Ok(Spliced::Moved { moved, left })) => {
+                        self.frames.remaining -= moved as u64;
+                        self.bytes += moved as u64;
+                        self.spliced += moved as u64;
+                        *last_activity = Instant::now();
+                        if !left.is_empty() {
+                            self.spill = Some(Box::new(Spill { data: left, at: 0 }));
+                            self.stalled_since = Some(Instant::now());
+                        }
+                        continue;
+                    }
+                    Some(Ok(Spliced::Eof)) => {
+                        self.eof = Some(Instant::now());
+                        continue;
+                    }
+                    Some(Err(SpliceError::Read(e))) => return Err(Failure::Read(e)),
+                    Some(Err(SpliceError::Write(e))) => return Err(Failure::Write(e)),
+                    // Nothing to splice now: the read below registers the
+                    // wake-up (or takes what came meanwhile). No pipe: copy.
+                    Some(Ok(Spliced::Nothing)) | None => {}
+                }
+            }
             let read = with_scratch(|buffer| {
                 let mut buffer = ReadBuf::new(buffer);
                 match Pin::new(&mut *from).poll_read(cx, &mut buffer) {
-                    Poll::Pending => return Ok(None),
+                    Poll::Pending => {
+                        self.drained = true;
+                        return Ok(None);
+                    }
                     Poll::Ready(Err(e)) => return Err(Failure::Read(e)),
                     Poll::Ready(Ok(())) => {}
                 }
@@ -385,6 +442,9 @@ enum Finish {
 pub struct Relay<C, S> {
     client: C,
     server: S,
+    /// The client's and the server's socket descriptors, when both are
+    /// plain TCP (see [`Relay::splice_between`]).
+    sockets: Option<(RawFd, RawFd)>,
     up: Direction,
     down: Direction,
     limits: RelayLimits,
@@ -546,12 +606,19 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
                 }
             }
             self.deliver_closes();
-            let up = self.up.pump(cx, &mut self.client, &mut self.server, &mut self.last_activity);
+            // SAFETY: `splice_between`'s caller promised these are the
+            // descriptors of the sockets `client` and `server` own, which
+            // stay open as long as the relay holds them.
+            let sockets = self
+                .sockets
+                .map(|(client, server)| unsafe { (BorrowedFd::borrow_raw(client), BorrowedFd::borrow_raw(server)) });
+            let up = self.up.pump(cx, &mut self.client, &mut self.server, sockets, &mut self.last_activity);
             let up = match up {
                 Ok(turn) => turn,
                 Err(failure) => return Poll::Ready(self.failed(failure, false)),
             };
-            let down = self.down.pump(cx, &mut self.server, &mut self.client, &mut self.last_activity);
+            let down_sockets = sockets.map(|(client, server)| (server, client));
+            let down = self.down.pump(cx, &mut self.server, &mut self.client, down_sockets, &mut self.last_activity);
             let down = match down {
                 Ok(turn) => turn,
                 Err(failure) => {
@@ -609,6 +676,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
         Relay {
             client,
             server,
+            sockets: None,
             up: Direction::default(),
             down: Direction::default(),
             limits,
@@ -621,6 +689,19 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
             stop_reason: CloseReason::Shutdown,
             gateway_first: false,
         }
+    }
+
+    /// Lets bulk payload move between the two sockets by splice(2), never
+    /// through user space.
+    ///
+    /// # Safety
+    /// `client_fd` and `server_fd` must be the descriptors of the plain TCP
+    /// sockets that `client` and `server` own (and keep open while they
+    /// live), each read and written without a buffer in between beyond
+    /// bytes already read before the relay began, which a read returns
+    /// first.
+    pub unsafe fn splice_between(&mut self, client_fd: RawFd, server_fd: RawFd) {
+        self.sockets = Some((client_fd, server_fd));
     }
 
     /// Relays until both sides close, a socket fails, or the gateway ends
@@ -649,6 +730,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
             lasted: self.started.elapsed(),
             client_to_server: self.up.bytes,
             server_to_client: self.down.bytes,
+            spliced: self.up.spliced + self.down.spliced,
         }
     }
 
@@ -758,5 +840,152 @@ mod tests {
         let payload: Vec<u8> = to_server[6..].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
         assert_eq!(&payload[..2], &1001u16.to_be_bytes());
         assert_eq!(&payload[2..], b"gateway shutting down");
+    }
+
+    /// A binary frame whose payload is a pattern (so a byte out of place or
+    /// lost shows).
+    fn patterned(payload_len: usize, masked: bool, seed: u8) -> Vec<u8> {
+        let mut f = frame(payload_len, masked);
+        let start = f.len() - payload_len;
+        for (i, b) in f[start..].iter_mut().enumerate() {
+            *b = (i % 251) as u8 ^ seed;
+        }
+        f
+    }
+
+    /// A connected pair of TCP sockets on 127.0.0.1: (connecting, accepted).
+    /// With `small`, the connecting side's send buffer and the accepted
+    /// side's receive buffer are a few KiB, so writes toward the accepted
+    /// side stall while it does not read.
+    async fn tcp_pair(small: bool) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        use tokio::net::TcpSocket;
+        let listening = TcpSocket::new_v4().unwrap();
+        let connecting = TcpSocket::new_v4().unwrap();
+        if small {
+            listening.set_recv_buffer_size(4096).unwrap();
+            connecting.set_send_buffer_size(4096).unwrap();
+        }
+        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listening.listen(1).unwrap();
+        let connect = connecting.connect(listener.local_addr().unwrap());
+        let (connected, accepted) = tokio::join!(connect, listener.accept());
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    /// A relay between two real socket pairs, splicing: the client's and the
+    /// server's peers, and the running relay.
+    async fn spliced_relay(
+        stop: Arc<Stop>,
+    ) -> (tokio::net::TcpStream, tokio::net::TcpStream, tokio::task::JoinHandle<RelayEnd>) {
+        use std::os::fd::AsRawFd;
+        let (client_peer, gateway_client) = tcp_pair(false).await;
+        let (gateway_server, server_peer) = tcp_pair(true).await;
+        let fds = (gateway_client.as_raw_fd(), gateway_server.as_raw_fd());
+        let limits =
+            RelayLimits { idle_timeout: Duration::from_secs(10), max_lifetime: Duration::from_secs(60), splice: true };
+        let mut relay = Relay::new(gateway_client, gateway_server, limits);
+        // SAFETY: the descriptors are those of the two sockets the relay owns.
+        unsafe { relay.splice_between(fds.0, fds.1) };
+        (client_peer, server_peer, tokio::spawn(async move { relay.run(&stop).await }))
+    }
+
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+
+    /// Reads `n` bytes (or fails the test after 10 s).
+    async fn read_n(from: &mut (impl AsyncRead + Unpin), n: usize) -> Vec<u8> {
+        let mut got = vec![0; n];
+        tokio::time::timeout(Duration::from_secs(10), from.read_exact(&mut got)).await.unwrap().unwrap();
+        got
+    }
+
+    // The current-thread runtime matters: after passing each first small
+    // frame on, the relay reads its source again before the test's peer
+    // sends more, and finds nothing, which allows splicing.
+    #[tokio::test]
+    async fn bulk_payload_between_plain_sockets_is_spliced_and_arrives_intact() {
+        let (mut client, mut server, relaying) = spliced_relay(Arc::new(Stop::default())).await;
+        let first_up = patterned(10, true, 1);
+        client.write_all(&first_up).await.unwrap();
+        assert_eq!(read_n(&mut server, first_up.len()).await, first_up);
+        let first_down = patterned(20, false, 2);
+        server.write_all(&first_down).await.unwrap();
+        assert_eq!(read_n(&mut client, first_down.len()).await, first_down);
+
+        let up = [patterned(3 << 20, true, 3), patterned(200_000, true, 4), patterned(5, true, 5)].concat();
+        let down = [patterned(2 << 20, false, 6), patterned(100, false, 7), patterned(70_000, false, 8)].concat();
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let send_up = async {
+            client_write.write_all(&up).await.unwrap();
+            client_write.shutdown().await.unwrap();
+        };
+        let send_down = async {
+            server_write.write_all(&down).await.unwrap();
+            server_write.shutdown().await.unwrap();
+        };
+        // The server's peer reads nothing for a while: its socket's buffers
+        // fill, and what a splice moved but could not write waits in a spill.
+        let receive_up = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut got = Vec::new();
+            server_read.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let receive_down = async {
+            let mut got = Vec::new();
+            client_read.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let limit = Duration::from_secs(20);
+        let (_, _, got_up, got_down) =
+            tokio::time::timeout(limit, async { tokio::join!(send_up, send_down, receive_up, receive_down) })
+                .await
+                .unwrap();
+        assert!(got_up == up, "the client's bytes reach the server in order ({} of {})", got_up.len(), up.len());
+        assert!(
+            got_down == down,
+            "the server's bytes reach the client in order ({} of {})",
+            got_down.len(),
+            down.len()
+        );
+        let end = relaying.await.unwrap();
+        let total = (first_up.len() + up.len() + first_down.len() + down.len()) as u64;
+        assert_eq!(end.client_to_server + end.server_to_client, total);
+        // Each large frame's first read is copied, and so is its last
+        // `SPLICE_FROM` or less: the rest is spliced.
+        let copied = total - end.spliced;
+        assert!(copied < 4 * 2 * READ_SIZE as u64 + 1000, "{copied} of {total} bytes copied, {} spliced", end.spliced);
+    }
+
+    #[tokio::test]
+    async fn a_gateway_close_lands_after_the_frame_being_spliced() {
+        let stop = Arc::new(Stop::default());
+        let stops = crate::shutdown::StopList::new(StopCause::Shutdown);
+        stops.add(&stop);
+        let (mut client, mut server, relaying) = spliced_relay(stop).await;
+        let first = patterned(10, true, 1);
+        client.write_all(&first).await.unwrap();
+        assert_eq!(read_n(&mut server, first.len()).await, first);
+        // Half of a large frame, then the stop, then the other half.
+        let bulk = patterned(1 << 20, true, 9);
+        client.write_all(&bulk[..bulk.len() / 2]).await.unwrap();
+        assert_eq!(read_n(&mut server, bulk.len() / 4).await, bulk[..bulk.len() / 4]);
+        stops.fire(Duration::ZERO);
+        client.write_all(&bulk[bulk.len() / 2..]).await.unwrap();
+        assert_eq!(read_n(&mut server, bulk.len() - bulk.len() / 4).await, bulk[bulk.len() / 4..]);
+        // Right after the frame: the gateway's Close, masked, 1001.
+        let close = read_n(&mut server, 2).await;
+        assert_eq!(close, [0x88, 0x80 | 23]);
+        let rest = read_n(&mut server, 4 + 23).await;
+        let payload: Vec<u8> = rest[4..].iter().enumerate().map(|(i, b)| b ^ rest[i % 4]).collect();
+        assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+        // The client got its own Close.
+        let to_client = read_n(&mut client, 2).await;
+        assert_eq!(to_client, [0x88, 23]);
+        drop((client, server));
+        let end = tokio::time::timeout(Duration::from_secs(10), relaying).await.unwrap().unwrap();
+        assert!(matches!(end.cause, EndCause::Gateway(CloseReason::Shutdown)), "{:?}", end.cause);
+        assert!(end.spliced > (1 << 19), "the frame was spliced: {} bytes", end.spliced);
     }
 }

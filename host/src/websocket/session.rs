@@ -3,6 +3,7 @@
 //! background task that relays both upgraded connections until they close,
 //! then counts and logs the session.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -48,6 +49,11 @@ impl Drop for WebSocketSlot {
 /// What a successful upgrade needs to keep while it relays.
 pub struct Relaying {
     pub client_upgrade: OnUpgrade,
+    /// The client's and the server's socket descriptors when both
+    /// connections are plain TCP and the client's is an HTTP/1.1 upgrade:
+    /// the upgraded streams own these sockets, and the relay splices bulk
+    /// payload between them.
+    pub sockets: Option<(RawFd, RawFd)>,
     pub server: Arc<Server>,
     /// Counts the connection on its server (for least-connections) from the
     /// handshake until the relay ends.
@@ -159,7 +165,16 @@ pub fn answer(
         let upgrades = Box::pin(async { tokio::try_join!(&mut session.client_upgrade, server_upgrade) });
         let mut relay = match upgrades.await {
             Ok((client_io, server_io)) => {
-                relay::Relay::new(TokioIo::new(client_io), TokioIo::new(server_io), session.limits)
+                let mut relay = relay::Relay::new(TokioIo::new(client_io), TokioIo::new(server_io), session.limits);
+                if let Some((client_fd, server_fd)) = session.sockets {
+                    // SAFETY: the descriptors name the sockets under the two
+                    // upgraded connections the relay now owns (see
+                    // `Relaying::sockets`). hyper's upgraded streams read
+                    // and write their sockets directly, after first
+                    // returning what they read before the upgrade.
+                    unsafe { relay.splice_between(client_fd, server_fd) };
+                }
+                relay
             }
             Err(e) => {
                 tracing::debug!(pool = %session.server.pool, error = %e, "upgrade did not complete");
@@ -226,6 +241,7 @@ impl Relaying {
             .relayed_bytes
             .get_or_create(&DirectionLabel { direction: "server_to_client" })
             .inc_by(end.server_to_client);
+        metrics.spliced_bytes.inc_by(end.spliced);
         let (pool, address) = (&self.server.pool, &self.server.address);
         let (up, down) = (end.client_to_server, end.server_to_client);
         if let Some(traced) = &self.span {
