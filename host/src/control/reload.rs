@@ -368,11 +368,11 @@ impl Control {
         window: Duration,
         changes: &mut Vec<String>,
     ) {
-        let relay_limits = RelayLimits {
-            idle_timeout: Duration::from_secs(config.websocket.idle_timeout_s),
-            max_lifetime: Duration::from_secs(config.websocket.max_lifetime_s),
-            splice: config.websocket.splice,
-        };
+        let relay_limits = RelayLimits::new(
+            Duration::from_secs(config.websocket.idle_timeout_s),
+            Duration::from_secs(config.websocket.max_lifetime_s),
+            config.websocket.splice,
+        );
         let addr_of = |name: &str| {
             opened.get(name).map(|o: &Opened| o.addr).or_else(|| running.listeners.get(name).map(|r| r.addr))
         };

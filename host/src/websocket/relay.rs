@@ -32,6 +32,7 @@
 use std::cell::RefCell;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
+use std::num::NonZeroU32;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -65,10 +66,28 @@ const SPLICE_SIZE: u64 = 64 * 1024;
 /// Limits on one relayed connection.
 #[derive(Debug, Clone, Copy)]
 pub struct RelayLimits {
-    pub idle_timeout: Duration,
-    pub max_lifetime: Duration,
+    /// In milliseconds (four bytes each: every WebSocket keeps these).
+    idle_timeout_ms: u32,
+    max_lifetime_ms: u32,
     /// Splice bulk payload between plain TCP sockets (`[websocket] splice`).
     pub splice: bool,
+}
+
+impl RelayLimits {
+    /// Limits of at most 30 days each (config validation's bound; longer
+    /// ones are cut to 49 days).
+    pub fn new(idle_timeout: Duration, max_lifetime: Duration, splice: bool) -> RelayLimits {
+        let ms = |limit: Duration| u32::try_from(limit.as_millis()).unwrap_or(u32::MAX);
+        RelayLimits { idle_timeout_ms: ms(idle_timeout), max_lifetime_ms: ms(max_lifetime), splice }
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.into())
+    }
+
+    pub fn max_lifetime(&self) -> Duration {
+        Duration::from_millis(self.max_lifetime_ms.into())
+    }
 }
 
 /// Why the gateway ends a WebSocket, and the Close frame it sends for it.
@@ -158,6 +177,39 @@ enum Side {
     Server,
 }
 
+/// A moment of a relay's life, in whole milliseconds since it started,
+/// rounded up (a deadline counted from it is never early), plus one so
+/// that `Option<Moment>` takes four bytes: every relay keeps several, and
+/// four bytes are enough, since a relay ends within its maximum lifetime
+/// (at most 30 days) and [`CLOSE_GRACE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Moment(NonZeroU32);
+
+/// The relay's start, which its [`Moment`]s count from.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    started: Instant,
+}
+
+impl Clock {
+    /// The moment it is now.
+    fn now(self) -> Moment {
+        self.moment(Instant::now())
+    }
+
+    /// `at` as a moment (the start, if before it).
+    fn moment(self, at: Instant) -> Moment {
+        let ms = at.saturating_duration_since(self.started).as_nanos().div_ceil(1_000_000);
+        let ms = u32::try_from(ms).unwrap_or(u32::MAX - 1);
+        Moment(NonZeroU32::MIN.saturating_add(ms))
+    }
+
+    /// When `moment` is.
+    fn at(self, moment: Moment) -> Instant {
+        self.started + Duration::from_millis(u64::from(moment.0.get() - 1))
+    }
+}
+
 /// Where a byte stream is in its frames: the relay passes bytes through
 /// unparsed and only follows frame headers, so a Close it makes goes
 /// between two frames. Public for the fuzz targets (`fuzz/`).
@@ -232,11 +284,11 @@ struct Direction {
     /// idle relay).
     spill: Option<Box<Spill>>,
     /// Since when the destination takes none of the bytes waiting for it.
-    stalled_since: Option<Instant>,
+    stalled_since: Option<Moment>,
     /// Bytes went to the destination since its last flush.
     unflushed: bool,
     /// The source sent EOF at this moment; it is being passed on.
-    eof: Option<Instant>,
+    eof: Option<Moment>,
     /// The source's EOF was passed on (or the grace to pass it on ran out).
     ended: bool,
     /// The gateway's Close went to the destination; later bytes are dropped.
@@ -311,7 +363,8 @@ impl Direction {
         from: &mut R,
         to: &mut W,
         sockets: Option<(BorrowedFd<'_>, BorrowedFd<'_>)>,
-        last_activity: &mut Instant,
+        clock: Clock,
+        last_activity: &mut Moment,
     ) -> Result<Turn, Failure> {
         for _ in 0..READS_PER_TURN {
             if let Some(spill) = &mut self.spill {
@@ -325,7 +378,7 @@ impl Direction {
                         }
                         Poll::Ready(Err(e)) => return Err(Failure::Write(e)),
                         Poll::Pending => {
-                            self.stalled_since.get_or_insert_with(Instant::now);
+                            self.stalled_since.get_or_insert_with(|| clock.now());
                             return Ok(Turn::Waiting);
                         }
                     }
@@ -355,15 +408,15 @@ impl Direction {
                         self.frames.remaining -= moved as u64;
                         self.bytes += moved as u64;
                         self.spliced += moved as u64;
-                        *last_activity = Instant::now();
+                        *last_activity = clock.now();
                         if !left.is_empty() {
                             self.spill = Some(Box::new(Spill { data: left, at: 0 }));
-                            self.stalled_since = Some(Instant::now());
+                            self.stalled_since = Some(*last_activity);
                         }
                         continue;
                     }
                     Some(Ok(Spliced::Eof)) => {
-                        self.eof = Some(Instant::now());
+                        self.eof = Some(clock.now());
                         continue;
                     }
                     Some(Err(SpliceError::Read(e))) => return Err(Failure::Read(e)),
@@ -397,7 +450,7 @@ impl Direction {
                         Poll::Ready(Err(e)) => return Err(Failure::Write(e)),
                         Poll::Pending => {
                             self.queue(&data[at..]);
-                            self.stalled_since = Some(Instant::now());
+                            self.stalled_since = Some(clock.now());
                             break;
                         }
                     }
@@ -407,8 +460,8 @@ impl Direction {
             })?;
             match read {
                 None => return self.flush(cx, to),
-                Some(0) => self.eof = Some(Instant::now()),
-                Some(_) => *last_activity = Instant::now(),
+                Some(0) => self.eof = Some(clock.now()),
+                Some(_) => *last_activity = clock.now(),
             }
         }
         Ok(Turn::Busy)
@@ -439,6 +492,11 @@ enum Finish {
 /// A relay's whole state, polled as one future: both sockets, both
 /// directions, the stop signal, and one timer reset only when the nearest
 /// deadline moves earlier (or passes).
+///
+/// Every idle WebSocket keeps one, inside its session task, so its size is
+/// memory per connection: with this relay (280 bytes) the task's state is
+/// 536 bytes, which tokio's task cell holds in 640; a byte more takes the
+/// cell to 768 (cells are rounded to 128 bytes).
 pub struct Relay<C, S> {
     client: C,
     server: S,
@@ -447,18 +505,16 @@ pub struct Relay<C, S> {
     sockets: Option<(RawFd, RawFd)>,
     up: Direction,
     down: Direction,
+    clock: Clock,
     limits: RelayLimits,
-    started: Instant,
-    last_activity: Instant,
+    last_activity: Moment,
     /// Who sent the first Close frame, else the first EOF.
     first: Option<Side>,
-    /// The gateway is closing since then, for `closing_reason` (kept
-    /// apart, like the stop's: a reason beside an `Instant` would pad each
-    /// pair to 24 bytes in every relay's state).
-    closing_since: Option<Instant>,
+    /// The gateway is closing since then, for `closing_reason`.
+    closing_since: Option<Moment>,
     closing_reason: CloseReason,
     /// The stop signal fired: close for `stop_reason` at this moment.
-    stop_at: Option<Instant>,
+    stop_at: Option<Moment>,
     stop_reason: CloseReason,
     /// The gateway began closing before either peer had.
     gateway_first: bool,
@@ -467,12 +523,12 @@ pub struct Relay<C, S> {
 impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay<C, S> {
     /// Since when the gateway is closing, and why.
     fn closing(&self) -> Option<(CloseReason, Instant)> {
-        self.closing_since.map(|since| (self.closing_reason, since))
+        self.closing_since.map(|since| (self.closing_reason, self.clock.at(since)))
     }
 
     /// When the stop signal says to close, and why.
     fn stop_at(&self) -> Option<(CloseReason, Instant)> {
-        self.stop_at.map(|at| (self.stop_reason, at))
+        self.stop_at.map(|at| (self.stop_reason, self.clock.at(at)))
     }
 
     fn note_first(&mut self) {
@@ -489,7 +545,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
     fn begin(&mut self, reason: CloseReason) {
         self.note_first();
         self.gateway_first = self.first.is_none();
-        self.closing_since = Some(Instant::now());
+        self.closing_since = Some(self.clock.now());
         self.closing_reason = reason;
     }
 
@@ -525,21 +581,35 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
     }
 
     /// The nearest moment something must happen.
+    fn idle_timeout(&self) -> Duration {
+        self.limits.idle_timeout()
+    }
+
+    /// When the relay reaches its maximum lifetime.
+    fn end_of_life(&self) -> Instant {
+        self.clock.started + self.limits.max_lifetime()
+    }
+
+    /// When the relay is idle for its idle timeout, if nothing moves.
+    fn idle_at(&self) -> Instant {
+        self.clock.at(self.last_activity) + self.idle_timeout()
+    }
+
+    /// The nearest moment something must happen.
     fn deadline(&self) -> Instant {
         let mut deadline = match self.closing() {
             Some((_, since)) => since + CLOSE_GRACE,
             None => {
-                let deadline =
-                    (self.last_activity + self.limits.idle_timeout).min(self.started + self.limits.max_lifetime);
+                let deadline = self.idle_at().min(self.end_of_life());
                 self.stop_at().map_or(deadline, |(_, at)| deadline.min(at))
             }
         };
         for direction in [&self.up, &self.down] {
             if let Some(since) = direction.stalled_since {
-                deadline = deadline.min(since + self.limits.idle_timeout);
+                deadline = deadline.min(self.clock.at(since) + self.idle_timeout());
             }
             if let (Some(since), false) = (direction.eof, direction.ended) {
-                deadline = deadline.min(since + CLOSE_GRACE);
+                deadline = deadline.min(self.clock.at(since) + CLOSE_GRACE);
             }
         }
         deadline
@@ -553,15 +623,16 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
             // The grace is over: cut what is left.
             return Some(Finish::Done(self.cause(None)));
         }
-        let stalled = |d: &Direction| d.stalled_since.is_some_and(|s| now >= s + self.limits.idle_timeout);
+        let stalled = |d: &Direction| d.stalled_since.is_some_and(|s| now >= self.clock.at(s) + self.idle_timeout());
         if stalled(&self.up) || stalled(&self.down) {
             // A peer that took no bytes for the idle timeout stopped reading
             // (while closing, the grace above bounds the wait as well).
             let reason = self.closing().map_or(CloseReason::IdleTimeout, |(reason, _)| reason);
             return Some(Finish::Done(EndCause::Gateway(reason)));
         }
+        let clock = self.clock;
         for direction in [&mut self.up, &mut self.down] {
-            if direction.eof.is_some_and(|since| now >= since + CLOSE_GRACE) {
+            if direction.eof.is_some_and(|since| now >= clock.at(since) + CLOSE_GRACE) {
                 direction.ended = true;
             }
         }
@@ -570,9 +641,9 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
                 && now >= at
             {
                 self.begin(reason);
-            } else if now >= self.started + self.limits.max_lifetime {
+            } else if now >= self.end_of_life() {
                 self.begin(CloseReason::MaxLifetime);
-            } else if now >= self.last_activity + self.limits.idle_timeout {
+            } else if now >= self.idle_at() {
                 self.begin(CloseReason::IdleTimeout);
             }
         }
@@ -601,7 +672,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
                 if at <= Instant::now() {
                     self.begin(cause.into());
                 } else {
-                    self.stop_at = Some(at);
+                    self.stop_at = Some(self.clock.moment(at));
                     self.stop_reason = cause.into();
                 }
             }
@@ -612,13 +683,15 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
             let sockets = self
                 .sockets
                 .map(|(client, server)| unsafe { (BorrowedFd::borrow_raw(client), BorrowedFd::borrow_raw(server)) });
-            let up = self.up.pump(cx, &mut self.client, &mut self.server, sockets, &mut self.last_activity);
+            let (clock, activity) = (self.clock, &mut self.last_activity);
+            let up = self.up.pump(cx, &mut self.client, &mut self.server, sockets, clock, activity);
             let up = match up {
                 Ok(turn) => turn,
                 Err(failure) => return Poll::Ready(self.failed(failure, false)),
             };
             let down_sockets = sockets.map(|(client, server)| (server, client));
-            let down = self.down.pump(cx, &mut self.server, &mut self.client, down_sockets, &mut self.last_activity);
+            let activity = &mut self.last_activity;
+            let down = self.down.pump(cx, &mut self.server, &mut self.client, down_sockets, clock, activity);
             let down = match down {
                 Ok(turn) => turn,
                 Err(failure) => {
@@ -672,16 +745,16 @@ fn close_frame(reason: CloseReason, masked: bool) -> Vec<u8> {
 impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay<C, S> {
     /// A relay between `client` and `server`, starting now.
     pub fn new(client: C, server: S, limits: RelayLimits) -> Relay<C, S> {
-        let started = Instant::now();
+        let clock = Clock { started: Instant::now() };
         Relay {
             client,
             server,
             sockets: None,
             up: Direction::default(),
             down: Direction::default(),
+            clock,
             limits,
-            started,
-            last_activity: started,
+            last_activity: clock.now(),
             first: None,
             closing_since: None,
             closing_reason: CloseReason::Shutdown,
@@ -727,7 +800,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
         };
         RelayEnd {
             cause,
-            lasted: self.started.elapsed(),
+            lasted: self.clock.started.elapsed(),
             client_to_server: self.up.bytes,
             server_to_client: self.down.bytes,
             spliced: self.up.spliced + self.down.spliced,
@@ -881,8 +954,7 @@ mod tests {
         let (client_peer, gateway_client) = tcp_pair(false).await;
         let (gateway_server, server_peer) = tcp_pair(true).await;
         let fds = (gateway_client.as_raw_fd(), gateway_server.as_raw_fd());
-        let limits =
-            RelayLimits { idle_timeout: Duration::from_secs(10), max_lifetime: Duration::from_secs(60), splice: true };
+        let limits = RelayLimits::new(Duration::from_secs(10), Duration::from_secs(60), true);
         let mut relay = Relay::new(gateway_client, gateway_server, limits);
         // SAFETY: the descriptors are those of the two sockets the relay owns.
         unsafe { relay.splice_between(fds.0, fds.1) };
