@@ -142,6 +142,28 @@ pub(crate) async fn scrape(admin: std::net::SocketAddr) -> prometheus_parse::Scr
     prometheus_parse::Scrape::parse(got.body.lines().map(|l| Ok(l.to_owned()))).expect("a valid exposition")
 }
 
+/// A counter's value on the admin listener's `/metrics` (0 before its
+/// first sample).
+pub(crate) async fn counter(admin: std::net::SocketAddr, name: &str) -> f64 {
+    let scrape = scrape(admin).await;
+    let samples = scrape.samples.iter().filter(|s| s.metric == name);
+    samples
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// Waits until `n` WebSockets ended (their bytes are counted then).
+pub(crate) async fn websockets_closed(admin: std::net::SocketAddr, n: f64) {
+    let limit = std::time::Instant::now() + Duration::from_secs(5);
+    while counter(admin, "wasmgate_websocket_closes_total").await < n {
+        assert!(std::time::Instant::now() < limit, "{n} WebSockets counted closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_as_the_traffic_says() {
     let app = Backend::start("app").await;

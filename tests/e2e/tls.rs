@@ -591,28 +591,6 @@ async fn bulk_echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut 
     while futures_util::StreamExt::next(&mut ws).await.is_some() {}
 }
 
-/// A counter's value on the admin listener's `/metrics` (0 before its
-/// first sample).
-async fn counter(admin: std::net::SocketAddr, name: &str) -> f64 {
-    let scrape = crate::admin::scrape(admin).await;
-    let samples = scrape.samples.iter().filter(|s| s.metric == name);
-    samples
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
-}
-
-/// Waits until `n` WebSockets ended (their bytes are counted then).
-async fn websockets_closed(admin: std::net::SocketAddr, n: f64) {
-    let limit = std::time::Instant::now() + Duration::from_secs(5);
-    while counter(admin, "wasmgate_websocket_closes_total").await < n {
-        assert!(std::time::Instant::now() < limit, "{n} WebSockets counted closed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 const SPLICED: &str = "wasmgate_websocket_spliced_bytes_total";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -633,8 +611,8 @@ async fn bulk_websocket_payload_is_spliced_only_over_a_socket_the_websocket_owns
     let (mut ws, _) = tokio_tungstenite::client_async("wss://gw.test/ws", tls).await.expect("wss handshake");
     assert!(matches!(next_message(&mut ws).await, Message::Text(_)), "greeting");
     bulk_echo(ws, 1).await;
-    websockets_closed(admin, 1.0).await;
-    assert_eq!(counter(admin, SPLICED).await, 0.0, "nothing spliced over TLS");
+    crate::admin::websockets_closed(admin, 1.0).await;
+    assert_eq!(crate::admin::counter(admin, SPLICED).await, 0.0, "nothing spliced over TLS");
 
     // Over HTTP/2 (h2c) the WebSocket is one stream among the connection's:
     // nothing is spliced either.
@@ -655,15 +633,15 @@ async fn bulk_websocket_payload_is_spliced_only_over_a_socket_the_websocket_owns
     let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
     assert!(matches!(next_message(&mut ws).await, Message::Text(_)), "greeting");
     bulk_echo(ws, 2).await;
-    websockets_closed(admin, 2.0).await;
-    assert_eq!(counter(admin, SPLICED).await, 0.0, "nothing spliced over HTTP/2");
+    crate::admin::websockets_closed(admin, 2.0).await;
+    assert_eq!(crate::admin::counter(admin, SPLICED).await, 0.0, "nothing spliced over HTTP/2");
 
     // An HTTP/1.1 upgrade on a plain connection to a plain server: the
     // payload of both 1 MiB frames is spliced, all but their first read.
     let (ws, _) = ws_connect(plain, "/ws", &[]).await;
     bulk_echo(ws, 3).await;
-    websockets_closed(admin, 3.0).await;
-    let spliced = counter(admin, SPLICED).await;
+    crate::admin::websockets_closed(admin, 3.0).await;
+    let spliced = crate::admin::counter(admin, SPLICED).await;
     assert!((1.8 * 1048576.0..=2.0 * 1048576.0).contains(&spliced), "{spliced} bytes spliced");
 
     // Without `splice = true`, nothing is.
@@ -671,6 +649,6 @@ async fn bulk_websocket_payload_is_spliced_only_over_a_socket_the_websocket_owns
     let admin = gateway.admin_addr().unwrap();
     let (ws, _) = ws_connect(gateway.listener_addr("plain").unwrap(), "/ws", &[]).await;
     bulk_echo(ws, 4).await;
-    websockets_closed(admin, 1.0).await;
-    assert_eq!(counter(admin, SPLICED).await, 0.0, "splicing is off by default");
+    crate::admin::websockets_closed(admin, 1.0).await;
+    assert_eq!(crate::admin::counter(admin, SPLICED).await, 0.0, "splicing is off by default");
 }

@@ -401,3 +401,52 @@ async fn a_stalled_direction_never_holds_up_the_other() {
     let got = tokio::time::timeout(Duration::from_secs(25), got_rx).await.expect("the backend answered").unwrap();
     assert_eq!(got, FRAMES, "the client's frames were held up behind the stalled direction");
 }
+
+/// A binary frame from a server (unmasked) with a patterned payload.
+fn server_frame(payload_len: usize, seed: u8) -> Vec<u8> {
+    let mut frame = vec![0x82, 127];
+    frame.extend_from_slice(&(payload_len as u64).to_be_bytes());
+    frame.extend((0..payload_len).map(|i| (i % 251) as u8 ^ seed));
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spliced_frames_arrive_whole_when_they_start_with_the_101_or_are_cut_off() {
+    // The backend's 101 and the start of a large frame leave in one write,
+    // so the gateway reads part of the frame with the 101; the rest comes
+    // later (spliced), then a second large frame the backend cuts off.
+    let (first, second) = (server_frame(300_000, 1), server_frame(200_000, 2));
+    let expected = [&first[..], &second[..60_000]].concat();
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = backend.local_addr().unwrap();
+    let sent = (first.clone(), second.clone());
+    tokio::spawn(async move {
+        let (first, second) = sent;
+        let (mut socket, _) = backend.accept().await.unwrap();
+        let text = read_head(&mut socket).await.expect("a handshake head");
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+            websocket_key(&text).expect("a Sec-WebSocket-Key").as_bytes(),
+        );
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        answer.extend_from_slice(&first[..40_000]);
+        socket.write_all(&answer).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        socket.write_all(&first[40_000..]).await.unwrap();
+        socket.write_all(&second[..60_000]).await.unwrap();
+        socket.shutdown().await.unwrap();
+        let _ = socket.read_to_end(&mut Vec::new()).await;
+    });
+    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\nallowed_hosts = [\"gw.test\"]\n[websocket]\nsplice = true\n";
+    let gateway = start_gateway(&format!("{admin}{}", raw_config(addr, "")), &PluginDir::new()).await;
+    let mut client = raw_upgrade(web(&gateway), "/ws").await;
+    let got = read_to_end(&mut client, Duration::from_secs(5)).await;
+    assert!(got == expected, "{} bytes arrived of {} sent, the same: {}", got.len(), expected.len(), got == expected);
+    drop(client);
+    let admin = gateway.admin_addr().unwrap();
+    crate::admin::websockets_closed(admin, 1.0).await;
+    let spliced = crate::admin::counter(admin, "wasmgate_websocket_spliced_bytes_total").await;
+    assert!(spliced > 100_000.0, "the frames' later bytes were spliced: {spliced}");
+}

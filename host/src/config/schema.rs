@@ -406,7 +406,7 @@ pub struct WebSocketConfig {
     /// On shutdown, WebSockets get their Close 1001 spread over this window.
     pub drain_s: u64,
     /// Move large frame payloads between plain TCP sockets with splice(2),
-    /// never through the gateway's memory: less gateway CPU per byte, but
+    /// not through the gateway's memory: less gateway CPU per byte, but
     /// peers on the same host spend more to receive it (off by default).
     pub splice: bool,
 }

@@ -207,7 +207,9 @@ async fn connection(
         addr
     };
     let Some(acceptor) = tls else {
-        let conn = Arc::new(ConnInfo { plain_fd: Some(stream.io.as_raw_fd()), ..ConnInfo::new(addr, None) });
+        // SAFETY: the socket is the one `stream` owns, read and written
+        // directly (PROXY headers are read from it byte by byte).
+        let conn = Arc::new(unsafe { ConnInfo::new(addr, None).with_plain_fd(stream.io.as_raw_fd()) });
         return serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
     };
     let stream = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {

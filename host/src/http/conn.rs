@@ -2,6 +2,7 @@
 //! listener when it accepts, shared by every request on the connection.
 
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -19,8 +20,9 @@ pub struct ConnInfo {
     pub ip_header: http::HeaderValue,
     /// On plain TCP connections, the socket's descriptor: a WebSocket
     /// upgraded on it may splice its payload (the connection's stream owns
-    /// the socket; this only names it).
-    pub plain_fd: Option<std::os::fd::RawFd>,
+    /// the socket; this only names it). Set only by the unsafe
+    /// [`ConnInfo::with_plain_fd`].
+    plain_fd: Option<RawFd>,
 }
 
 /// What the TLS handshake told: the name asked for and the protocol agreed.
@@ -36,6 +38,23 @@ impl ConnInfo {
         let ip = addr.ip().to_canonical().to_string();
         let ip_header = http::HeaderValue::from_str(&ip).expect("an IP address is a header value");
         ConnInfo { addr, tls, tunnels: Tunnels::default(), ip_header, plain_fd: None }
+    }
+
+    /// Names the plain TCP socket under the connection.
+    ///
+    /// # Safety
+    /// `fd` must be the descriptor of the plain TCP socket that the
+    /// connection's stream owns and reads and writes directly (no TLS, no
+    /// buffer in between), so that an HTTP/1.1 upgrade of the connection
+    /// owns that socket whole.
+    pub unsafe fn with_plain_fd(self, fd: RawFd) -> ConnInfo {
+        ConnInfo { plain_fd: Some(fd), ..self }
+    }
+
+    /// The socket's descriptor on plain TCP connections (see
+    /// [`ConnInfo::with_plain_fd`]).
+    pub fn plain_fd(&self) -> Option<RawFd> {
+        self.plain_fd
     }
 
     /// `https` on TLS connections, else `http`.

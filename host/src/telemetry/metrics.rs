@@ -242,7 +242,7 @@ impl Default for Metrics {
         );
         registry.register(
             "websocket_spliced_bytes",
-            "Of the bytes relayed on ended WebSockets, those spliced between two plain TCP sockets, never copied through the gateway's memory",
+            "Of the bytes relayed on ended WebSockets, those spliced from one plain TCP socket to the other",
             metrics.spliced_bytes.clone(),
         );
         registry.register(

@@ -60,8 +60,10 @@ const READS_PER_TURN: usize = 16;
 /// ones are cheaper to copy.
 const SPLICE_FROM: u64 = READ_SIZE as u64;
 
-/// Bytes spliced at a time: a pipe's default capacity.
-const SPLICE_SIZE: u64 = 64 * 1024;
+/// Bytes spliced at a time: a read's size, so that what a stalled
+/// destination does not take (read back into the spill) stays within what
+/// a copied read would leave there. A bigger pipe measured no cheaper.
+const SPLICE_SIZE: u64 = READ_SIZE as u64;
 
 /// Limits on one relayed connection.
 #[derive(Debug, Clone, Copy)]
@@ -175,6 +177,27 @@ impl EndCause {
 enum Side {
     Client,
     Server,
+}
+
+/// The plain TCP sockets under a relay's two connections, whose payload
+/// may be spliced from one to the other.
+#[derive(Debug, Clone, Copy)]
+pub struct PlainSockets {
+    client: RawFd,
+    server: RawFd,
+}
+
+impl PlainSockets {
+    /// # Safety
+    /// `client` and `server` must be the descriptors of the plain TCP
+    /// sockets under the client's and the server's upgraded connections
+    /// that the relay given these is handed, which own them (and keep them
+    /// open while they live) and read and write them without a buffer in
+    /// between, beyond bytes read before the upgrade, which a read returns
+    /// first.
+    pub unsafe fn new(client: RawFd, server: RawFd) -> PlainSockets {
+        PlainSockets { client, server }
+    }
 }
 
 /// A moment of a relay's life, in whole milliseconds since it started,
@@ -500,9 +523,9 @@ enum Finish {
 pub struct Relay<C, S> {
     client: C,
     server: S,
-    /// The client's and the server's socket descriptors, when both are
-    /// plain TCP (see [`Relay::splice_between`]).
-    sockets: Option<(RawFd, RawFd)>,
+    /// The client's and the server's sockets, when both are plain TCP (see
+    /// [`Relay::splice_between`]).
+    sockets: Option<PlainSockets>,
     up: Direction,
     down: Direction,
     clock: Clock,
@@ -580,7 +603,6 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
         queued
     }
 
-    /// The nearest moment something must happen.
     fn idle_timeout(&self) -> Duration {
         self.limits.idle_timeout()
     }
@@ -677,12 +699,12 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
                 }
             }
             self.deliver_closes();
-            // SAFETY: `splice_between`'s caller promised these are the
-            // descriptors of the sockets `client` and `server` own, which
-            // stay open as long as the relay holds them.
-            let sockets = self
-                .sockets
-                .map(|(client, server)| unsafe { (BorrowedFd::borrow_raw(client), BorrowedFd::borrow_raw(server)) });
+            // SAFETY: `PlainSockets::new`'s caller promised these are the
+            // sockets `client` and `server` own, which stay open as long as
+            // the relay holds them.
+            let sockets = self.sockets.map(|sockets| unsafe {
+                (BorrowedFd::borrow_raw(sockets.client), BorrowedFd::borrow_raw(sockets.server))
+            });
             let (clock, activity) = (self.clock, &mut self.last_activity);
             let up = self.up.pump(cx, &mut self.client, &mut self.server, sockets, clock, activity);
             let up = match up {
@@ -764,17 +786,10 @@ impl<C: AsyncRead + AsyncWrite + Unpin, S: AsyncRead + AsyncWrite + Unpin> Relay
         }
     }
 
-    /// Lets bulk payload move between the two sockets by splice(2), never
-    /// through user space.
-    ///
-    /// # Safety
-    /// `client_fd` and `server_fd` must be the descriptors of the plain TCP
-    /// sockets that `client` and `server` own (and keep open while they
-    /// live), each read and written without a buffer in between beyond
-    /// bytes already read before the relay began, which a read returns
-    /// first.
-    pub unsafe fn splice_between(&mut self, client_fd: RawFd, server_fd: RawFd) {
-        self.sockets = Some((client_fd, server_fd));
+    /// Lets bulk payload move between the two sockets by splice(2), not
+    /// through user space (see [`PlainSockets::new`] for what they must be).
+    pub fn splice_between(&mut self, sockets: PlainSockets) {
+        self.sockets = Some(sockets);
     }
 
     /// Relays until both sides close, a socket fails, or the gateway ends
@@ -957,7 +972,7 @@ mod tests {
         let limits = RelayLimits::new(Duration::from_secs(10), Duration::from_secs(60), true);
         let mut relay = Relay::new(gateway_client, gateway_server, limits);
         // SAFETY: the descriptors are those of the two sockets the relay owns.
-        unsafe { relay.splice_between(fds.0, fds.1) };
+        relay.splice_between(unsafe { PlainSockets::new(fds.0, fds.1) });
         (client_peer, server_peer, tokio::spawn(async move { relay.run(&stop).await }))
     }
 
@@ -1028,6 +1043,72 @@ mod tests {
         // `SPLICE_FROM` or less: the rest is spliced.
         let copied = total - end.spliced;
         assert!(copied < 4 * 2 * READ_SIZE as u64 + 1000, "{copied} of {total} bytes copied, {} spliced", end.spliced);
+    }
+
+    /// A socket with bytes read above it before the relay began (as
+    /// hyper's upgraded stream has), handed out 100 at a time before the
+    /// socket's own.
+    struct Buffered {
+        prefix: Vec<u8>,
+        at: usize,
+        socket: tokio::net::TcpStream,
+    }
+
+    impl AsyncRead for Buffered {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.at < self.prefix.len() {
+                let n = (self.prefix.len() - self.at).min(100).min(buf.remaining());
+                let at = self.at;
+                buf.put_slice(&self.prefix[at..at + n]);
+                self.at += n;
+                return Poll::Ready(Ok(()));
+            }
+            Pin::new(&mut self.socket).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Buffered {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.socket).poll_write(cx, data)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.socket).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.socket).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_buffered_above_a_socket_pass_on_before_any_splice_from_it() {
+        use std::os::fd::AsRawFd;
+        let (mut client, gateway_client) = tcp_pair(false).await;
+        let (gateway_server, server) = tcp_pair(false).await;
+        let frame = patterned(300_000, false, 5);
+        // The server's first 20,000 bytes were read with its 101; the rest
+        // already waits in the socket when the relay begins.
+        let (mut server_read, mut server_write) = server.into_split();
+        let rest = frame[20_000..].to_vec();
+        let sending = tokio::spawn(async move {
+            server_write.write_all(&rest).await.unwrap();
+            server_write
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let fds = (gateway_client.as_raw_fd(), gateway_server.as_raw_fd());
+        let server_side = Buffered { prefix: frame[..20_000].to_vec(), at: 0, socket: gateway_server };
+        let limits = RelayLimits::new(Duration::from_secs(10), Duration::from_secs(60), true);
+        let mut relay = Relay::new(gateway_client, server_side, limits);
+        // SAFETY: the descriptors are those of the two sockets the relay owns.
+        relay.splice_between(unsafe { PlainSockets::new(fds.0, fds.1) });
+        let stop = Stop::default();
+        let relaying = tokio::spawn(async move { relay.run(&stop).await });
+        assert!(read_n(&mut client, frame.len()).await == frame, "the frame arrives whole and in order");
+        drop((client, sending.await.unwrap()));
+        let _ = server_read.read_to_end(&mut Vec::new()).await;
+        let end = tokio::time::timeout(Duration::from_secs(10), relaying).await.unwrap().unwrap();
+        assert_eq!(end.server_to_client, frame.len() as u64);
     }
 
     #[tokio::test]

@@ -3,7 +3,6 @@
 //! background task that relays both upgraded connections until they close,
 //! then counts and logs the session.
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -16,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::handshake::{ClientHandshake, check_server_handshake};
-use super::relay::{self, EndCause, RelayEnd, RelayLimits};
+use super::relay::{self, EndCause, PlainSockets, RelayEnd, RelayLimits};
 use crate::http::body::Upstream;
 use crate::http::headers::remove_hop_by_hop;
 use crate::http::{GatewayError, ResponseBody, TunnelGuard};
@@ -49,11 +48,10 @@ impl Drop for WebSocketSlot {
 /// What a successful upgrade needs to keep while it relays.
 pub struct Relaying {
     pub client_upgrade: OnUpgrade,
-    /// The client's and the server's socket descriptors when both
-    /// connections are plain TCP and the client's is an HTTP/1.1 upgrade:
-    /// the upgraded streams own these sockets, and the relay splices bulk
-    /// payload between them.
-    pub sockets: Option<(RawFd, RawFd)>,
+    /// The client's and the server's sockets when both connections are
+    /// plain TCP, the client's an HTTP/1.1 upgrade, and `splice` is on: the
+    /// relay splices bulk payload between them.
+    pub sockets: Option<PlainSockets>,
     pub server: Arc<Server>,
     /// Counts the connection on its server (for least-connections) from the
     /// handshake until the relay ends.
@@ -166,13 +164,8 @@ pub fn answer(
         let mut relay = match upgrades.await {
             Ok((client_io, server_io)) => {
                 let mut relay = relay::Relay::new(TokioIo::new(client_io), TokioIo::new(server_io), session.limits);
-                if let Some((client_fd, server_fd)) = session.sockets {
-                    // SAFETY: the descriptors name the sockets under the two
-                    // upgraded connections the relay now owns (see
-                    // `Relaying::sockets`). hyper's upgraded streams read
-                    // and write their sockets directly, after first
-                    // returning what they read before the upgrade.
-                    unsafe { relay.splice_between(client_fd, server_fd) };
+                if let Some(sockets) = session.sockets {
+                    relay.splice_between(sockets);
                 }
                 relay
             }

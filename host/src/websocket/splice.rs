@@ -9,6 +9,10 @@
 //! direction's spill, as it does with a copied read the destination did not
 //! take. A pipe whose content is in doubt after an error is closed, and the
 //! next call makes a new one.
+//!
+//! splice(2) has no `MSG_NOSIGNAL`: into a socket whose peer is gone it
+//! raises SIGPIPE, which a Rust program ignores from its start, so the call
+//! fails with EPIPE as a write would.
 
 use std::cell::RefCell;
 use std::io;
