@@ -450,3 +450,28 @@ async fn spliced_frames_arrive_whole_when_they_start_with_the_101_or_are_cut_off
     let spliced = crate::admin::counter(admin, "wasmgate_websocket_spliced_bytes_total").await;
     assert!(spliced > 100_000.0, "the frames' later bytes were spliced: {spliced}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_sent_with_the_handshake_reaches_the_server() {
+    // A client that does not wait for the 101: its first frame leaves in the
+    // same write as its handshake, so the gateway reads it with the head.
+    let frame = b"\x81\x85\x01\x02\x03\x04\x69\x67\x6f\x68\x6e".to_vec(); // masked "hello"
+    let expected = frame.clone();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    let backend = raw_backend(move |mut socket| async move {
+        let mut got = vec![0; expected.len()];
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read_exact(&mut got)).await;
+        let _ = seen_tx.send(read.is_ok() && got == expected);
+    })
+    .await;
+    let gateway = start_gateway(&raw_config(backend, ""), &PluginDir::new()).await;
+    let mut client = TcpStream::connect(web(&gateway)).await.unwrap();
+    let mut head = b"GET /ws HTTP/1.1\r\nHost: gw.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    head.extend_from_slice(&frame);
+    client.write_all(&head).await.unwrap();
+    let answer = read_head(&mut client).await.expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    assert_eq!(seen_rx.await, Ok(true), "the server got the frame, byte for byte");
+}

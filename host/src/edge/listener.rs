@@ -6,21 +6,18 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::proxy_protocol;
+use crate::http::conn::{Activity, ClientStream};
 use crate::http::{ConnInfo, TlsDetails};
 use crate::request::ListenerProxy;
 use crate::shutdown::Drain;
@@ -189,7 +186,7 @@ async fn connection(
     _admitted: Admitted,
 ) {
     let activity = Arc::new(Activity::new());
-    let mut stream = Tracked { io: stream, activity: activity.clone() };
+    let mut stream = ClientStream::new(stream, activity.clone());
     let addr = if proxy.proxy_protocol() {
         let header = proxy_protocol::read_header(&mut stream, addr);
         match tokio::time::timeout(limits.header_read_timeout, header).await {
@@ -207,9 +204,7 @@ async fn connection(
         addr
     };
     let Some(acceptor) = tls else {
-        // SAFETY: the socket is the one `stream` owns, read and written
-        // directly (PROXY headers are read from it byte by byte).
-        let conn = Arc::new(unsafe { ConnInfo::new(addr, None).with_plain_fd(stream.io.as_raw_fd()) });
+        let conn = Arc::new(ConnInfo::new(addr, None));
         return serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
     };
     let stream = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
@@ -230,79 +225,6 @@ async fn connection(
     };
     let conn = Arc::new(ConnInfo::new(addr, Some(details)));
     serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
-}
-
-/// When a connection last moved a byte, in milliseconds since it opened.
-struct Activity {
-    opened: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity { opened: Instant::now(), last_ms: AtomicU64::new(0) }
-    }
-
-    fn touch(&self) {
-        self.last_ms.store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// How long since the last byte moved.
-    fn quiet_for(&self) -> Duration {
-        self.opened.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
-/// A client stream that notes in its [`Activity`] every read or write that
-/// moves bytes.
-struct Tracked<I> {
-    io: I,
-    activity: Arc<Activity>,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, data);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
 
 /// How long a connection closed as idle has to finish (a GOAWAY answered,

@@ -61,7 +61,7 @@ use crate::telemetry::metrics::{
 use crate::telemetry::otlp::{Attribute, Otlp, SpanRecord};
 use crate::upstream::{Pool, Pools, SendError, Server};
 use crate::websocket::ClientHandshake;
-use crate::websocket::relay::{PlainSockets, RelayLimits};
+use crate::websocket::relay::RelayLimits;
 use crate::websocket::session::{self, ClientAnswer, Relaying, WebSocketLog, WebSocketSlot};
 
 /// What the gateway as a whole shares between listeners.
@@ -607,8 +607,7 @@ impl ListenerProxy {
     ) -> Result<Answer, GatewayError> {
         let slot = WebSocketSlot::try_take(&self.live_websockets, rules.max_websockets)
             .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() })?;
-        let client_upgrade = hyper::upgrade::on(&mut req);
-        let http11 = req.version() == http::Version::HTTP_11;
+        let client_upgrade = Some(hyper::upgrade::on(&mut req));
         let tunnel = client.tunnels.enter();
         let log = self.shared.access_log.clone().map(|access| {
             Box::new(WebSocketLog {
@@ -629,24 +628,13 @@ impl ListenerProxy {
                 // Counted on its server from the handshake on (least-connections).
                 let active = server.begin();
                 let answer = handshake.send(head?, &server.address, tls, budgets, timeout).await;
-                answer.map(|(response, fd)| (response, fd, active))
+                answer.map(|response| (response, active))
             }
         };
-        let ((mut response, server_fd, active), server) = self.try_servers(route, retryable, attempt).await?;
+        let ((mut response, active), server) = self.try_servers(route, retryable, attempt).await?;
         remove_gateway_headers(response.headers_mut());
-        // Over HTTP/2 the client's WebSocket is one stream of many on its
-        // socket: only an HTTP/1.1 upgrade owns the whole socket.
-        let client_fd = client.plain_fd().filter(|_| rules.relay_limits.splice && http11 && !handshake.over_h2);
-        // SAFETY: the client's descriptor names the plain socket under this
-        // HTTP/1.1 connection (`ConnInfo::with_plain_fd`), whose upgrade the
-        // relay will own; the server's, the plain TCP socket `connect`
-        // opened for the handshake (`connect::plain_fd`), whose upgrade it
-        // owns likewise. hyper's upgraded streams read and write their
-        // sockets directly, after returning what they read before.
-        let sockets = client_fd.zip(server_fd).map(|(client, server)| unsafe { PlainSockets::new(client, server) });
         let relaying = Relaying {
             client_upgrade,
-            sockets,
             server: server.clone(),
             active,
             limits: rules.relay_limits,

@@ -87,12 +87,10 @@ fn local_exhaustion(error: &(dyn std::error::Error + 'static)) -> bool {
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + std::any::Any {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// The socket's descriptor when `io` is a plain TCP connection that
-/// [`connect`] opened (none for TLS).
-pub fn plain_fd(io: &dyn Io) -> Option<std::os::fd::RawFd> {
-    use std::os::fd::AsRawFd;
+/// The plain TCP socket under `io`, when [`connect`] opened it without TLS.
+pub fn plain_tcp(io: &dyn Io) -> Option<&tokio::net::TcpStream> {
     let io: &dyn std::any::Any = io;
-    io.downcast_ref::<Counted<tokio::net::TcpStream>>().map(|stream| stream.get_ref().as_raw_fd())
+    io.downcast_ref::<Counted<tokio::net::TcpStream>>().map(Counted::get_ref)
 }
 
 /// Quiet time after which the kernel checks an upstream socket's peer is

@@ -3,7 +3,6 @@
 //! one sent to the chosen server over a new HTTP/1.1 connection; and the
 //! server's 101, checked as a client would (RFC 6455 §4.1).
 
-use std::os::fd::RawFd;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -113,8 +112,7 @@ impl ClientHandshake {
 
     /// Sends the handshake (a head made for upstream) to the server at
     /// `address` as an HTTP/1.1 upgrade over a new connection (TLS for `https`
-    /// pools) and returns its answer, with the connection's socket
-    /// descriptor when it is plain TCP (see [`connect::plain_fd`]).
+    /// pools) and returns its answer.
     pub async fn send(
         &self,
         mut parts: Parts,
@@ -122,7 +120,7 @@ impl ClientHandshake {
         tls: Option<&PoolTls>,
         budgets: &Budgets,
         timeout: Duration,
-    ) -> Result<(Response<Incoming>, Option<RawFd>), SendError> {
+    ) -> Result<Response<Incoming>, SendError> {
         parts.method = Method::GET;
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -130,7 +128,6 @@ impl ClientHandshake {
         let request = Request::from_parts(parts, Empty::<Bytes>::new());
         let exchange = async {
             let io = connect::connect(address, tls, connect::connect_timeout(timeout), budgets).await?;
-            let fd = connect::plain_fd(&*io);
             let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| SendError::Failed(error_chain(&e)))?;
@@ -139,8 +136,7 @@ impl ClientHandshake {
                     tracing::debug!(error = %e, "upstream handshake connection ended with an error");
                 }
             });
-            let response = sender.send_request(request).await.map_err(|e| SendError::Failed(error_chain(&e)))?;
-            Ok((response, fd))
+            sender.send_request(request).await.map_err(|e| SendError::Failed(error_chain(&e)))
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,

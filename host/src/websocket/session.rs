@@ -3,20 +3,27 @@
 //! background task that relays both upgraded connections until they close,
 //! then counts and logs the session.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::header;
 use http::{Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::handshake::{ClientHandshake, check_server_handshake};
-use super::relay::{self, EndCause, PlainSockets, RelayEnd, RelayLimits};
+use super::relay::{self, EndCause, RelayEnd, RelayLimits, Socket};
 use crate::http::body::Upstream;
+use crate::http::conn::ClientStream;
 use crate::http::headers::remove_hop_by_hop;
 use crate::http::{GatewayError, ResponseBody, TunnelGuard};
 use crate::shutdown::{Drain, Spread, Stop};
@@ -24,6 +31,7 @@ use crate::telemetry::access_log::{self, AccessLog, WebSocketEntry};
 use crate::telemetry::metrics::{DirectionLabel, ListenerPoolLabels, Metrics, ReasonLabel};
 use crate::telemetry::otlp::{Attribute, Otlp, SpanRecord};
 use crate::upstream::Server;
+use crate::upstream::connect::{Io, plain_tcp};
 use crate::upstream::pool::ActiveGuard;
 
 /// A held place in a listener's WebSocket capacity, given back on drop.
@@ -47,11 +55,9 @@ impl Drop for WebSocketSlot {
 
 /// What a successful upgrade needs to keep while it relays.
 pub struct Relaying {
-    pub client_upgrade: OnUpgrade,
-    /// The client's and the server's sockets when both connections are
-    /// plain TCP, the client's an HTTP/1.1 upgrade, and `splice` is on: the
-    /// relay splices bulk payload between them.
-    pub sockets: Option<PlainSockets>,
+    /// Taken (and dropped) once the upgrade completes: what it holds would
+    /// otherwise stay for the WebSocket's whole life.
+    pub client_upgrade: Option<OnUpgrade>,
     pub server: Arc<Server>,
     /// Counts the connection on its server (for least-connections) from the
     /// handshake until the relay ends.
@@ -73,6 +79,80 @@ pub struct Relaying {
     pub span: Option<Box<(Arc<Otlp>, SpanRecord)>>,
     /// Counts this WebSocket on its client connection while it lives.
     pub tunnel: TunnelGuard,
+}
+
+/// The client's upgraded connection: its own TCP socket when hyper hands
+/// it back (an HTTP/1.1 upgrade on a plain connection), else hyper's
+/// upgraded stream (TLS, or a stream of an HTTP/2 connection).
+enum ClientIo {
+    Plain(TcpStream),
+    Other(Box<TokioIo<Upgraded>>),
+}
+
+impl ClientIo {
+    /// The client's stream, and what hyper read from it past the handshake.
+    fn from_upgraded(upgraded: Upgraded) -> (ClientIo, Bytes) {
+        match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<ClientStream>>(upgraded) {
+            Ok(parts) => (ClientIo::Plain(parts.io.into_inner().into_tcp()), parts.read_buf),
+            Err(upgraded) => (ClientIo::Other(Box::new(TokioIo::new(upgraded))), Bytes::new()),
+        }
+    }
+}
+
+/// The server's upgraded connection (as [`connect`](crate::upstream::connect)
+/// opened it), and what hyper read from it past the 101.
+fn server_io_from(upgraded: Upgraded) -> (Box<dyn Io>, Bytes) {
+    match upgraded.downcast::<TokioIo<Box<dyn Io>>>() {
+        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+        Err(upgraded) => (Box::new(TokioIo::new(upgraded)), Bytes::new()),
+    }
+}
+
+impl Socket for ClientIo {
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            ClientIo::Plain(stream) => Some(stream),
+            ClientIo::Other(_) => None,
+        }
+    }
+}
+
+impl Socket for Box<dyn Io> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        plain_tcp(&**self)
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            ClientIo::Other(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(stream) => Pin::new(stream).poll_write(cx, data),
+            ClientIo::Other(stream) => Pin::new(stream).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            ClientIo::Other(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            ClientIo::Other(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Holds a gauge one higher while it lives.
@@ -160,13 +240,14 @@ pub fn answer(
         // own copy for the WebSocket's whole life. The wait for them is
         // boxed for the same reason: the task's state is sized by its
         // largest moment, and this one's room would outlive it.
-        let upgrades = Box::pin(async { tokio::try_join!(&mut session.client_upgrade, server_upgrade) });
+        let Some(client_upgrade) = session.client_upgrade.take() else { return };
+        let upgrades = Box::pin(async { tokio::try_join!(client_upgrade, server_upgrade) });
         let mut relay = match upgrades.await {
             Ok((client_io, server_io)) => {
-                let mut relay = relay::Relay::new(TokioIo::new(client_io), TokioIo::new(server_io), session.limits);
-                if let Some(sockets) = session.sockets {
-                    relay.splice_between(sockets);
-                }
+                let (client, from_client) = ClientIo::from_upgraded(client_io);
+                let (server, from_server) = server_io_from(server_io);
+                let mut relay = relay::Relay::new(client, server, session.limits);
+                relay.read_before(&from_client, &from_server);
                 relay
             }
             Err(e) => {
