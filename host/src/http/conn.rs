@@ -115,7 +115,9 @@ impl ClientStream {
         ClientStream { io, activity }
     }
 
-    /// The socket, its activity no longer noted.
+    /// The socket, its activity no longer noted. Nothing is lost: this
+    /// stream buffers nothing (keep it so; a WebSocket relay reads the
+    /// socket directly once it has it back).
     pub fn into_tcp(self) -> TcpStream {
         self.io
     }

@@ -607,7 +607,7 @@ impl ListenerProxy {
     ) -> Result<Answer, GatewayError> {
         let slot = WebSocketSlot::try_take(&self.live_websockets, rules.max_websockets)
             .ok_or_else(|| GatewayError::AtCapacity { listener: self.name.clone() })?;
-        let client_upgrade = Some(hyper::upgrade::on(&mut req));
+        let client_upgrade = hyper::upgrade::on(&mut req);
         let tunnel = client.tunnels.enter();
         let log = self.shared.access_log.clone().map(|access| {
             Box::new(WebSocketLog {
@@ -634,7 +634,6 @@ impl ListenerProxy {
         let ((mut response, active), server) = self.try_servers(route, retryable, attempt).await?;
         remove_gateway_headers(response.headers_mut());
         let relaying = Relaying {
-            client_upgrade,
             server: server.clone(),
             active,
             limits: rules.relay_limits,
@@ -664,7 +663,7 @@ impl ListenerProxy {
             }),
             tunnel,
         };
-        Ok(match session::answer(response, &handshake, relaying)? {
+        Ok(match session::answer(response, &handshake, client_upgrade, relaying)? {
             ClientAnswer::Upgraded(response) => Answer::served(response, Outcome::Upgraded, &route.pool, server),
             ClientAnswer::Declined(response) => Answer::served(response, Outcome::Served, &route.pool, server),
         })

@@ -49,7 +49,8 @@ use crate::shutdown::{Stop, StopCause};
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Bytes read at a time, into the worker thread's buffer. Also the most a
-/// stalled direction spills: a peer that stops reading holds at most this
+/// stalled direction spills (beyond what hyper read with the handshake,
+/// [`Relay::read_before`]): a peer that stops reading holds at most this
 /// much of the gateway's memory until the idle timeout cuts it.
 const READ_SIZE: usize = 16 * 1024;
 

@@ -55,9 +55,6 @@ impl Drop for WebSocketSlot {
 
 /// What a successful upgrade needs to keep while it relays.
 pub struct Relaying {
-    /// Taken (and dropped) once the upgrade completes: what it holds would
-    /// otherwise stay for the WebSocket's whole life.
-    pub client_upgrade: Option<OnUpgrade>,
     pub server: Arc<Server>,
     /// Counts the connection on its server (for least-connections) from the
     /// handshake until the relay ends.
@@ -91,6 +88,12 @@ enum ClientIo {
 
 impl ClientIo {
     /// The client's stream, and what hyper read from it past the handshake.
+    ///
+    /// hyper-util's `downcast` puts its version sniff's leftover after
+    /// hyper's read buffer, which would misorder them if both held bytes;
+    /// the leftover (at most 24 bytes, part of the request head) is always
+    /// drained by hyper's first read of the head, which takes at least
+    /// 8 KiB, so only hyper's buffer can hold bytes here.
     fn from_upgraded(upgraded: Upgraded) -> (ClientIo, Bytes) {
         match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<ClientStream>>(upgraded) {
             Ok(parts) => (ClientIo::Plain(parts.io.into_inner().into_tcp()), parts.read_buf),
@@ -195,9 +198,13 @@ pub struct WebSocketLog {
 ///
 /// The client's `handshake` is only borrowed: its header values share the
 /// client connection's read buffer, which the WebSocket must not keep.
+/// `client_upgrade` (the client's side of the upgrade) is kept apart from
+/// `relaying`: it is used up once the upgrade completes, and dropped then
+/// rather than kept for the WebSocket's whole life.
 pub fn answer(
     mut response: Response<Incoming>,
     handshake: &ClientHandshake,
+    client_upgrade: OnUpgrade,
     relaying: Relaying,
 ) -> Result<ClientAnswer, GatewayError> {
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -240,7 +247,6 @@ pub fn answer(
         // own copy for the WebSocket's whole life. The wait for them is
         // boxed for the same reason: the task's state is sized by its
         // largest moment, and this one's room would outlive it.
-        let Some(client_upgrade) = session.client_upgrade.take() else { return };
         let upgrades = Box::pin(async { tokio::try_join!(client_upgrade, server_upgrade) });
         let mut relay = match upgrades.await {
             Ok((client_io, server_io)) => {
