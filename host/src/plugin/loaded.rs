@@ -511,7 +511,10 @@ mod tests {
     /// A call that spins for 3 ms of wall time (so it never uses more CPU
     /// than that) under a call deadline of 10 ms, while eight threads keep
     /// both cores busy: its thread waits for a core for longer than the
-    /// deadline, yet the call never times out.
+    /// deadline, yet the call does not time out. (Rarely one does: the
+    /// thread's CPU clock also counts time a busy host charges to it, a
+    /// stolen virtual CPU or other tests' network interrupts. A deadline on
+    /// wall time would fail every call held past it.)
     #[test]
     fn time_waiting_for_a_core_does_not_count_against_the_deadline() {
         use std::sync::atomic::AtomicBool;
@@ -529,7 +532,7 @@ mod tests {
                 })
             })
             .collect();
-        let (mut timeouts, mut slowest) = (0, Duration::ZERO);
+        let (mut timeouts, mut held, mut slowest) = (0, 0, Duration::ZERO);
         for _ in 0..100 {
             let parts = http::Request::builder().uri("/spin?ms=3").body(()).unwrap().into_parts().0;
             let client = Arc::new(crate::http::ConnInfo::new("192.0.2.1:5000".parse().unwrap(), None));
@@ -541,13 +544,19 @@ mod tests {
                 Err(other) => panic!("{other}"),
             }
             slowest = slowest.max(started.elapsed());
+            if started.elapsed() > Duration::from_millis(10) {
+                held += 1;
+            }
         }
         flooding.store(false, Ordering::Relaxed);
         for thread in flood {
             thread.join().unwrap();
         }
-        assert!(slowest > Duration::from_millis(10), "the flood never held a call past its deadline: {slowest:?}");
-        assert_eq!(timeouts, 0, "calls timed out while waiting for a core (slowest {slowest:?})");
+        assert!(held >= 5, "the flood held only {held} calls past their deadline (slowest {slowest:?})");
+        assert!(
+            timeouts * 10 <= held,
+            "{timeouts} of the {held} calls held past their deadline by the flood timed out (slowest {slowest:?})"
+        );
     }
 
     #[test]
