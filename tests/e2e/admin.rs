@@ -95,6 +95,13 @@ async fn a_token_file_guards_every_admin_endpoint() {
 /// `name` whose labels include all of `labels` (there must be one); for a
 /// histogram, its count of observations.
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let found = sample_if_any(scrape, name, labels);
+    found.unwrap_or_else(|| panic!("no sample {name} with {labels:?}"))
+}
+
+/// [`sample`], or `None` when no sample matches (a labelled family before
+/// its first value).
+fn sample_if_any(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     use prometheus_parse::Value;
     let matching =
         scrape.samples.iter().filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)));
@@ -110,8 +117,7 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
             Value::Summary(_) => panic!("no summaries here"),
         }
     }
-    assert!(found, "no sample {name} with {labels:?}");
-    sum + histogram_count
+    found.then_some(sum + histogram_count)
 }
 
 /// Checks that every metric `deploy/grafana/wasmgate.json` names (those
@@ -145,14 +151,7 @@ pub(crate) async fn scrape(admin: std::net::SocketAddr) -> prometheus_parse::Scr
 /// A counter's value on the admin listener's `/metrics` (0 before its
 /// first sample).
 pub(crate) async fn counter(admin: std::net::SocketAddr, name: &str) -> f64 {
-    let scrape = scrape(admin).await;
-    let samples = scrape.samples.iter().filter(|s| s.metric == name);
-    samples
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
+    sample_if_any(&scrape(admin).await, name, &[]).unwrap_or(0.0)
 }
 
 /// Waits until `n` WebSockets ended (their bytes are counted then).

@@ -199,14 +199,16 @@ async fn http2_requests_stream_through_to_an_http1_backend() {
     assert_eq!(seen.header("host"), Some("gw.test"), "the :authority became Host for the HTTP/1.1 backend");
 }
 
-/// Opens a WebSocket over HTTP/2 (RFC 8441) and returns the response.
+/// Opens a WebSocket at `uri` over HTTP/2 (RFC 8441), with `origin`, and
+/// returns the response.
 async fn h2_websocket(
     h2: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    uri: &str,
     origin: &str,
 ) -> http::Response<hyper::body::Incoming> {
     let mut request = Request::builder()
         .method(Method::CONNECT)
-        .uri("https://gw.test/ws")
+        .uri(uri)
         .header("sec-websocket-version", "13")
         .header("origin", origin)
         .body(Full::new(Bytes::new()))
@@ -229,7 +231,7 @@ async fn websocket_over_http2_is_bridged_to_an_http1_backend() {
     .await;
     let mut h2 = h2_sender(web(&gateway), &pki).await;
 
-    let mut response = h2_websocket(&mut h2, "https://gw.test").await;
+    let mut response = h2_websocket(&mut h2, "https://gw.test/ws", "https://gw.test").await;
     assert_eq!(response.status(), StatusCode::OK, "RFC 8441: 200 opens the stream");
     let upgraded = hyper::upgrade::on(&mut response).await.expect("h2 stream");
     let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
@@ -277,7 +279,7 @@ async fn websocket_over_http2_is_bridged_to_an_http1_backend() {
     assert_eq!(refused.headers().get("x-wasmgate-error").unwrap(), "bad-request");
 
     // The WAF sees it as a handshake and its deny reaches the h2 client.
-    let denied = h2_websocket(&mut h2, "https://evil.test").await;
+    let denied = h2_websocket(&mut h2, "https://gw.test/ws", "https://evil.test").await;
     assert_eq!(denied.status(), StatusCode::FORBIDDEN);
     assert_eq!(denied.headers().get("x-wasmgate-error").unwrap(), "waf-deny");
 }
@@ -508,7 +510,7 @@ async fn a_quiet_websocket_keeps_its_http2_connection_past_the_client_idle_timeo
     );
     let gateway = start_gateway(&config, &PluginDir::new()).await;
     let mut h2 = h2_sender(web(&gateway), &pki).await;
-    let mut response = h2_websocket(&mut h2, "https://gw.test").await;
+    let mut response = h2_websocket(&mut h2, "https://gw.test/ws", "https://gw.test").await;
     assert_eq!(response.status(), StatusCode::OK);
     let upgraded = hyper::upgrade::on(&mut response).await.expect("h2 stream");
     let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
@@ -620,14 +622,7 @@ async fn bulk_websocket_payload_is_spliced_only_over_a_socket_the_websocket_owns
     let (mut h2, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.expect("h2c handshake");
     tokio::spawn(connection);
-    let mut request = Request::builder()
-        .method(Method::CONNECT)
-        .uri("http://gw.test/ws")
-        .header("sec-websocket-version", "13")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    request.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
-    let mut response = h2.send_request(request).await.expect("extended CONNECT answered");
+    let mut response = h2_websocket(&mut h2, "http://gw.test/ws", "http://gw.test").await;
     assert_eq!(response.status(), StatusCode::OK);
     let upgraded = hyper::upgrade::on(&mut response).await.expect("h2 stream");
     let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;

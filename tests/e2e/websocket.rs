@@ -443,7 +443,7 @@ async fn spliced_frames_arrive_whole_when_they_start_with_the_101_or_are_cut_off
     let gateway = start_gateway(&format!("{admin}{}", raw_config(addr, "")), &PluginDir::new()).await;
     let mut client = raw_upgrade(web(&gateway), "/ws").await;
     let got = read_to_end(&mut client, Duration::from_secs(5)).await;
-    assert!(got == expected, "{} bytes arrived of {} sent, the same: {}", got.len(), expected.len(), got == expected);
+    assert!(got == expected, "{} bytes arrived of {} sent, not the same bytes", got.len(), expected.len());
     drop(client);
     let admin = gateway.admin_addr().unwrap();
     crate::admin::websockets_closed(admin, 1.0).await;
