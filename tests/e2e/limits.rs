@@ -215,6 +215,34 @@ async fn http2_clients_are_told_the_stream_limit() {
     assert!(settings.contains(&(0x3, 7)), "{settings:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protocol_is_told_right_when_the_first_bytes_come_in_pieces() {
+    let app = Backend::start("app").await;
+    let gateway = start_gateway(&config(&app, ""), &PluginDir::new()).await;
+    // The gateway reads what has come before it serves: a first piece that
+    // may still be HTTP/2's preface is not taken for HTTP/1.1, nor the
+    // other way round.
+    let pieces: [(&str, &[&[u8]]); 3] = [
+        ("h2c, the preface cut short", &[b"PRI * HT", b"TP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"]),
+        ("h2c, one byte first", &[b"P", b"RI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"]),
+        ("HTTP/1.1, one byte first", &[b"G", b"ET /split HTTP/1.1\r\nHost: gw.test\r\n\r\n"]),
+    ];
+    for (what, pieces) in pieces {
+        let mut stream = tokio::net::TcpStream::connect(web(&gateway)).await.unwrap();
+        for piece in pieces {
+            stream.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut head = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut head)).await.unwrap().unwrap();
+        if what.starts_with("h2c") {
+            assert_eq!(head[3], 0x4, "{what}: a SETTINGS frame first, got {:?}", String::from_utf8_lossy(&head));
+        } else {
+            assert_eq!(&head, b"HTTP/1.1 200", "{what}");
+        }
+    }
+}
+
 /// Sends `n` requests for `path` at once on one HTTP/2 connection to
 /// `addr`; returns how many got each (status, `x-wasmgate-error`).
 async fn h2_burst(

@@ -171,6 +171,9 @@ pub async fn serve(
         };
         // Past the cap the connection is closed at once (dropped).
         let Some(admitted) = cap.admit() else { continue };
+        // Linux gives an accepted socket the listener's TCP_NODELAY (set in
+        // `bind`), so this call would be one more syscall per connection.
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(stream, addr, proxy.clone(), tls.clone(), builder.clone(), limits, admitted));
     }
@@ -204,6 +207,27 @@ async fn connection(
         addr
     };
     let Some(acceptor) = tls else {
+        // The client's first bytes, read before hyper serves: its protocol
+        // sniff and first read of the head take them without reads of their
+        // own. Bounded like the rest of the head, and by the listener's
+        // removal.
+        let deadline = tokio::time::Instant::from_std(activity.opened + limits.header_read_timeout);
+        let retired = proxy.retired();
+        tokio::select! {
+            read = tokio::time::timeout_at(deadline, stream.read_first()) => match read {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return,
+                Ok(Err(error)) => {
+                    tracing::debug!(listener = %proxy.name, client = %addr, %error, "client connection failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(listener = %proxy.name, client = %addr, "no request in time; connection closed");
+                    return;
+                }
+            },
+            _ = retired => return,
+        }
         let conn = Arc::new(ConnInfo::new(addr, None));
         return serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
     };
@@ -315,5 +339,19 @@ async fn serve_http<I>(
     };
     if let Err(error) = result {
         tracing::debug!(listener = %proxy.name, client = %conn.addr, %error, "client connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_send_without_nagle_delay() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        // On Linux inherited from the listener, with no call of its own.
+        assert!(accepted.nodelay().unwrap());
     }
 }

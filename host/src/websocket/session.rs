@@ -93,10 +93,23 @@ impl ClientIo {
     /// hyper's read buffer, which would misorder them if both held bytes;
     /// the leftover (at most 24 bytes, part of the request head) is always
     /// drained by hyper's first read of the head, which takes at least
-    /// 8 KiB, so only hyper's buffer can hold bytes here.
+    /// 8 KiB, so only hyper's buffer can hold bytes there. What the
+    /// listener's first read took and nobody has read from the stream yet
+    /// (none, while that read is at most what hyper's reads take) comes
+    /// after both.
     fn from_upgraded(upgraded: Upgraded) -> (ClientIo, Bytes) {
         match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<ClientStream>>(upgraded) {
-            Ok(parts) => (ClientIo::Plain(parts.io.into_inner().into_tcp()), parts.read_buf),
+            Ok(parts) => {
+                let (tcp, unread) = parts.io.into_inner().into_tcp();
+                let read_before = if unread.is_empty() {
+                    parts.read_buf
+                } else if parts.read_buf.is_empty() {
+                    unread
+                } else {
+                    [parts.read_buf, unread].concat().into()
+                };
+                (ClientIo::Plain(tcp), read_before)
+            }
             Err(upgraded) => (ClientIo::Other(Box::new(TokioIo::new(upgraded))), Bytes::new()),
         }
     }
