@@ -6,6 +6,7 @@
 //! what a failure means for the server's health is decided by the caller.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Once, Weak};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
 use super::budget::{Budgets, Counted, CountingConnector, Reclaim, is_over_budget};
@@ -114,6 +116,30 @@ fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     connector
 }
 
+/// A socket to a server given by IP address, set up as [`tcp_connector`]
+/// sets up its own: opened non-blocking in one call (hyper-util's connector
+/// takes two more to make it so), no name to resolve.
+async fn connect_ip(ip: SocketAddr, connect_timeout: Duration) -> Result<tokio::net::TcpStream, SendError> {
+    let failed = |error: std::io::Error| {
+        if is_local_exhaustion(&error) {
+            SendError::Local(format!("{ip}: {error}"))
+        } else {
+            SendError::Connect(format!("{ip}: {error}"))
+        }
+    };
+    let socket = if ip.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(failed)?;
+    socket.set_nodelay(true).map_err(failed)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive).map_err(failed)?;
+    match tokio::time::timeout(connect_timeout, socket.connect(ip)).await {
+        Ok(connected) => connected.map_err(failed),
+        Err(_) => Err(SendError::Connect(format!("no connection within {connect_timeout:?}"))),
+    }
+}
+
 /// Opens a connection to `address` (TLS if `tls` is set) for an HTTP/1.1
 /// exchange: a forwarded request, a WebSocket handshake or a probe. It
 /// holds a place in `budgets` while it is open.
@@ -134,16 +160,21 @@ pub async fn connect(
         Ok(taken) => taken.map_err(|over| SendError::Local(over.to_string()))?,
         Err(_) => return Err(SendError::Local(format!("no upstream connection place within {connect_timeout:?}"))),
     };
-    let uri: Uri = format!("http://{address}")
-        .parse()
-        .map_err(|_| SendError::Connect(format!("`{address}` is not a host and port")))?;
-    let mut connector = tcp_connector(connect_timeout);
-    // The whole bound, name resolution included.
-    let stream = match tokio::time::timeout(connect_timeout, connector.call(uri)).await {
-        Ok(Ok(stream)) => Counted::new(stream.into_inner(), slot),
-        Ok(Err(e)) if local_exhaustion(&e) => return Err(SendError::Local(error_chain(&e))),
-        Ok(Err(e)) => return Err(SendError::Connect(error_chain(&e))),
-        Err(_) => return Err(SendError::Connect(format!("no connection within {connect_timeout:?}"))),
+    let stream = match address.parse::<SocketAddr>() {
+        Ok(ip) => Counted::new(connect_ip(ip, connect_timeout).await?, slot),
+        Err(_) => {
+            let uri: Uri = format!("http://{address}")
+                .parse()
+                .map_err(|_| SendError::Connect(format!("`{address}` is not a host and port")))?;
+            let mut connector = tcp_connector(connect_timeout);
+            // The whole bound, name resolution included.
+            match tokio::time::timeout(connect_timeout, connector.call(uri)).await {
+                Ok(Ok(stream)) => Counted::new(stream.into_inner(), slot),
+                Ok(Err(e)) if local_exhaustion(&e) => return Err(SendError::Local(error_chain(&e))),
+                Ok(Err(e)) => return Err(SendError::Connect(error_chain(&e))),
+                Err(_) => return Err(SendError::Connect(format!("no connection within {connect_timeout:?}"))),
+            }
+        }
     };
     let Some(tls) = tls else {
         return Ok(Box::new(stream));
@@ -400,6 +431,23 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::upstream::budget::SocketBudget;
+
+    #[tokio::test]
+    async fn a_socket_opened_by_ip_address_has_no_nagle_delay_and_keepalive() {
+        let budgets = Budgets { process: SocketBudget::new("the process", 2), pool: None };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for address in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+            let io = connect(&address, None, Duration::from_secs(2), &budgets).await.unwrap();
+            let socket = plain_tcp(&*io).expect("a plain socket");
+            assert!(socket.nodelay().unwrap(), "{address}");
+            let socket = socket2::SockRef::from(socket);
+            assert!(socket.keepalive().unwrap(), "{address}");
+            assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE, "{address}");
+            assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL, "{address}");
+            assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES, "{address}");
+        }
+    }
 
     #[tokio::test]
     async fn a_name_is_resolved_and_each_address_tried_and_failures_are_told_apart() {
