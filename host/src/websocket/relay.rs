@@ -337,6 +337,16 @@ enum Turn {
     Busy,
 }
 
+/// What a direction's turn goes by.
+#[derive(Clone, Copy)]
+struct TurnSettings {
+    /// Splicing is on.
+    splice: bool,
+    /// The destination's peer has sent its EOF.
+    destination_done: bool,
+    clock: Clock,
+}
+
 /// A read borrows the worker thread's buffer for as long as it runs; no
 /// connection owns one.
 fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
@@ -370,17 +380,17 @@ impl Direction {
     /// spilled. EOF is passed on as a half-close; bytes after the gateway's
     /// Close went that way are dropped (counted, not written).
     ///
-    /// With `splice`, a frame payload longer than one read is spliced
+    /// With `turn.splice`, a frame payload longer than one read is spliced
     /// between the two when both are plain TCP sockets.
     fn pump<R: Socket, W: Socket>(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut R,
         to: &mut W,
-        splice: bool,
-        clock: Clock,
+        turn: TurnSettings,
         last_activity: &mut Moment,
     ) -> Result<Turn, Failure> {
+        let TurnSettings { splice, destination_done, clock } = turn;
         for _ in 0..READS_PER_TURN {
             if let Some(spill) = &mut self.spill {
                 while spill.at < spill.data.len() {
@@ -404,9 +414,14 @@ impl Direction {
                 return Ok(Turn::Waiting);
             }
             if self.eof.is_some() {
+                // A plain socket whose peer already sent its own EOF needs
+                // no shutdown: with both directions over the relay ends and
+                // closes it, which sends the same FIN after what is queued
+                // (nothing is left unread on it, so no reset).
+                let closes_anyway = destination_done && to.tcp().is_some();
                 // Errors passing the EOF on are the peer's business; the
                 // other direction goes on either way.
-                if Pin::new(&mut *to).poll_shutdown(cx).is_pending() {
+                if !closes_anyway && Pin::new(&mut *to).poll_shutdown(cx).is_pending() {
                     return Ok(Turn::Waiting);
                 }
                 self.ended = true;
@@ -688,13 +703,15 @@ impl<C: Socket, S: Socket> Relay<C, S> {
             self.deliver_closes();
             let splice = self.limits.splice;
             let (clock, activity) = (self.clock, &mut self.last_activity);
-            let up = self.up.pump(cx, &mut self.client, &mut self.server, splice, clock, activity);
+            let turn = TurnSettings { splice, destination_done: self.down.saw_eof(), clock };
+            let up = self.up.pump(cx, &mut self.client, &mut self.server, turn, activity);
             let up = match up {
                 Ok(turn) => turn,
                 Err(failure) => return Poll::Ready(self.failed(failure, false)),
             };
             let activity = &mut self.last_activity;
-            let down = self.down.pump(cx, &mut self.server, &mut self.client, splice, clock, activity);
+            let turn = TurnSettings { splice, destination_done: self.up.saw_eof(), clock };
+            let down = self.down.pump(cx, &mut self.server, &mut self.client, turn, activity);
             let down = match down {
                 Ok(turn) => turn,
                 Err(failure) => {
@@ -1023,6 +1040,58 @@ mod tests {
         // `SPLICE_FROM` or less: the rest is spliced.
         let copied = total - end.spliced;
         assert!(copied < 4 * 2 * READ_SIZE as u64 + 1000, "{copied} of {total} bytes copied, {} spliced", end.spliced);
+    }
+
+    #[tokio::test]
+    async fn each_side_gets_every_byte_and_then_its_end_whichever_closes_first() {
+        for server_first in [true, false] {
+            let (client, gateway_client) = tcp_pair(false).await;
+            // Small buffers toward the server: what the client sends last
+            // is still queued in the gateway's socket when the relay ends.
+            let (gateway_server, server) = tcp_pair(true).await;
+            let limits = RelayLimits::new(Duration::from_secs(10), Duration::from_secs(60), false);
+            let mut relay = Relay::new(gateway_client, gateway_server, limits);
+            let stop = Stop::default();
+            let relaying = tokio::spawn(async move { relay.run(&stop).await });
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let up = patterned(1 << 20, true, 1);
+            let down = patterned(300, false, 2);
+            let to_end = Duration::from_secs(10);
+            if server_first {
+                server_write.write_all(&down).await.unwrap();
+                server_write.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                tokio::time::timeout(to_end, client_read.read_to_end(&mut got)).await.unwrap().unwrap();
+                assert!(got == down, "server first: the client gets the server's bytes, then its end");
+                // The server reads late: when the relay ends, the last
+                // bytes are still queued in the gateway's socket.
+                let reading = tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let mut got = Vec::new();
+                    tokio::time::timeout(to_end, server_read.read_to_end(&mut got)).await.unwrap().unwrap();
+                    got
+                });
+                client_write.write_all(&up).await.unwrap();
+                client_write.shutdown().await.unwrap();
+                let got = tokio::time::timeout(to_end, reading).await.unwrap().unwrap();
+                assert!(got == up, "server first: {} of {} bytes, then a clean end", got.len(), up.len());
+            } else {
+                client_write.write_all(&up[..1000]).await.unwrap();
+                client_write.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                tokio::time::timeout(to_end, server_read.read_to_end(&mut got)).await.unwrap().unwrap();
+                assert!(got == up[..1000], "client first: the server gets the client's bytes, then its end");
+                server_write.write_all(&down).await.unwrap();
+                server_write.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                tokio::time::timeout(to_end, client_read.read_to_end(&mut got)).await.unwrap().unwrap();
+                assert!(got == down, "client first: the client still gets the server's bytes, then its end");
+            }
+            let end = tokio::time::timeout(to_end, relaying).await.unwrap().unwrap();
+            assert_eq!(end.client_to_server, if server_first { up.len() } else { 1000 } as u64);
+            assert_eq!(end.server_to_client, down.len() as u64);
+        }
     }
 
     #[tokio::test]
