@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 const TOKEN: &str = "reload-test-token";
@@ -382,6 +383,8 @@ async fn listeners_are_added_and_removed_and_a_removed_one_ends_politely() {
     let first = http::Request::get("/").header("host", "extra").body(String::new()).unwrap();
     assert_eq!(sender.send_request(first).await.unwrap().status(), StatusCode::OK);
     let slow = tokio::spawn(async move { get(extra, "/slow").await.status });
+    // And a connection that has sent nothing yet.
+    let mut quiet = tokio::net::TcpStream::connect(extra).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Removed.
@@ -389,6 +392,15 @@ async fn listeners_are_added_and_removed_and_a_removed_one_ends_politely() {
     let (status, report) = setup.reload().await;
     assert_eq!(status, StatusCode::OK, "{report}");
     assert!(report["changes"].to_string().contains("listener `extra` removed"), "{report}");
+    // A request that comes on it a moment later, within the grace an idle
+    // connection gets, is still answered, as the connection's last.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    quiet.write_all(b"GET / HTTP/1.1\r\nHost: extra\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), quiet.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(read.is_ok() && answer.starts_with("http/1.1 200"), "{read:?} {answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
     // The accept loop stops right after the answer.
     let stopping = Instant::now();
     while tokio::net::TcpStream::connect(extra).await.is_ok() {

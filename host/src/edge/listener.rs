@@ -209,24 +209,34 @@ async fn connection(
     let Some(acceptor) = tls else {
         // The client's first bytes, read before hyper serves: its protocol
         // sniff and first read of the head take them without reads of their
-        // own. Bounded like the rest of the head, and by the listener's
-        // removal.
+        // own. Bounded like the rest of the head; once the listener is
+        // removed, a connection still silent gets the grace an idle one gets
+        // (one whose request is already here is served, its response the
+        // connection's last).
         let deadline = tokio::time::Instant::from_std(activity.opened + limits.header_read_timeout);
-        let retired = proxy.retired();
-        tokio::select! {
-            read = tokio::time::timeout_at(deadline, stream.read_first()) => match read {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => return,
-                Ok(Err(error)) => {
-                    tracing::debug!(listener = %proxy.name, client = %addr, %error, "client connection failed");
-                    return;
+        let read = {
+            let first = stream.read_first();
+            tokio::pin!(first);
+            tokio::select! {
+                biased;
+                read = tokio::time::timeout_at(deadline, &mut first) => read,
+                _ = proxy.retired() => {
+                    let grace = deadline.min(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                    tokio::time::timeout_at(grace, &mut first).await
                 }
-                Err(_) => {
-                    tracing::debug!(listener = %proxy.name, client = %addr, "no request in time; connection closed");
-                    return;
-                }
-            },
-            _ = retired => return,
+            }
+        };
+        match read {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return,
+            Ok(Err(error)) => {
+                tracing::debug!(listener = %proxy.name, client = %addr, %error, "client connection failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(listener = %proxy.name, client = %addr, "no request in time; connection closed");
+                return;
+            }
         }
         let conn = Arc::new(ConnInfo::new(addr, None));
         return serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;

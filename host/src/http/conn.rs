@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The client's socket address and, on TLS connections, what the TLS
@@ -127,15 +127,24 @@ impl ClientStream {
     /// 8 KiB), to be read from this stream again: hyper-util's protocol
     /// sniff (24 bytes) and hyper's first read of the head then take them
     /// with no read of their own, so a plain connection costs one read
-    /// less. False when the client closed without a byte.
+    /// less. The buffer is taken only once bytes are there: a connection
+    /// that sends nothing holds none. False when the client closed without
+    /// a byte.
     pub async fn read_first(&mut self) -> std::io::Result<bool> {
-        let mut first = BytesMut::with_capacity(FIRST_READ);
-        if self.io.read_buf(&mut first).await? == 0 {
-            return Ok(false);
+        loop {
+            self.io.readable().await?;
+            let mut first = BytesMut::with_capacity(FIRST_READ);
+            match self.io.try_read_buf(&mut first) {
+                Ok(0) => return Ok(false),
+                Ok(_) => {
+                    self.activity.touch();
+                    self.first = first.freeze();
+                    return Ok(true);
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Err(error),
+            }
         }
-        self.activity.touch();
-        self.first = first.freeze();
-        Ok(true)
     }
 
     /// The socket, its activity no longer noted, and what
@@ -204,7 +213,7 @@ impl AsyncWrite for ClientStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn the_first_read_is_read_again_and_what_is_left_of_it_comes_back_with_the_socket() {

@@ -128,15 +128,21 @@ async fn connect_ip(ip: SocketAddr, connect_timeout: Duration) -> Result<tokio::
         }
     };
     let socket = if ip.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(failed)?;
-    socket.set_nodelay(true).map_err(failed)?;
+    // As hyper-util's connector does, an option refused is logged, not
+    // fatal: it is this host's doing, never the server's.
+    if let Err(error) = socket.set_nodelay(true) {
+        tracing::warn!(server = %ip, %error, "could not set TCP_NODELAY");
+    }
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
-    socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive).map_err(failed)?;
+    if let Err(error) = socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive) {
+        tracing::warn!(server = %ip, %error, "could not set TCP keepalive");
+    }
     match tokio::time::timeout(connect_timeout, socket.connect(ip)).await {
         Ok(connected) => connected.map_err(failed),
-        Err(_) => Err(SendError::Connect(format!("no connection within {connect_timeout:?}"))),
+        Err(_) => Err(SendError::Connect(format!("{ip}: no connection within {connect_timeout:?}"))),
     }
 }
 

@@ -342,7 +342,8 @@ enum Turn {
 struct TurnSettings {
     /// Splicing is on.
     splice: bool,
-    /// The destination's peer has sent its EOF.
+    /// The destination's peer has sent its EOF, and the other direction
+    /// has passed it on.
     destination_done: bool,
     clock: Clock,
 }
@@ -414,10 +415,11 @@ impl Direction {
                 return Ok(Turn::Waiting);
             }
             if self.eof.is_some() {
-                // A plain socket whose peer already sent its own EOF needs
-                // no shutdown: with both directions over the relay ends and
-                // closes it, which sends the same FIN after what is queued
-                // (nothing is left unread on it, so no reset).
+                // A plain socket whose own EOF the other direction has
+                // already passed on needs no shutdown: with both directions
+                // over, the relay ends in this same poll and closes it, which
+                // sends the same FIN after what is queued (its EOF was read,
+                // so nothing is left unread and no reset goes out).
                 let closes_anyway = destination_done && to.tcp().is_some();
                 // Errors passing the EOF on are the peer's business; the
                 // other direction goes on either way.
@@ -703,14 +705,14 @@ impl<C: Socket, S: Socket> Relay<C, S> {
             self.deliver_closes();
             let splice = self.limits.splice;
             let (clock, activity) = (self.clock, &mut self.last_activity);
-            let turn = TurnSettings { splice, destination_done: self.down.saw_eof(), clock };
+            let turn = TurnSettings { splice, destination_done: self.down.ended, clock };
             let up = self.up.pump(cx, &mut self.client, &mut self.server, turn, activity);
             let up = match up {
                 Ok(turn) => turn,
                 Err(failure) => return Poll::Ready(self.failed(failure, false)),
             };
             let activity = &mut self.last_activity;
-            let turn = TurnSettings { splice, destination_done: self.up.saw_eof(), clock };
+            let turn = TurnSettings { splice, destination_done: self.up.ended, clock };
             let down = self.down.pump(cx, &mut self.server, &mut self.client, turn, activity);
             let down = match down {
                 Ok(turn) => turn,

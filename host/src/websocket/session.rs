@@ -94,9 +94,9 @@ impl ClientIo {
     /// the leftover (at most 24 bytes, part of the request head) is always
     /// drained by hyper's first read of the head, which takes at least
     /// 8 KiB, so only hyper's buffer can hold bytes there. What the
-    /// listener's first read took and nobody has read from the stream yet
-    /// (none, while that read is at most what hyper's reads take) comes
-    /// after both.
+    /// listener's first read took and hyper has not read yet comes after
+    /// both (hyper's second read takes all of it, so only a head that fits
+    /// in the sniff's 24 bytes, never a WebSocket handshake, leaves any).
     fn from_upgraded(upgraded: Upgraded) -> (ClientIo, Bytes) {
         match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<ClientStream>>(upgraded) {
             Ok(parts) => {
