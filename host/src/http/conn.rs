@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The client's socket address and, on TLS connections, what the TLS
@@ -131,20 +131,17 @@ impl ClientStream {
     /// that sends nothing holds none. False when the client closed without
     /// a byte.
     pub async fn read_first(&mut self) -> std::io::Result<bool> {
-        loop {
-            self.io.readable().await?;
-            let mut first = BytesMut::with_capacity(FIRST_READ);
-            match self.io.try_read_buf(&mut first) {
-                Ok(0) => return Ok(false),
-                Ok(_) => {
-                    self.activity.touch();
-                    self.first = first.freeze();
-                    return Ok(true);
-                }
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(error) => return Err(error),
-            }
+        self.io.readable().await?;
+        let mut first = BytesMut::with_capacity(FIRST_READ);
+        // A read through `AsyncRead`, not `try_read_buf`: tokio takes a
+        // short read as the socket drained, so hyper's next read waits for
+        // readiness instead of finding EAGAIN.
+        if self.io.read_buf(&mut first).await? == 0 {
+            return Ok(false);
         }
+        self.activity.touch();
+        self.first = first.freeze();
+        Ok(true)
     }
 
     /// The socket, its activity no longer noted, and what
@@ -213,7 +210,7 @@ impl AsyncWrite for ClientStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
     async fn the_first_read_is_read_again_and_what_is_left_of_it_comes_back_with_the_socket() {
