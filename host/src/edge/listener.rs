@@ -192,17 +192,12 @@ async fn connection(
     let mut stream = ClientStream::new(stream, activity.clone());
     let addr = if proxy.proxy_protocol() {
         let header = proxy_protocol::read_header(&mut stream, addr);
-        match tokio::time::timeout(limits.header_read_timeout, header).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(reason)) => {
-                tracing::debug!(listener = %proxy.name, peer = %addr, %reason, "PROXY header refused; connection closed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(listener = %proxy.name, peer = %addr, "no PROXY header in time; connection closed");
-                return;
-            }
-        }
+        let read = tokio::time::timeout(limits.header_read_timeout, header).await;
+        let refused = "PROXY header refused; connection closed";
+        let Some(client) = settled(&proxy, addr, read, refused, "no PROXY header in time; connection closed") else {
+            return;
+        };
+        client
     } else {
         addr
     };
@@ -226,31 +221,15 @@ async fn connection(
                 }
             }
         };
-        match read {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => return,
-            Ok(Err(error)) => {
-                tracing::debug!(listener = %proxy.name, client = %addr, %error, "client connection failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(listener = %proxy.name, client = %addr, "no request in time; connection closed");
-                return;
-            }
-        }
+        // `false`: closed without a byte.
+        let late = "no request in time; connection closed";
+        let Some(true) = settled(&proxy, addr, read, "client connection failed", late) else { return };
         let conn = Arc::new(ConnInfo::new(addr, None));
         return serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
     };
-    let stream = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            tracing::debug!(listener = %proxy.name, client = %addr, %error, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(listener = %proxy.name, client = %addr, "TLS handshake timed out");
-            return;
-        }
+    let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+    let Some(stream) = settled(&proxy, addr, handshake, "TLS handshake failed", "TLS handshake timed out") else {
+        return;
     };
     let session = stream.get_ref().1;
     let details = TlsDetails {
@@ -259,6 +238,29 @@ async fn connection(
     };
     let conn = Arc::new(ConnInfo::new(addr, Some(details)));
     serve_http(TokioIo::new(stream), conn, proxy, &builder, limits, &activity).await;
+}
+
+/// What a bounded step of a new connection (its PROXY header, first bytes
+/// or TLS handshake) gave; `None`, logged, when it failed or ran out of
+/// time, and the connection is to be dropped.
+fn settled<T, E: std::fmt::Display>(
+    proxy: &ListenerProxy,
+    peer: SocketAddr,
+    step: Result<Result<T, E>, tokio::time::error::Elapsed>,
+    failed: &str,
+    late: &str,
+) -> Option<T> {
+    match step {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(error)) => {
+            tracing::debug!(listener = %proxy.name, %peer, %error, "{failed}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(listener = %proxy.name, %peer, "{late}");
+            None
+        }
+    }
 }
 
 /// How long a connection closed as idle has to finish (a GOAWAY answered,
