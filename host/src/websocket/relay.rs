@@ -607,10 +607,6 @@ impl<C: Socket, S: Socket> Relay<C, S> {
         queued
     }
 
-    fn idle_timeout(&self) -> Duration {
-        self.limits.idle_timeout()
-    }
-
     /// When the relay reaches its maximum lifetime.
     fn end_of_life(&self) -> Instant {
         self.clock.started + self.limits.max_lifetime()
@@ -618,7 +614,7 @@ impl<C: Socket, S: Socket> Relay<C, S> {
 
     /// When the relay is idle for its idle timeout, if nothing moves.
     fn idle_at(&self) -> Instant {
-        self.clock.at(self.last_activity) + self.idle_timeout()
+        self.clock.at(self.last_activity) + self.limits.idle_timeout()
     }
 
     /// The nearest moment something must happen.
@@ -632,7 +628,7 @@ impl<C: Socket, S: Socket> Relay<C, S> {
         };
         for direction in [&self.up, &self.down] {
             if let Some(since) = direction.stalled_since {
-                deadline = deadline.min(self.clock.at(since) + self.idle_timeout());
+                deadline = deadline.min(self.clock.at(since) + self.limits.idle_timeout());
             }
             if let (Some(since), false) = (direction.eof, direction.ended) {
                 deadline = deadline.min(self.clock.at(since) + CLOSE_GRACE);
@@ -649,7 +645,8 @@ impl<C: Socket, S: Socket> Relay<C, S> {
             // The grace is over: cut what is left.
             return Some(Finish::Done(self.cause(None)));
         }
-        let stalled = |d: &Direction| d.stalled_since.is_some_and(|s| now >= self.clock.at(s) + self.idle_timeout());
+        let stalled =
+            |d: &Direction| d.stalled_since.is_some_and(|s| now >= self.clock.at(s) + self.limits.idle_timeout());
         if stalled(&self.up) || stalled(&self.down) {
             // A peer that took no bytes for the idle timeout stopped reading
             // (while closing, the grace above bounds the wait as well).
@@ -988,6 +985,13 @@ mod tests {
         got
     }
 
+    /// Reads to the end (or fails the test after 10 s).
+    async fn read_all(from: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), from.read_to_end(&mut got)).await.unwrap().unwrap();
+        got
+    }
+
     #[tokio::test]
     async fn bulk_payload_between_plain_sockets_is_spliced_and_arrives_intact() {
         let (mut client, mut server, relaying) = spliced_relay(Arc::new(Stop::default())).await;
@@ -1063,16 +1067,13 @@ mod tests {
             if server_first {
                 server_write.write_all(&down).await.unwrap();
                 server_write.shutdown().await.unwrap();
-                let mut got = Vec::new();
-                tokio::time::timeout(to_end, client_read.read_to_end(&mut got)).await.unwrap().unwrap();
+                let got = read_all(&mut client_read).await;
                 assert!(got == down, "server first: the client gets the server's bytes, then its end");
                 // The server reads late: when the relay ends, the last
                 // bytes are still queued in the gateway's socket.
                 let reading = tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    let mut got = Vec::new();
-                    tokio::time::timeout(to_end, server_read.read_to_end(&mut got)).await.unwrap().unwrap();
-                    got
+                    read_all(&mut server_read).await
                 });
                 client_write.write_all(&up).await.unwrap();
                 client_write.shutdown().await.unwrap();
@@ -1081,13 +1082,11 @@ mod tests {
             } else {
                 client_write.write_all(&up[..1000]).await.unwrap();
                 client_write.shutdown().await.unwrap();
-                let mut got = Vec::new();
-                tokio::time::timeout(to_end, server_read.read_to_end(&mut got)).await.unwrap().unwrap();
+                let got = read_all(&mut server_read).await;
                 assert!(got == up[..1000], "client first: the server gets the client's bytes, then its end");
                 server_write.write_all(&down).await.unwrap();
                 server_write.shutdown().await.unwrap();
-                let mut got = Vec::new();
-                tokio::time::timeout(to_end, client_read.read_to_end(&mut got)).await.unwrap().unwrap();
+                let got = read_all(&mut client_read).await;
                 assert!(got == down, "client first: the client still gets the server's bytes, then its end");
             }
             let end = tokio::time::timeout(to_end, relaying).await.unwrap().unwrap();

@@ -101,13 +101,8 @@ impl ClientIo {
         match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<ClientStream>>(upgraded) {
             Ok(parts) => {
                 let (tcp, unread) = parts.io.into_inner().into_tcp();
-                let read_before = if unread.is_empty() {
-                    parts.read_buf
-                } else if parts.read_buf.is_empty() {
-                    unread
-                } else {
-                    [parts.read_buf, unread].concat().into()
-                };
+                let read_before =
+                    if unread.is_empty() { parts.read_buf } else { [parts.read_buf, unread].concat().into() };
                 (ClientIo::Plain(tcp), read_before)
             }
             Err(upgraded) => (ClientIo::Other(Box::new(TokioIo::new(upgraded))), Bytes::new()),
